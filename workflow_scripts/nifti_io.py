@@ -1,0 +1,95 @@
+"""NIfTI reading and atomic, de-identified writing shared by every stage.
+
+A stage never leaves a half-written file behind and never lets a header field carry
+anything but the pipeline's own provenance tag: DICOM-derived text (names, dates,
+institutions) could otherwise travel into the NIfTI ``descrip``/``aux_file`` fields or
+header extensions.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+PROVENANCE_SEPARATOR = ">"
+# The free-text fields of a NIfTI-1 header; all are cleared except ``descrip``, which
+# carries the pipeline's provenance chain (e.g. "dicom2nifti>deepbet>bspline1mm").
+_FREE_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+
+
+def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Load a NIfTI image, naming the file in the error a person sees."""
+    try:
+        return nib.load(os.fspath(path))
+    except Exception as err:  # nibabel raises several types for a broken file
+        raise OSError(f"cannot read NIfTI file {path}: {err}") from err
+
+
+def provenance_of(img: nib.Nifti1Image) -> str:
+    """The provenance chain recorded in an image written by this pipeline ('' if none)."""
+    descrip = img.header.get("descrip")
+    if descrip is None:
+        return ""
+    return bytes(np.asarray(descrip)).decode("ascii", errors="ignore").strip("\x00 ")
+
+
+def extend_provenance(parent: str, step: str) -> str:
+    """Append one step to a provenance chain (NIfTI ``descrip`` holds 80 bytes)."""
+    chain = f"{parent}{PROVENANCE_SEPARATOR}{step}" if parent else step
+    if len(chain) > 79:
+        raise ValueError(f"provenance chain longer than the 79 characters NIfTI allows: {chain!r}")
+    return chain
+
+
+def clean_image(data: np.ndarray, affine: np.ndarray, provenance: str,
+                dtype: np.dtype | type | None = None) -> nib.Nifti1Image:
+    """Build a fresh NIfTI-1 image whose header holds only geometry and provenance."""
+    if dtype is not None:
+        data = np.asarray(data).astype(dtype, copy=False)
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=float))
+    header = img.header
+    for field in _FREE_TEXT_FIELDS:
+        header[field] = b""
+    header["descrip"] = provenance.encode("ascii")
+    header.extensions.clear()
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write ``img`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A crash or kill mid-write leaves no file at ``path`` that Snakemake could mistake for
+    a finished output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file (table, JSON sidecar) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
