@@ -1,0 +1,47 @@
+"""What every stage's command line shares: logging to the rule's log, thread limits, and
+one way of turning an expected failure into a message a person can act on."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+LOG = logging.getLogger("workflow_scripts")
+
+
+class PipelineError(RuntimeError):
+    """An expected failure (bad input, missing weights) whose message says what to do."""
+
+
+def limit_threads(threads: int) -> None:
+    """Cap the thread pools of ITK (ANTs), OpenMP/BLAS and torch at ``threads``.
+
+    Must run before ``ants`` is imported: ITK reads its variable once at start-up.
+    """
+    threads = max(1, int(threads))
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for this job (default 1)")
+    return p
+
+
+def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's ``main`` with logging set up; a PipelineError exits 1 with its message only."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main(argv)
+    except PipelineError as err:
+        LOG.error("%s", err)
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    return 0

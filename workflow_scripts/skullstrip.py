@@ -1,0 +1,211 @@
+"""Stage 2, stripped: skull stripping with SynthStrip (default) or deepbet.
+
+SynthStrip is FreeSurfer's network as packaged by ``nipreps-synthstrip``; its official
+weights ``synthstrip.1.pt`` are fetched once into a cache (SHA-256 checked) or read from a
+configured path. deepbet ships its weights inside its wheel, so it works offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from workflow_scripts import cli
+from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
+                                       save_nifti_atomic, write_text_atomic)
+
+LOG = logging.getLogger(__name__)
+
+METHODS = ("synthstrip", "deepbet")
+SYNTHSTRIP_FILENAME = "synthstrip.1.pt"
+SYNTHSTRIP_BYTES = 30_851_709
+SYNTHSTRIP_SHA256 = "37417f802196186441aae3e7f385d94f8a98c64a88acaeaa2723af995c653e33"
+SYNTHSTRIP_URLS = (
+    "https://surfer.nmr.mgh.harvard.edu/docs/synthstrip/requirements/synthstrip.1.pt",
+    "https://surfer.nmr.mgh.harvard.edu/pub/dist/freesurfer/synthstrip/models/synthstrip.1.pt",
+)
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _remedies(cache_file: Path) -> str:
+    return (f"Two remedies: (1) download {SYNTHSTRIP_FILENAME} (SHA-256 {SYNTHSTRIP_SHA256}) from "
+            f"{SYNTHSTRIP_URLS[0]} on a machine with network access and set "
+            f"preprocess.skullstrip.synthstrip_weights to its path (or copy it to {cache_file}); "
+            f"(2) set preprocess.skullstrip.method: deepbet, which ships its weights and works offline.")
+
+
+def fetch_synthstrip_weights(cache_dir: str | Path, urls: Sequence[str] = SYNTHSTRIP_URLS,
+                             sha256: str = SYNTHSTRIP_SHA256, timeout: float = 60.0) -> Path:
+    """Download the weights once into ``cache_dir``; a file whose checksum differs is never kept."""
+    cache_file = Path(cache_dir) / SYNTHSTRIP_FILENAME
+    if cache_file.exists():
+        if sha256_of(cache_file) == sha256:
+            return cache_file
+        raise cli.PipelineError(f"{cache_file} is not the official {SYNTHSTRIP_FILENAME} (SHA-256 mismatch); "
+                                f"delete it and re-run, or point preprocess.skullstrip.synthstrip_weights "
+                                f"at a good copy. " + _remedies(cache_file))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(prefix=".synthstrip.", dir=cache_file.parent)
+        os.close(fd)
+        try:
+            LOG.info("downloading %s", url)
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            got = sha256_of(tmp)
+            if got != sha256:
+                errors.append(f"{url}: SHA-256 {got} differs from the expected {sha256}")
+                continue
+            os.replace(tmp, cache_file)
+            LOG.info("SynthStrip weights cached at %s", cache_file)
+            return cache_file
+        except OSError as err:  # URLError, timeouts and HTTP errors are OSErrors
+            errors.append(f"{url}: {err}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise cli.PipelineError("cannot download the SynthStrip weights (" + "; ".join(errors) + "). "
+                            + _remedies(cache_file))
+
+
+def resolve_synthstrip_weights(configured: str | None, cache_dir: str | Path) -> Path:
+    """The weights file to use: the configured path, else the verified cached download."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise cli.PipelineError(f"preprocess.skullstrip.synthstrip_weights={configured} does not exist. "
+                                    + _remedies(Path(cache_dir) / SYNTHSTRIP_FILENAME))
+        return path
+    cache_file = Path(cache_dir) / SYNTHSTRIP_FILENAME
+    if not cache_file.is_file():
+        raise cli.PipelineError(f"no SynthStrip weights at {cache_file}. " + _remedies(cache_file))
+    return cache_file
+
+
+def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int = 1, border: float = 1,
+                    gpu: bool = False) -> np.ndarray:
+    """Brain mask from the nipreps SynthStrip command line (the upstream inference, unchanged)."""
+    with tempfile.TemporaryDirectory(prefix="synthstrip_") as tmp:
+        src, mask_path = Path(tmp) / "input.nii.gz", Path(tmp) / "mask.nii.gz"
+        nib.save(img, src)
+        cmd = [sys.executable, "-m", "nipreps.synthstrip", "-i", str(src), "-m", str(mask_path),
+               "--model", str(weights), "-b", str(border), "-n", str(threads)] + (["-g"] if gpu else [])
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise cli.PipelineError(f"SynthStrip failed (exit {result.returncode}) with weights {weights}: "
+                                    f"{result.stderr.strip()[-2000:]}")
+        mask = np.asanyarray(nib.load(mask_path).dataobj) > 0
+    return mask
+
+
+def deepbet_mask(img: nib.Nifti1Image, *, threshold: float = 0.5, n_dilate: int = 0,
+                 gpu: bool = False) -> np.ndarray:
+    """Brain mask from deepbet (weights inside its wheel)."""
+    from deepbet import BrainExtraction
+
+    float_img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    _, mask, _ = BrainExtraction(no_gpu=not gpu).run(float_img, threshold=threshold, n_dilate=n_dilate)
+    return np.asanyarray(mask.dataobj) > 0
+
+
+def strip(img: nib.Nifti1Image, mask: np.ndarray, method: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """The brain image (zero outside the mask) and the mask, both tagged with the method."""
+    if mask.shape != img.shape or not mask.any():
+        raise cli.PipelineError(f"{method} returned an empty or misshapen mask {mask.shape} for an image of "
+                                f"shape {img.shape}")
+    provenance = extend_provenance(provenance_of(img), method)
+    data = np.asanyarray(img.dataobj)
+    brain = np.where(mask, data, 0).astype(data.dtype)
+    return (clean_image(brain, img.affine, provenance),
+            clean_image(mask.astype(np.uint8), img.affine, provenance, dtype=np.uint8))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two binary masks."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True, help="skull-stripped image")
+    p.add_argument("--mask", required=True, help="brain mask")
+    p.add_argument("--sidecar", required=True, help="JSON record of the method and weights")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--synthstrip-weights", help="weights file (synthstrip)")
+    p.add_argument("--synthstrip-border", type=float, default=1.0)
+    p.add_argument("--deepbet-threshold", type=float, default=0.5)
+    p.add_argument("--deepbet-dilate", type=int, default=0)
+    p.add_argument("--gpu", action="store_true")
+    args = p.parse_args(argv)
+    cli.limit_threads(args.threads)
+
+    record = {"method": args.method}
+    if args.method == "synthstrip":
+        weights = Path(args.synthstrip_weights or "")
+        if not weights.is_file():  # checked before any work
+            raise cli.PipelineError(f"no SynthStrip weights at '{args.synthstrip_weights}'. "
+                                    + _remedies(weights))
+        digest = sha256_of(weights)
+        record.update(weights=weights.name, weights_sha256=digest, official_weights=digest == SYNTHSTRIP_SHA256)
+        if digest != SYNTHSTRIP_SHA256:
+            LOG.warning("%s is not the official %s (SHA-256 %s); using it as configured",
+                        weights, SYNTHSTRIP_FILENAME, digest)
+    img = load_nifti(args.input)
+    if args.method == "synthstrip":
+        mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=args.gpu)
+        record["border_mm"] = args.synthstrip_border
+    else:
+        import deepbet
+        import torch
+        torch.set_num_threads(args.threads)
+        mask = deepbet_mask(img, threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate, gpu=args.gpu)
+        record.update(threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate,
+                      deepbet_version=getattr(deepbet, "__version__", _dist_version("deepbet")))
+    brain, mask_img = strip(img, mask, args.method)
+    record["brain_volume_ml"] = round(float(mask.sum() * np.prod(img.header.get_zooms()[:3]) / 1000), 2)
+    save_nifti_atomic(mask_img, args.mask)
+    save_nifti_atomic(brain, args.output)
+    write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
+    LOG.info("%s: brain volume %.1f ml", args.method, record["brain_volume_ml"])
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+def fetch_main(argv: Sequence[str] | None = None) -> None:
+    """Command line of the once-per-installation weights download."""
+    p = cli.parser("Fetch the official SynthStrip weights into a cache (SHA-256 checked).")
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--url", action="append", help="download address (repeatable; default: FreeSurfer's)")
+    args = p.parse_args(argv)
+    fetch_synthstrip_weights(args.cache_dir, tuple(args.url) if args.url else SYNTHSTRIP_URLS)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "fetch":
+        raise SystemExit(cli.run(fetch_main, sys.argv[2:]))
+    raise SystemExit(cli.run(main))
