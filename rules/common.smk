@@ -1,0 +1,131 @@
+# Helpers shared by the rules: paths, look-ups in the scans table, command-line flags.
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+
+# Rules call `python -m workflow_scripts.<stage>`: make this checkout's package importable
+# from any working directory and inside conda environments (also in SLURM jobs, which
+# parse this file again).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [workflow.basedir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+
+RESULTS = config["results_dir"]
+DATA = config["data"]
+PRE = config["preprocess"]
+STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
+
+
+wildcard_constraints:
+    subject=r"[^/]+",
+    image_id=r"[^/_.]+",
+
+
+def stage_file(stage, suffix=""):
+    """Path pattern of one scan's file of one stage, named by ADNI's own ids."""
+    return f"{RESULTS}/{stage}/{{subject}}/{{image_id}}{suffix}.nii.gz"
+
+
+def log_file(stage):
+    return f"{RESULTS}/logs/{stage}/{{subject}}/{{image_id}}.log"
+
+
+def benchmark_file(stage):
+    return f"{RESULTS}/benchmarks/{stage}/{{subject}}/{{image_id}}.tsv"
+
+
+def res(rule_name, key):
+    return config["resources"][rule_name][key]
+
+
+def check_demo_paths():
+    """With the demo source the collection CSV must live in the demo root it is generated into."""
+    if DATA["source"] == "demo" and Path(DATA["collection_csv"]).parent != Path(DATA["adni_root"]):
+        raise WorkflowError(
+            f"data.source is demo, so data.collection_csv ({DATA['collection_csv']}) must be a file directly "
+            f"inside data.adni_root ({DATA['adni_root']}), where the demo collection is generated."
+        )
+
+
+check_demo_paths()
+
+
+def scans_table():
+    """The ingest checkpoint's table of usable scans (waits for ingest to run)."""
+    path = checkpoints.ingest.get().output.scans
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+def dicom_dir(wildcards):
+    table = scans_table()
+    row = table[table["image_id"] == wildcards.image_id]
+    if row.empty:
+        raise WorkflowError(f"image {wildcards.image_id} is not in {RESULTS}/scans.tsv")
+    return row["dicom_dir"].iloc[0]
+
+
+def expand_scans(pattern):
+    table = scans_table()
+    return expand(pattern, zip, subject=table["subject"], image_id=table["image_id"])
+
+
+def preprocess_targets(wildcards):
+    """Every stage's final file for every usable scan, and its QC montage."""
+    return (
+        expand_scans(stage_file("ras"))
+        + expand_scans(stage_file("ras", "_mask"))
+        + expand_scans(f"{RESULTS}/qc/{{subject}}/{{image_id}}.png")
+    )
+
+
+SKULLSTRIP = PRE["skullstrip"]
+SYNTHSTRIP_CACHE_FILE = f"{SKULLSTRIP['synthstrip_cache']}/synthstrip.1.pt"
+
+
+def synthstrip_weights(wildcards=None):
+    """The weights file the stripped rule needs: configured copy, or the cached download."""
+    if SKULLSTRIP["method"] != "synthstrip":
+        return []
+    configured = SKULLSTRIP["synthstrip_weights"]
+    if configured:
+        if not Path(configured).expanduser().is_file():
+            raise WorkflowError(
+                f"preprocess.skullstrip.synthstrip_weights={configured} does not exist. Remedies: (1) point "
+                f"it at a copy of synthstrip.1.pt, or set it to null to download it once into "
+                f"{SKULLSTRIP['synthstrip_cache']}; (2) set preprocess.skullstrip.method: deepbet (works offline)."
+            )
+        return str(Path(configured).expanduser())
+    return SYNTHSTRIP_CACHE_FILE
+
+
+def skullstrip_flags():
+    s = SKULLSTRIP
+    flags = [f"--method {s['method']}"]
+    if s["method"] == "synthstrip":
+        flags.append(f"--synthstrip-border {s['synthstrip_border']}")
+    else:
+        flags.append(f"--deepbet-threshold {s['deepbet_threshold']} --deepbet-dilate {s['deepbet_dilate']}")
+    if s["gpu"]:
+        flags.append("--gpu")
+    return " ".join(flags)
+
+
+def n4_flags():
+    n4 = PRE["n4"]
+    flags = [
+        f"--shrink-factor {n4['shrink_factor']}",
+        "--iterations " + " ".join(str(i) for i in n4["iterations"]),
+        f"--tolerance {n4['tolerance']}",
+    ]
+    if n4["spline_param"] is not None:
+        flags.append(f"--spline-param {n4['spline_param']}")
+    return " ".join(flags)
+
+
+def n4_mask(wildcards):
+    if not PRE["n4"]["use_mask"]:
+        return []
+    return stage_file("cropped128", "_mask").format(subject=wildcards.subject, image_id=wildcards.image_id)

@@ -1,0 +1,57 @@
+# The input collection: the generated demo (data.source: demo) and ingest.
+
+if DATA["source"] == "demo":
+
+    rule demo_collection:
+        output:
+            csv=DATA["collection_csv"],
+            tree=directory(f"{DATA['adni_root']}/ADNI"),
+            truth=directory(f"{DATA['adni_root']}/truth"),
+        params:
+            root=DATA["adni_root"],
+            csv_name=Path(DATA["collection_csv"]).name,
+            demo=config["demo"],
+        log:
+            f"{RESULTS}/logs/demo_collection.log",
+        threads: res("demo", "threads")
+        resources:
+            mem_mb=res("demo", "mem_mb"),
+            runtime=res("demo", "runtime"),
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m workflow_scripts.demo --root {params.root:q} --csv-name {params.csv_name:q}"
+            " --n-subjects {params.demo[n_subjects]} --visits {params.demo[visits]}"
+            " --n-mci {params.demo[n_mci]} --seed {params.demo[seed]} --phase {params.demo[phase]}"
+            " --voxel-scale {params.demo[voxel_scale]}"
+            " --hippocampus-atrophy {params.demo[hippocampus_atrophy]}"
+            " --ventricle-enlargement {params.demo[ventricle_enlargement]}"
+            " --progression-per-visit {params.demo[progression_per_visit]} > {log:q} 2>&1"
+
+
+checkpoint ingest:
+    input:
+        csv=DATA["collection_csv"],
+    output:
+        scans=f"{RESULTS}/scans.tsv",
+        excluded=f"{RESULTS}/excluded.tsv",
+    params:
+        adni_root=DATA["adni_root"],
+        classes=DATA["classes"],
+        descriptions=DATA["descriptions"],
+        types=DATA["types"],
+        phase_ranges=json.dumps(DATA["phase_rid_ranges"]),
+        check_cache=f"{RESULTS}/ingest/series_checks.json",
+    log:
+        f"{RESULTS}/logs/ingest.log",
+    threads: res("ingest", "threads")
+    resources:
+        mem_mb=res("ingest", "mem_mb"),
+        runtime=res("ingest", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.ingest --collection-csv {input.csv:q} --adni-root {params.adni_root:q}"
+        " --classes {params.classes:q} --descriptions {params.descriptions:q} --types {params.types:q}"
+        " --phase-ranges {params.phase_ranges:q} --check-cache {params.check_cache:q}"
+        " --scans {output.scans:q} --excluded {output.excluded:q} > {log:q} 2>&1"

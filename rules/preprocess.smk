@@ -1,0 +1,200 @@
+# The six per-scan preprocessing stages (dissertation §4.2), one rule and one file per scan each:
+# nifti -> stripped -> resampled -> cropped128 -> n4 -> ras, plus a QC montage per scan.
+
+
+rule preprocess:
+    input:
+        preprocess_targets,
+    localrule: True
+
+
+rule synthstrip_weights:
+    output:
+        SYNTHSTRIP_CACHE_FILE,
+    params:
+        cache=SKULLSTRIP["synthstrip_cache"],
+        urls=SKULLSTRIP["synthstrip_urls"],
+    log:
+        f"{RESULTS}/logs/synthstrip_weights.log",
+    localrule: True
+    priority: 100
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.skullstrip fetch --cache-dir {params.cache:q}"
+        " $(printf -- '--url %s ' {params.urls:q}) > {log:q} 2>&1"
+
+
+rule nifti:
+    input:
+        dicom=dicom_dir,
+    output:
+        stage_file("nifti"),
+    log:
+        log_file("nifti"),
+    benchmark:
+        benchmark_file("nifti")
+    threads: res("nifti", "threads")
+    resources:
+        mem_mb=res("nifti", "mem_mb"),
+        runtime=res("nifti", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.convert --dicom-dir {input.dicom:q} --output {output:q} > {log:q} 2>&1"
+
+
+rule stripped:
+    input:
+        image=stage_file("nifti"),
+        weights=synthstrip_weights,
+    output:
+        image=stage_file("stripped"),
+        mask=stage_file("stripped", "_mask"),
+        sidecar=f"{RESULTS}/stripped/{{subject}}/{{image_id}}.json",
+    params:
+        flags=skullstrip_flags(),
+        weights=lambda wildcards, input: f"--synthstrip-weights {input.weights}" if input.weights else "",
+    log:
+        log_file("stripped"),
+    benchmark:
+        benchmark_file("stripped")
+    threads: res("stripped", "threads")
+    resources:
+        mem_mb=res("stripped", "mem_mb"),
+        runtime=res("stripped", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.skullstrip --threads {threads} {params.flags} {params.weights}"
+        " --input {input.image:q} --output {output.image:q} --mask {output.mask:q}"
+        " --sidecar {output.sidecar:q} > {log:q} 2>&1"
+
+
+rule resampled:
+    input:
+        image=stage_file("stripped"),
+        mask=stage_file("stripped", "_mask"),
+    output:
+        image=stage_file("resampled"),
+        mask=stage_file("resampled", "_mask"),
+    params:
+        spacing=PRE["resample"]["spacing"],
+        interpolation=PRE["resample"]["interpolation"],
+    log:
+        log_file("resampled"),
+    benchmark:
+        benchmark_file("resampled")
+    threads: res("resampled", "threads")
+    resources:
+        mem_mb=res("resampled", "mem_mb"),
+        runtime=res("resampled", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.resample --threads {threads} --spacing {params.spacing}"
+        " --interpolation {params.interpolation} --input {input.image:q} --input-mask {input.mask:q}"
+        " --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
+
+
+rule cropped128:
+    input:
+        image=stage_file("resampled"),
+        mask=stage_file("resampled", "_mask"),
+    output:
+        image=stage_file("cropped128"),
+        mask=stage_file("cropped128", "_mask"),
+    params:
+        margin=PRE["crop"]["margin"],
+        order=PRE["crop"]["zoom_order"],
+        shape=PRE["target_shape"],
+        keep_aspect="--keep-aspect" if PRE["crop"]["keep_aspect"] else "",
+    log:
+        log_file("cropped128"),
+    benchmark:
+        benchmark_file("cropped128")
+    threads: res("cropped128", "threads")
+    resources:
+        mem_mb=res("cropped128", "mem_mb"),
+        runtime=res("cropped128", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.crop --margin {params.margin} --order {params.order}"
+        " --target-shape {params.shape} {params.keep_aspect} --input {input.image:q}"
+        " --input-mask {input.mask:q} --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
+
+
+rule n4:
+    input:
+        image=stage_file("cropped128"),
+        mask=n4_mask,
+    output:
+        stage_file("n4"),
+    params:
+        flags=n4_flags(),
+        mask=lambda wildcards, input: f"--mask {input.mask}" if input.mask else "",
+    log:
+        log_file("n4"),
+    benchmark:
+        benchmark_file("n4")
+    threads: res("n4", "threads")
+    resources:
+        mem_mb=res("n4", "mem_mb"),
+        runtime=res("n4", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.n4 --threads {threads} {params.flags} {params.mask}"
+        " --input {input.image:q} --output {output:q} > {log:q} 2>&1"
+
+
+rule ras:
+    input:
+        image=stage_file("n4"),
+        mask=stage_file("cropped128", "_mask"),
+    output:
+        image=stage_file("ras"),
+        mask=stage_file("ras", "_mask"),
+    log:
+        log_file("ras"),
+    benchmark:
+        benchmark_file("ras")
+    threads: res("ras", "threads")
+    resources:
+        mem_mb=res("ras", "mem_mb"),
+        runtime=res("ras", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.reorient --input {input.image:q} --input-mask {input.mask:q}"
+        " --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
+
+
+rule qc:
+    input:
+        **{stage: stage_file(stage) for stage in STAGES},
+        mask=stage_file("stripped", "_mask"),
+    output:
+        report(
+            f"{RESULTS}/qc/{{subject}}/{{image_id}}.png",
+            caption="../report/qc_montage.rst",
+            category="Preprocessing QC",
+            labels={"subject": "{subject}", "image": "{image_id}"},
+        ),
+    log:
+        log_file("qc"),
+    benchmark:
+        benchmark_file("qc")
+    threads: res("qc", "threads")
+    resources:
+        mem_mb=res("qc", "mem_mb"),
+        runtime=res("qc", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.qc --title '{wildcards.subject} {wildcards.image_id}'"
+        " --stage nifti {input.nifti:q} --stage stripped {input.stripped:q}"
+        " --stage resampled {input.resampled:q} --stage cropped128 {input.cropped128:q}"
+        " --stage n4 {input.n4:q} --stage ras {input.ras:q} --mask {input.mask:q}"
+        " --output {output:q} > {log:q} 2>&1"
