@@ -1,12 +1,16 @@
 # Alzheimer's disease (AD) versus cognitively normal (CN) from T1 MPRAGE MRI:
 # ADNI download -> per-scan preprocessing -> (split, train, evaluate, explain: later phases).
 # Read README.md for the commands and schemas/config.schema.yaml for every setting.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The defaults sit beside this file, so the workflow runs from any working directory;
+# --configfile files given on the command line are merged over them.
+configfile: Path(workflow.basedir) / "config.yaml"
 
 
 validate(config, "schemas/config.schema.yaml", set_default=True)

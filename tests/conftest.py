@@ -1,0 +1,75 @@
+"""Shared fixtures: paths, tiny collections, and running Snakemake on them."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENDOR_DICOM = REPO.parent / "shared" / "fixtures" / "vendor-dicom"
+COLLECTION_HEADER = ["Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description",
+                     "Type", "Acq Date", "Format", "Downloaded"]
+
+# Vendor series that must convert, and those dicom2nifti must reject (see the fixtures' README).
+VENDOR_GOOD = ["siemens/anatomical/001", "siemens/anatomical/001_implicit", "ge/anatomical/001",
+               "ge/anatomical/001_implicit", "hitachi/anatomical/001", "hitachi/anatomical/001_implicit",
+               "generic/anatomical/001", "generic/anatomical/001_implicit",
+               "generic/anatomical/002_non_isotropic", "siemens_multiframe/anatomical/001"]
+VENDOR_FAILING = ["failing/slicecount/001", "failing/gantrytilting/001", "failing/notavolume/001",
+                  "failing/sliceincrement/001", "failing/sliceincrement/002", "failing/sliceorientation/001"]
+
+
+def collection_row(image_id: str, subject: str, group: str = "CN", description: str = "MPRAGE",
+                   visit: str = "sc", acq_date: str = "4/18/2006") -> dict:
+    return {"Image Data ID": image_id, "Subject": subject, "Group": group, "Sex": "F", "Age": "74",
+            "Visit": visit, "Modality": "MRI", "Description": description, "Type": "Original",
+            "Acq Date": acq_date, "Format": "DCM", "Downloaded": "11/23/2026"}
+
+
+def place_series(root: Path, source: Path, subject: str, image_id: str, description: str = "MPRAGE",
+                 acq: str = "2006-04-18_08_20_30.0") -> Path:
+    """Copy a DICOM series into the ADNI layout ADNI/<subject>/<description>/<date-time>/<image id>/."""
+    target = root / "ADNI" / subject / description.replace(" ", "_") / acq / image_id
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def vendor_collection(tmp_path_factory) -> dict:
+    """An ADNI-shaped tree and collection CSV made of the real vendor series: one subject each."""
+    if not VENDOR_DICOM.is_dir():
+        pytest.fail(f"vendor DICOM fixtures missing at {VENDOR_DICOM}")
+    root = tmp_path_factory.mktemp("vendor_adni")
+    rows, expected = [], {}
+    for n, rel in enumerate(VENDOR_GOOD + VENDOR_FAILING):
+        subject, image_id = f"{100 + n:03d}_S_{n + 1:04d}", f"I{90000 + n}"
+        place_series(root, VENDOR_DICOM / rel, subject, image_id)
+        rows.append(collection_row(image_id, subject, group="AD" if n % 2 else "CN"))
+        expected[image_id] = rel
+    pd.DataFrame(rows, columns=COLLECTION_HEADER).to_csv(root / "collection.csv", index=False)
+    return {"root": root, "csv": root / "collection.csv", "series": expected}
+
+
+def write_config(path: Path, overrides: dict) -> Path:
+    path.write_text(yaml.safe_dump(overrides, sort_keys=False))
+    return path
+
+
+def run_snakemake(workdir: Path, *args: str, configfiles: list[Path] = (), check: bool = True,
+                  timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile from ``workdir`` (not the repo), as a user would."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--nolock"]
+    cmd += list(args)
+    if configfiles:  # last: --configfile takes every word after it
+        cmd += ["--configfile", *map(str, configfiles)]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

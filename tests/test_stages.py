@@ -1,0 +1,164 @@
+"""Each preprocessing stage's function on synthetic volumes with known answers."""
+from __future__ import annotations
+
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from workflow_scripts.crop import bounding_box, crop_and_zoom, zoom_affine
+from workflow_scripts.n4 import n4_correct
+from workflow_scripts.nifti_io import clean_image, provenance_of
+from workflow_scripts.reorient import to_ras
+from workflow_scripts.resample import resample_to_spacing
+
+
+def ellipsoid(shape, centre, radii) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def oblique_affine(zooms, angles=(12, -7, 25), origin=(10.0, -20.0, 30.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ np.diag(zooms)
+    affine[:3, 3] = origin
+    return affine
+
+
+def world_centroid(img) -> np.ndarray:
+    coords = np.argwhere(np.asanyarray(img.dataobj) > 0)
+    return (img.affine @ np.r_[coords.mean(axis=0), 1.0])[:3]
+
+
+# --- crop -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("margin", [0, 3, 5])
+def test_crop_keeps_every_brain_voxel_and_leaves_the_margin(margin):
+    mask = ellipsoid((60, 70, 50), (30, 40, 22), (12, 15, 9))
+    data = np.where(mask, 100.0, 0.0).astype(np.float32)
+    img, mask_img = clean_image(data, np.eye(4), "t"), clean_image(mask.astype(np.uint8), np.eye(4), "t")
+    box_shape = tuple(int(s) for s in np.ptp(np.argwhere(mask), axis=0) + 1 + 2 * margin)
+    # zoom to the box's own shape: a pure crop, so voxels can be compared one to one
+    cropped, cropped_mask = crop_and_zoom(img, mask_img, margin=margin, target_shape=box_shape, order=0)
+    m = np.asanyarray(cropped_mask.dataobj) > 0
+    assert m.sum() == mask.sum()  # every brain voxel kept
+    coords = np.argwhere(m)
+    assert (coords.min(axis=0) == margin).all()
+    assert (np.array(m.shape) - 1 - coords.max(axis=0) == margin).all()
+    # and they sit at the same place in the world
+    np.testing.assert_allclose(world_centroid(cropped_mask), world_centroid(mask_img), atol=1e-6)
+
+
+def test_crop_pads_when_the_brain_touches_the_edge():
+    mask = np.zeros((40, 40, 40), bool)
+    mask[0:10, 5:20, 30:40] = True  # touches three faces
+    start, stop = bounding_box(mask, margin=3)
+    assert tuple(start) == (-3, 2, 27) and tuple(stop) == (13, 23, 43)
+    img = clean_image(mask.astype(np.float32), np.eye(4), "t")
+    _, cropped_mask = crop_and_zoom(img, clean_image(mask.astype(np.uint8), np.eye(4), "t"), margin=3,
+                                    target_shape=(16, 21, 16), order=0)
+    m = np.asanyarray(cropped_mask.dataobj) > 0
+    assert m.sum() == mask.sum()
+    coords = np.argwhere(m)
+    assert (coords.min(axis=0) == 3).all() and (np.array(m.shape) - 1 - coords.max(axis=0) == 3).all()
+
+
+@pytest.mark.parametrize("target", [(128, 128, 128), (64, 48, 32), (33, 33, 33)])
+def test_zoom_hits_the_target_shape_and_keeps_the_brain_in_place(target):
+    mask = ellipsoid((90, 110, 80), (45, 50, 40), (30, 40, 28))
+    img = clean_image(np.where(mask, 50.0, 0).astype(np.float32), oblique_affine((1.0, 1.0, 1.0)), "t")
+    mask_img = clean_image(mask.astype(np.uint8), img.affine, "t")
+    zoomed, zoomed_mask = crop_and_zoom(img, mask_img, target_shape=target)
+    assert zoomed.shape == target and zoomed_mask.shape == target
+    np.testing.assert_allclose(world_centroid(zoomed_mask), world_centroid(mask_img), atol=1.0)
+    # brain volume in mm^3 is preserved by the affine within a few per cent
+    vol = lambda im: (np.asanyarray(im.dataobj) > 0).sum() * abs(np.linalg.det(im.affine[:3, :3]))
+    assert vol(zoomed_mask) == pytest.approx(vol(mask_img), rel=0.05)
+    assert np.asanyarray(zoomed.dataobj).min() >= 0
+
+
+def test_keep_aspect_gives_isotropic_voxels():
+    mask = ellipsoid((90, 110, 80), (45, 55, 40), (20, 40, 25))
+    mask_img = clean_image(mask.astype(np.uint8), np.eye(4), "t")
+    zoomed, _ = crop_and_zoom(clean_image(mask.astype(np.float32), np.eye(4), "t"), mask_img,
+                              target_shape=(64, 64, 64), keep_aspect=True)
+    zooms = zoomed.header.get_zooms()
+    assert max(zooms) - min(zooms) < 1e-6
+
+
+def test_zoom_affine_maps_box_corners_consistently():
+    # a 10-voxel box zoomed to 5: new voxel 0 centre lies at old 0.5, new voxel 4 at old 8.5
+    affine = zoom_affine(np.eye(4), np.array([2, 0, 0]), (10, 10, 10), (5, 5, 5))
+    np.testing.assert_allclose(affine @ [0, 0, 0, 1], [2.5, 0.5, 0.5, 1])
+    np.testing.assert_allclose(affine @ [4, 4, 4, 1], [10.5, 8.5, 8.5, 1])
+
+
+# --- ras --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("perm,flips", [(p, f) for p in itertools.permutations(range(3))
+                                        for f in [(1, 1, 1), (-1, 1, -1), (-1, -1, -1)]])
+def test_ras_output_is_ras_whatever_the_input_orientation(perm, flips):
+    base = np.arange(24 * 20 * 16, dtype=np.float32).reshape(24, 20, 16)
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3)[:, perm] * np.array(flips)[None, :] * 1.5
+    img = clean_image(base, oblique_affine((1, 1, 1), angles=(3, -4, 5)) @ affine, "prev")
+    ras = to_ras(img)
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    # the same voxel values sit at the same world positions
+    probe = np.array([5, 7, 3, 1.0])
+    world = img.affine @ probe
+    ras_index = np.rint(np.linalg.solve(ras.affine, world)[:3]).astype(int)
+    assert np.asanyarray(ras.dataobj)[tuple(ras_index)] == base[5, 7, 3]
+    assert provenance_of(ras) == "prev>ras"
+
+
+# --- resampled --------------------------------------------------------------------------
+
+def test_resampled_spacing_is_1mm_and_geometry_is_kept():
+    zooms = (1.2, 0.9375, 0.9375)
+    shape = (80, 100, 100)
+    mask = ellipsoid(shape, (40, 50, 50), (25, 35, 30))
+    affine = oblique_affine(zooms)
+    img = clean_image(np.where(mask, 300.0, 0).astype(np.float32), affine, "dicom2nifti>deepbet")
+    out, out_mask = resample_to_spacing(img, clean_image(mask.astype(np.uint8), affine, "x"))
+    np.testing.assert_allclose(out.header.get_zooms(), (1.0, 1.0, 1.0), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0), 1.0, atol=1e-5)
+    # field of view kept: extent along each axis within one voxel
+    assert all(abs(n * 1.0 - o * z) <= 1.01 for n, o, z in zip(out.shape, shape, zooms))
+    np.testing.assert_allclose(world_centroid(out_mask), world_centroid(img), atol=0.6)
+    data = np.asanyarray(out.dataobj)
+    assert data.min() >= 0 and (data[np.asanyarray(out_mask.dataobj) == 0] == 0).all()
+    assert provenance_of(out) == "dicom2nifti>deepbet>bspline1x1x1mm"
+
+
+def test_bspline_interpolation_is_not_nearest_neighbour():
+    # a linear ramp resampled at half-voxel positions gets in-between values only from a spline
+    ramp = np.tile(np.arange(40, dtype=np.float32)[:, None, None], (1, 20, 20)) * 10 + 100
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    out, _ = resample_to_spacing(clean_image(ramp, affine, "t"),
+                                 clean_image(np.ones_like(ramp, np.uint8), affine, "t"))
+    profile = np.asanyarray(out.dataobj)[10:60, 10, 10]
+    assert len(np.unique(np.round(profile, 3))) > 40  # nearest neighbour would give 25 values
+    np.testing.assert_allclose(np.diff(profile), 5.0, atol=0.2)
+
+
+# --- n4 ---------------------------------------------------------------------------------
+
+def test_n4_removes_a_planted_smooth_bias_field():
+    rng = np.random.default_rng(0)
+    shape = (64, 64, 64)
+    mask = ellipsoid(shape, (32, 32, 32), (26, 28, 24))
+    tissue = np.where(mask, 1000.0, 0.0) * (1 + 0.02 * rng.standard_normal(shape))
+    x, y, z = (np.indices(shape) / 63.0 - 0.5)
+    bias = np.exp(0.6 * x - 0.4 * y + 0.5 * z + 0.3 * x * y)
+    biased = (tissue * bias).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    img = clean_image(biased, affine, "crop")
+    mask_img = clean_image(mask.astype(np.uint8), affine, "crop")
+    cv = lambda d: float(d[mask].std() / d[mask].mean())
+    corrected = np.asanyarray(n4_correct(img, mask_img).dataobj)
+    assert cv(biased) > 0.15
+    assert cv(corrected) < 0.5 * cv(biased)
+    assert (corrected[~mask] == 0).all()
