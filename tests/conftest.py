@@ -73,3 +73,17 @@ def run_snakemake(workdir: Path, *args: str, configfiles: list[Path] = (), check
         raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> dict:
+    """A tiny demo collection (3 mm voxels) generated once per test session."""
+    from workflow_scripts.demo import generate_collection
+    from workflow_scripts.ingest import find_image_dir
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    generate_collection(root, n_subjects=4, seed=7, visits=1, voxel_scale=3.0)
+    collection = pd.read_csv(root / "collection.csv", dtype=str)
+    mprage = collection[collection["Description"].eq("MPRAGE") & collection["Group"].isin(["AD", "CN"])].copy()
+    mprage["dicom_dir"] = [find_image_dir(root, s, i) for s, i in zip(mprage["Subject"], mprage["Image Data ID"])]
+    return {"root": root, "csv": root / "collection.csv", "collection": collection, "mprage": mprage}

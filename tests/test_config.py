@@ -1,0 +1,76 @@
+"""The configuration contract: schema validation, documented keys, environments agreeing with pyproject."""
+from __future__ import annotations
+
+import re
+import tomllib
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import REPO, run_snakemake, write_config
+
+SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_default_config_is_valid():
+    jsonschema.validate(CONFIG, SCHEMA)
+
+
+def _walk(schema, path=""):
+    for key, sub in schema.get("properties", {}).items():
+        yield f"{path}{key}", sub
+        yield from _walk(sub, f"{path}{key}.")
+
+
+def test_every_schema_key_is_documented_and_every_config_key_is_in_the_schema():
+    undocumented = [k for k, sub in _walk(SCHEMA) if "description" not in sub and "$ref" not in sub]
+    assert undocumented == []
+
+    def keys(d, path=""):
+        for k, v in d.items():
+            yield f"{path}{k}"
+            if isinstance(v, dict) and not path.startswith("resources"):
+                yield from keys(v, f"{path}{k}.")
+    schema_keys = {k for k, _ in _walk(SCHEMA)}
+    assert [k for k in keys(CONFIG) if k not in schema_keys and not k.startswith("resources.")] == []
+
+
+def test_dissertation_defaults_are_the_config_defaults():
+    pre = CONFIG["preprocess"]
+    assert pre["skullstrip"]["method"] == "synthstrip"
+    assert pre["resample"] == {"spacing": [1.0, 1.0, 1.0], "interpolation": "bspline"}
+    assert pre["crop"]["margin"] == 3 and pre["crop"]["zoom_order"] == 3
+    assert pre["target_shape"] == [128, 128, 128]
+    assert CONFIG["data"]["classes"] == ["AD", "CN"]
+
+
+@pytest.mark.parametrize("override,named", [
+    ({"preprocess": {"skullstrip": {"methd": "deepbet"}}}, "methd"),
+    ({"preprocess": {"target_shape": "128"}}, "target_shape"),
+    ({"data": {"source": "oasis"}}, "oasis"),
+    ({"results_dirr": "x"}, "results_dirr"),
+])
+def test_a_wrong_key_or_type_stops_the_run_naming_the_key(tmp_path, override, named):
+    cfg = write_config(tmp_path / "bad.yaml", override)
+    result = run_snakemake(tmp_path, "-n", configfiles=[cfg], check=False, timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+
+
+def _names(requirements):
+    return {re.split(r"[<>=!~\[ ;]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_conda_environments_list_the_same_packages_as_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runner = {n for n in _names(project["dependencies"]) if n.startswith("snakemake")}
+    job_packages = _names(project["dependencies"]) - runner
+    env_packages = set()
+    for env_file in sorted((REPO / "envs").glob("*.yaml")):
+        env = yaml.safe_load(env_file.read_text())
+        for dep in env["dependencies"]:
+            if isinstance(dep, dict):
+                env_packages |= _names(dep.get("pip", []))
+    assert env_packages == job_packages

@@ -1,0 +1,124 @@
+"""Skull stripping: deepbet against the demo's true brain masks, the SynthStrip code path with a
+planted checkpoint in the official format, and the weights download/cache/remedy logic."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.processing import resample_from_to
+
+from workflow_scripts import skullstrip
+from workflow_scripts.cli import PipelineError
+from workflow_scripts.convert import convert_series
+
+
+def plant_synthstrip_checkpoint(path: Path, bias: float = -5.0) -> Path:
+    """A file in synthstrip.1.pt's format: {'model_state_dict': ...} of nipreps' StripModel.
+
+    The last layer is zeroed and biased so the predicted distance is ``bias`` everywhere: the
+    mask is then the whole field of view, which proves the weights were loaded and used.
+    """
+    from nipreps.synthstrip.model import StripModel
+
+    model = StripModel()
+    state = model.state_dict()
+    state["remaining.2.conv.weight"].zero_()
+    state["remaining.2.conv.bias"].fill_(bias)
+    torch.save({"epoch": 0, "model_state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_scan(tiny_demo):
+    """The first usable demo scan converted to NIfTI, with its true brain mask."""
+    row = tiny_demo["mprage"].iloc[0]
+    img = convert_series(row["dicom_dir"])
+    truth = nib.load(tiny_demo["root"] / "truth" / row["Subject"] / f"{row['Image Data ID']}_brainmask.nii.gz")
+    return img, truth
+
+
+def test_deepbet_mask_matches_the_true_brain_mask(demo_scan):
+    img, truth = demo_scan
+    mask = skullstrip.deepbet_mask(img)
+    truth_on_img = np.asanyarray(resample_from_to(truth, img, order=0).dataobj) > 0
+    assert skullstrip.dice(mask, truth_on_img) > 0.85
+
+
+def test_synthstrip_path_runs_the_network_with_planted_weights(demo_scan, tmp_path):
+    img, _ = demo_scan
+    src = tmp_path / "nifti.nii.gz"
+    nib.save(img, src)
+    weights = plant_synthstrip_checkpoint(tmp_path / "synthstrip.1.pt")
+    out = {k: tmp_path / f"{k}.nii.gz" for k in ("brain", "mask")}
+    sidecar = tmp_path / "stripped.json"
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.skullstrip", "--threads", "2",
+                             "--method", "synthstrip", "--synthstrip-weights", str(weights), "--input", str(src),
+                             "--output", str(out["brain"]), "--mask", str(out["mask"]),
+                             "--sidecar", str(sidecar)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    mask = np.asanyarray(nib.load(out["mask"]).dataobj)
+    assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 1}
+    assert mask.mean() > 0.99  # constant negative distance -> everything is "brain"
+    record = json.loads(sidecar.read_text())
+    assert record["method"] == "synthstrip" and record["official_weights"] is False
+    assert record["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "not the official" in result.stderr
+    assert nib.load(out["brain"]).header["descrip"].tobytes().rstrip(b"\x00") == b"dicom2nifti>synthstrip"
+
+
+def test_synthstrip_mask_follows_the_network_output(demo_scan, tmp_path):
+    img, _ = demo_scan
+    weights = plant_synthstrip_checkpoint(tmp_path / "positive.pt", bias=+5.0)
+    with pytest.raises(PipelineError, match="SynthStrip failed|empty"):
+        # a positive distance everywhere means no brain: upstream finds no component
+        mask = skullstrip.synthstrip_mask(img, weights, threads=2)
+        skullstrip.strip(img, mask, "synthstrip")
+
+
+def test_missing_weights_fail_at_once_naming_both_remedies(tmp_path):
+    src = tmp_path / "never-read.nii.gz"  # does not exist: the weights are checked first
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.skullstrip", "--method", "synthstrip",
+                             "--synthstrip-weights", str(tmp_path / "none.pt"), "--input", str(src),
+                             "--output", str(tmp_path / "o.nii.gz"), "--mask", str(tmp_path / "m.nii.gz"),
+                             "--sidecar", str(tmp_path / "s.json")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "synthstrip_weights" in result.stderr and "method: deepbet" in result.stderr
+    assert "cannot read NIfTI" not in result.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_fetch_checks_the_checksum_and_keeps_only_a_good_file(tmp_path):
+    source = tmp_path / "served.pt"
+    source.write_bytes(b"weights" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(PipelineError, match="SHA-256.*differs.*Two remedies"):
+        skullstrip.fetch_synthstrip_weights(cache, [source.as_uri()], sha256="0" * 64)
+    assert not any(cache.iterdir())  # nothing half-good left behind
+    got = skullstrip.fetch_synthstrip_weights(cache, [source.as_uri()], sha256=digest)
+    assert got == cache / "synthstrip.1.pt" and got.read_bytes() == source.read_bytes()
+    # second call: already cached, no download (the URL is gone now)
+    source.unlink()
+    assert skullstrip.fetch_synthstrip_weights(cache, [source.as_uri()], sha256=digest) == got
+
+
+def test_fetch_without_network_names_both_remedies(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        skullstrip.fetch_synthstrip_weights(tmp_path, ["http://127.0.0.1:9/synthstrip.1.pt"], timeout=5)
+    message = str(err.value)
+    assert "preprocess.skullstrip.synthstrip_weights" in message
+    assert "preprocess.skullstrip.method: deepbet" in message
+    assert skullstrip.SYNTHSTRIP_SHA256 in message
+
+
+def test_a_corrupt_cached_file_is_refused(tmp_path):
+    (tmp_path / "synthstrip.1.pt").write_bytes(b"truncated")
+    with pytest.raises(PipelineError, match="not the official synthstrip.1.pt"):
+        skullstrip.fetch_synthstrip_weights(tmp_path, ["http://127.0.0.1:9/x"])
