@@ -17,6 +17,14 @@ validate(config, "schemas/config.schema.yaml", set_default=True)
 
 
 include: "rules/common.smk"
+
+
+# Per-scan files are named by ADNI's subject and image ids (002_S_0295/I13722.nii.gz).
+wildcard_constraints:
+    subject=r"[^/]+",
+    image_id=r"[^/_.]+",
+
+
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 

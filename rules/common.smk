@@ -1,27 +1,23 @@
 # Helpers shared by the rules: paths, look-ups in the scans table, command-line flags.
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
 
-# Rules call `python -m workflow_scripts.<stage>`: make this checkout's package importable
-# from any working directory and inside conda environments (also in SLURM jobs, which
-# parse this file again).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [workflow.basedir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
+# Python's path, so the code beside this Snakefile runs from any working directory and
+# inside conda environments, whatever else is installed.
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
 RESULTS = config["results_dir"]
 DATA = config["data"]
 PRE = config["preprocess"]
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
-
-
-wildcard_constraints:
-    subject=r"[^/]+",
-    image_id=r"[^/_.]+",
 
 
 def stage_file(stage, suffix=""):
@@ -86,7 +82,7 @@ SYNTHSTRIP_CACHE_FILE = f"{SKULLSTRIP['synthstrip_cache']}/synthstrip.1.pt"
 
 
 def synthstrip_weights(wildcards=None):
-    """The weights file the stripped rule needs: configured copy, or the cached download."""
+    """Weights for skull stripping with SynthStrip (a configured copy or the cached download)."""
     if SKULLSTRIP["method"] != "synthstrip":
         return []
     configured = SKULLSTRIP["synthstrip_weights"]

@@ -32,11 +32,12 @@ if DATA["source"] == "demo":
 checkpoint ingest:
     input:
         csv=DATA["collection_csv"],
+        tree=f"{DATA['adni_root']}/ADNI",
     output:
         scans=f"{RESULTS}/scans.tsv",
         excluded=f"{RESULTS}/excluded.tsv",
     params:
-        adni_root=DATA["adni_root"],
+        adni_root=lambda wildcards, input: os.path.dirname(input.tree),
         classes=DATA["classes"],
         descriptions=DATA["descriptions"],
         types=DATA["types"],

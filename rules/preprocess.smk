@@ -12,7 +12,7 @@ rule synthstrip_weights:
     output:
         SYNTHSTRIP_CACHE_FILE,
     params:
-        cache=SKULLSTRIP["synthstrip_cache"],
+        cache=lambda wildcards, output: os.path.dirname(output[0]),
         urls=SKULLSTRIP["synthstrip_urls"],
     log:
         f"{RESULTS}/logs/synthstrip_weights.log",
