@@ -1,0 +1,149 @@
+"""The workflow end to end on a tiny generated collection: every stage's files, the excluded
+table, privacy, lint, and what a re-run schedules after new scans or a changed parameter."""
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nibabel.processing import resample_from_to
+
+from conftest import REPO, run_snakemake, write_config
+from workflow_scripts.skullstrip import dice
+
+pytestmark = pytest.mark.workflow
+STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
+PER_SCAN_RULES = {"nifti", "stripped", "resampled", "cropped128", "n4", "ras", "qc"}
+TINY = {
+    "demo": {"n_subjects": 2, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
+    "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`snakemake all` on the tiny demo collection, from a folder outside the repository."""
+    workdir = tmp_path_factory.mktemp("demo_run")
+    config = write_config(workdir / "tiny.yaml", TINY)
+    run_snakemake(workdir, "all", configfiles=[config])
+    return workdir
+
+
+def test_every_usable_scan_has_one_file_per_stage(demo_run):
+    results = demo_run / "results"
+    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    assert len(scans) == 2 and set(scans["group"]) == {"AD", "CN"}
+    for subject, image_id in zip(scans["subject"], scans["image_id"]):
+        for stage in STAGES:
+            assert (results / stage / subject / f"{image_id}.nii.gz").is_file(), (stage, image_id)
+            assert (results / "logs" / stage / subject / f"{image_id}.log").is_file()
+            assert (results / "benchmarks" / stage / subject / f"{image_id}.tsv").is_file()
+        assert (results / "qc" / subject / f"{image_id}.png").stat().st_size > 10_000
+        ras = nib.load(results / "ras" / subject / f"{image_id}.nii.gz")
+        assert ras.shape == (32, 32, 32)
+        assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+        assert ras.header["descrip"].tobytes().rstrip(b"\x00").decode() == \
+            "dicom2nifti>deepbet>bspline1x1x1mm>crop3zoom32x32x32>n4>ras"
+        resampled = nib.load(results / "resampled" / subject / f"{image_id}.nii.gz")
+        np.testing.assert_allclose(resampled.header.get_zooms(), (1, 1, 1), atol=1e-4)
+
+
+def test_the_final_brain_mask_still_matches_the_true_brain(demo_run):
+    results = demo_run / "results"
+    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    for subject, image_id in zip(scans["subject"], scans["image_id"]):
+        mask = nib.load(results / "ras" / subject / f"{image_id}_mask.nii.gz")
+        truth = nib.load(demo_run / "demo_data" / "truth" / subject / f"{image_id}_brainmask.nii.gz")
+        truth_here = np.asanyarray(resample_from_to(truth, mask, order=0).dataobj) > 0
+        assert dice(np.asanyarray(mask.dataobj) > 0, truth_here) > 0.8
+
+
+def test_distractors_land_in_the_excluded_table_with_reasons(demo_run):
+    excluded = pd.read_csv(demo_run / "results" / "excluded.tsv", sep="\t", dtype=str)
+    assert {"group_not_in_classes", "not_t1_mprage", "duplicate_series"} <= set(excluded["reason_code"])
+    assert excluded["reason"].str.len().min() > 10
+
+
+def test_no_personal_identifier_reaches_any_output(demo_run):
+    from workflow_scripts.demo import planted_identifier_strings
+
+    needles = [s.encode() for s in planted_identifier_strings()]
+    dicom = next((demo_run / "demo_data" / "ADNI").rglob("*.dcm")).read_bytes()
+    assert any(n in dicom for n in needles)  # they were planted ...
+    leaks = []
+    for path in [*(demo_run / "results").rglob("*"), *(demo_run / ".snakemake" / "log").rglob("*")]:
+        if not path.is_file():
+            continue
+        blob = path.read_bytes()
+        if path.suffix == ".gz":
+            blob = gzip.decompress(blob)
+        leaks += [(str(path), n) for n in needles if n in blob]
+    assert leaks == []  # ... and nothing carried them on
+
+
+def test_a_rerun_has_nothing_to_do(demo_run):
+    result = run_snakemake(demo_run, "all", "-n", configfiles=[demo_run / "tiny.yaml"])
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_lint_reports_nothing(tmp_path):
+    result = run_snakemake(tmp_path, "--lint", check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_synthstrip_without_weights_fails_at_once_naming_both_remedies(tmp_path):
+    config = write_config(tmp_path / "c.yaml", {**TINY, "preprocess": {
+        "skullstrip": {"method": "synthstrip", "synthstrip_urls": ["http://127.0.0.1:9/synthstrip.1.pt"]}}})
+    result = run_snakemake(tmp_path, "resources/weights/synthstrip.1.pt", check=False, configfiles=[config],
+                           timeout=300)
+    log = (tmp_path / "results" / "logs" / "synthstrip_weights.log").read_text()
+    assert result.returncode != 0
+    assert "preprocess.skullstrip.synthstrip_weights" in log and "method: deepbet" in log
+    assert not (tmp_path / "resources" / "weights" / "synthstrip.1.pt").exists()
+
+
+def _scheduled(dry_run_output: str) -> list[tuple[str, str]]:
+    """(rule, image_id) of every job a dry run lists."""
+    jobs, rule = [], None
+    for line in dry_run_output.splitlines():
+        if m := re.match(r"^(?:localrule|rule|checkpoint) (\w+):", line):
+            rule = m.group(1)
+            jobs.append((rule, ""))
+        elif (m := re.search(r"wildcards:.*image_id=([^,\s]+)", line)) and jobs:
+            jobs[-1] = (rule, m.group(1))
+    return jobs
+
+
+def test_new_phase_and_changed_parameter_schedule_only_what_they_affect(tmp_path):
+    from workflow_scripts.demo import generate_collection
+
+    root = tmp_path / "adni"
+    first = generate_collection(root, n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
+                                distractors=False, phase="ADNI1")
+    config = write_config(tmp_path / "adni.yaml", {
+        "data": {"source": "adni", "adni_root": str(root), "collection_csv": str(root / "collection.csv")},
+        "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]}})
+    run_snakemake(tmp_path, "preprocess", configfiles=[config])
+
+    added = generate_collection(root, n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
+                                distractors=False, phase="ADNI2")
+    new_ids = set(added["Image Data ID"])
+    assert new_ids.isdisjoint(first["Image Data ID"])
+    run_snakemake(tmp_path, "ingest", configfiles=[config])  # the checkpoint sees the new phase
+    dry = run_snakemake(tmp_path, "preprocess", "-n", configfiles=[config])
+    jobs = [(r, i) for r, i in _scheduled(dry.stdout) if r in PER_SCAN_RULES]
+    assert jobs and {i for _, i in jobs} == new_ids
+    assert {r for r, _ in jobs} == PER_SCAN_RULES
+    run_snakemake(tmp_path, "preprocess", configfiles=[config])
+
+    changed = write_config(tmp_path / "margin.yaml", {"preprocess": {"crop": {"margin": 5}}})
+    dry = run_snakemake(tmp_path, "preprocess", "-n", configfiles=[config, changed])
+    jobs = [(r, i) for r, i in _scheduled(dry.stdout) if r in PER_SCAN_RULES]
+    all_ids = new_ids | set(first["Image Data ID"])
+    assert {r for r, _ in jobs} == {"cropped128", "n4", "ras", "qc"}
+    assert {i for _, i in jobs} == all_ids
