@@ -30,6 +30,7 @@ def test_an_existing_output_is_replaced_whole(tmp_path):
     back = nib.load(target)
     assert back.shape == (5, 5, 5) and nifti_io.provenance_of(back) == "b"
     assert [p.name for p in target.parent.iterdir()] == ["out.nii.gz"]
+    assert target.stat().st_mode & 0o044 == 0o044  # readable by others, not 0600 like mkstemp
 
 
 def test_clean_image_drops_every_free_text_field_and_extension():

@@ -20,6 +20,14 @@ PROVENANCE_SEPARATOR = ">"
 _FREE_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file ordinary permissions (mkstemp makes it 0600), then rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     """Load a NIfTI image, naming the file in the error a person sees."""
     try:
@@ -73,7 +81,7 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -88,7 +96,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

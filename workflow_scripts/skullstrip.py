@@ -101,7 +101,7 @@ def resolve_synthstrip_weights(configured: str | None, cache_dir: str | Path) ->
     return cache_file
 
 
-def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int = 1, border: float = 1,
+def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int = 1, border: int = 1,
                     gpu: bool = False) -> np.ndarray:
     """Brain mask from the nipreps SynthStrip command line (the upstream inference, unchanged)."""
     with tempfile.TemporaryDirectory(prefix="synthstrip_") as tmp:
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sidecar", required=True, help="JSON record of the method and weights")
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--synthstrip-weights", help="weights file (synthstrip)")
-    p.add_argument("--synthstrip-border", type=float, default=1.0)
+    p.add_argument("--synthstrip-border", type=int, default=1, help="mask border in mm (whole mm)")
     p.add_argument("--deepbet-threshold", type=float, default=0.5)
     p.add_argument("--deepbet-dilate", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
