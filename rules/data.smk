@@ -8,8 +8,8 @@ if DATA["source"] == "demo":
             tree=directory(f"{DATA['adni_root']}/ADNI"),
             truth=directory(f"{DATA['adni_root']}/truth"),
         params:
-            root=DATA["adni_root"],
-            csv_name=Path(DATA["collection_csv"]).name,
+            root=lambda wildcards, output: os.path.dirname(output.csv),
+            csv_name=lambda wildcards, output: os.path.basename(output.csv),
             demo=config["demo"],
         log:
             f"{RESULTS}/logs/demo_collection.log",
