@@ -6,8 +6,9 @@
 With ``--run`` the workflow's ``preprocess`` target runs on the demo collection in
 ``--workdir`` (2 cores: single-threaded stages two at a time, skull stripping on both cores)
 before the table is made. ``--plant-synthstrip`` writes a SynthStrip checkpoint with the
-official architecture and random weights where the config looks for it: the network's
-compute, and so its time, is that of the official weights, which cannot be downloaded here.
+official architecture where the config looks for it, its last layer set to predict "inside
+the brain" everywhere: the network's compute, and so its time, is that of the official
+weights (which cannot be downloaded here); only the masks are meaningless.
 """
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ def plant_synthstrip(path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    torch.save({"epoch": 0, "model_state_dict": StripModel().state_dict()}, path)
+    state = StripModel().state_dict()
+    state["remaining.2.conv.weight"].zero_()
+    state["remaining.2.conv.bias"].fill_(-5.0)  # a distance of -5 mm: every voxel is brain
+    torch.save({"epoch": 0, "model_state_dict": state}, path)
 
 
 def main() -> None:

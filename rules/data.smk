@@ -13,6 +13,8 @@ if DATA["source"] == "demo":
             demo=config["demo"],
         log:
             f"{RESULTS}/logs/demo_collection.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/demo_collection.tsv"
         threads: res("demo", "threads")
         resources:
             mem_mb=res("demo", "mem_mb"),
@@ -45,6 +47,8 @@ checkpoint ingest:
         check_cache=f"{RESULTS}/ingest/series_checks.json",
     log:
         f"{RESULTS}/logs/ingest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest.tsv"
     threads: res("ingest", "threads")
     resources:
         mem_mb=res("ingest", "mem_mb"),
