@@ -1,0 +1,312 @@
+"""Split: class balance, subject-level partitions and CV folds, leakage audit, stable growth."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from workflow_scripts import cli, split
+
+CLASSES = ["AD", "CN"]
+
+
+def synthetic_scans(n_subjects: int = 60, seed: int = 0, first_rid: int = 1, ad_every: int = 5,
+                    phase: str = "ADNI1") -> pd.DataFrame:
+    """A scans table: 2 of every ``ad_every`` subjects AD, the rest CN, 1-5 scans each (no files)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_subjects):
+        rid = first_rid + i
+        subject, group = f"{(rid % 90) + 10:03d}_S_{rid:04d}", "AD" if i % ad_every < 2 else "CN"
+        for visit in range(int(rng.integers(1, 6))):
+            rows.append({"image_id": f"I{rid * 10 + visit}", "subject": subject, "group": group, "sex": "F",
+                         "age": "74", "visit": f"m{visit * 12:02d}", "phase": phase})
+    return pd.DataFrame(rows)
+
+
+def add_scans(scans: pd.DataFrame, subjects: list[str], n: int = 2) -> pd.DataFrame:
+    """New visits (image ids 9xxxxx) for existing subjects."""
+    rows = []
+    for subject in subjects:
+        group = scans.loc[scans["subject"] == subject, "group"].iloc[0]
+        rid = int(subject[-4:])
+        rows += [{"image_id": f"I9{rid:04d}{v}", "subject": subject, "group": group, "sex": "F", "age": "75",
+                  "visit": f"m{96 + v * 12}", "phase": "ADNI2"} for v in range(n)]
+    return pd.concat([scans, pd.DataFrame(rows)], ignore_index=True)
+
+
+def partition_of(result: split.Split) -> dict[str, str]:
+    return {s: p for p in split.PARTITIONS for s in result.manifests[p]["subject"]}
+
+
+def fold_of(result: split.Split) -> dict[str, int]:
+    return dict(zip(result.cv_folds["subject"], result.cv_folds["fold"]))
+
+
+def scans_per(frame: pd.DataFrame, group: str) -> int:
+    return int((frame["group"] == group).sum())
+
+
+def test_subjects_never_cross_partitions_or_folds_and_the_audit_passes():
+    result = split.make_split(synthetic_scans())
+    seen = [set(result.manifests[p]["subject"]) for p in split.PARTITIONS]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert result.cv_folds.groupby("subject")["fold"].nunique().max() == 1
+    assert not set(result.manifests["test"]["subject"]) & set(result.cv_folds["subject"])
+    trainval = pd.concat([result.manifests["train"], result.manifests["val"]])
+    assert sorted(result.cv_folds["image_id"]) == sorted(trainval["image_id"])
+    audit = split.audit_split(result.manifests, result.cv_folds)
+    assert audit["passed"] and audit["offending_subjects"] == []
+    assert audit["scans"]["cv"] == len(trainval)
+
+
+def test_labels_paths_and_columns():
+    scans = synthetic_scans()
+    result = split.make_split(scans, classes=["CN", "AD"], path_of="ras/{group}/{subject}/{image_id}.nii.gz")
+    rows = pd.concat(result.manifests.values())
+    assert list(result.manifests["train"].columns) == list(split.MANIFEST_COLUMNS)
+    assert list(result.cv_folds.columns) == list(split.CV_COLUMNS)
+    assert set(rows.loc[rows["group"] == "CN", "label"]) == {1}  # the first class is the positive one
+    assert set(rows.loc[rows["group"] == "AD", "label"]) == {0}
+    one = rows.iloc[0]
+    assert one["path"] == f"ras/{one['group']}/{one['subject']}/{one['image_id']}.nii.gz"
+    with pytest.raises(cli.PipelineError, match=r"\{site\}.*not a column"):
+        split.make_split(scans, path_of="ras/{site}/{image_id}.nii.gz")
+
+
+def test_balance_keeps_every_smaller_class_scan_and_stops_at_the_subject_that_reaches_it():
+    scans = synthetic_scans()
+    scans = pd.concat([scans, pd.DataFrame([{"image_id": "I1", "subject": "999_S_9999", "group": "MCI"}])])
+    result = split.make_split(scans)
+    rows = pd.concat(result.manifests.values())
+    n_ad, n_cn = scans_per(scans, "AD"), scans_per(scans, "CN")
+    assert n_ad < n_cn  # the synthetic table is uneven
+    assert scans_per(rows, "AD") == n_ad
+    bal = result.summary["balance"]
+    left_out = bal["subjects_left_out"]
+    assert left_out and not set(left_out) & set(rows["subject"])
+    # whole subjects, in seeded order, until reaching the AD count: at most one subject's scans (<=5) above
+    assert n_ad <= scans_per(rows, "CN") < n_ad + 5
+    chosen_cn = set(rows.loc[rows["group"] == "CN", "subject"])
+    per_subject = scans[scans["group"] == "CN"].groupby("subject").size()
+    order = sorted(per_subject.index, key=lambda s: split.subject_rank(s, 42))
+    assert chosen_cn == set(order[:len(chosen_cn)])
+    assert per_subject[order[:len(chosen_cn) - 1]].sum() < n_ad  # the last one taken was needed
+    assert result.summary["input"]["ignored_groups"] == {"MCI": 1}
+    unbalanced = split.make_split(scans, balance=False)
+    assert sum(len(m) for m in unbalanced.manifests.values()) == n_ad + n_cn
+
+
+def test_partition_targets_are_met_within_one_subjects_scans():
+    scans = synthetic_scans()
+    result = split.make_split(scans, balance=False)
+    for group in CLASSES:
+        n = scans_per(scans, group)
+        biggest = scans[scans["group"] == group].groupby("subject").size().max()
+        for p, ratio in zip(split.PARTITIONS, split.DEFAULT_RATIOS):
+            row = result.summary["partitions"][group][p]
+            assert row["target_scans"] == split.round_half_up(ratio * n)
+            assert row["scans"] == scans_per(result.manifests[p], group)
+            if p == "train":  # train absorbs the overshoot of test and val
+                assert row["target_scans"] - 2 * biggest < row["scans"] <= row["target_scans"]
+            else:
+                assert row["target_scans"] <= row["scans"] < row["target_scans"] + biggest
+
+
+def test_round_robin_deals_the_fewest_scan_subjects_to_test_then_val_then_train():
+    scans = synthetic_scans()
+    result = split.make_split(scans, balance=False)
+    where = partition_of(result)
+    for group in CLASSES:
+        counts = scans[scans["group"] == group].groupby("subject").size()
+        order = sorted(counts.index, key=lambda s: (counts[s], s))
+        assert [where[s] for s in order[:3]] == ["test", "val", "train"]
+    # a partition at target is skipped: 1 scan each, targets test 1, val 1 -> test, val, then train only
+    n = pd.Series([1] * 6, index=list("abcdef"))
+    dealt = split.deal_partitions(n, {"train": 4, "val": 1, "test": 1})
+    assert dealt == {"a": "test", "b": "val", "c": "train", "d": "train", "e": "train", "f": "train"}
+
+
+def test_the_same_seed_gives_the_same_split_and_another_seed_another_balance():
+    scans = synthetic_scans()
+    one, two = split.make_split(scans, seed=7), split.make_split(scans.sample(frac=1, random_state=3), seed=7)
+    for p in split.PARTITIONS:
+        pd.testing.assert_frame_equal(one.manifests[p], two.manifests[p])
+    pd.testing.assert_frame_equal(one.cv_folds, two.cv_folds)
+    other = split.make_split(scans, seed=8)
+    assert other.summary["balance"]["subjects_left_out"] != one.summary["balance"]["subjects_left_out"]
+
+
+def test_folds_are_stratified_and_hold_out_the_test_subjects():
+    result = split.make_split(synthetic_scans(), folds=3)
+    cv = result.cv_folds
+    assert sorted(cv["fold"].unique()) == [0, 1, 2]
+    for fold in range(3):
+        assert set(cv.loc[cv["fold"] == fold, "group"]) == set(CLASSES)
+    for group in CLASSES:  # balanced in scans: fold sizes differ by at most one subject's scans
+        sizes = cv[cv["group"] == group].groupby("fold").size()
+        assert sizes.max() - sizes.min() <= 5
+    assert not set(result.manifests["test"]["subject"]) & set(cv["subject"])
+
+
+def test_the_audit_names_planted_leaks():
+    result = split.make_split(synthetic_scans())
+    victim = result.manifests["test"].iloc[[0]]
+    leaked = dict(result.manifests, train=pd.concat([result.manifests["train"], victim], ignore_index=True))
+    audit = split.audit_split(leaked, result.cv_folds)
+    subject = victim["subject"].iloc[0]
+    assert not audit["passed"]
+    assert audit["subjects_in_two_partitions"] == [subject] and audit["offending_subjects"] == [subject]
+    assert victim["image_id"].iloc[0] in audit["duplicate_scans"]
+    cv = result.cv_folds.copy()
+    moved = cv["subject"].iloc[0]
+    cv.loc[cv.index[0], "fold"] = (cv["fold"].iloc[0] + 1) % 3
+    first = cv["subject"].eq(moved)
+    if first.sum() == 1:  # a one-scan subject cannot sit in two folds; give it a second scan
+        cv = pd.concat([cv, cv[first].assign(image_id="Iextra", path="extra", fold=cv.loc[first, "fold"] + 1)])
+    audit = split.audit_split(result.manifests, cv)
+    assert not audit["passed"] and moved in audit["subjects_in_two_folds"]
+
+
+def test_the_cli_fails_on_a_leak_naming_the_subject_after_writing_the_audit(tmp_path):
+    scans = synthetic_scans(30)
+    duplicated = scans.iloc[[4]]  # the same scan listed twice
+    pd.concat([scans, duplicated]).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
+    out = tmp_path / "splits"
+    run = subprocess.run([sys.executable, "-m", "workflow_scripts.split", "--scans", str(tmp_path / "scans.tsv"),
+                          "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    subject = duplicated["subject"].iloc[0]
+    assert run.returncode == 1
+    assert "leakage audit failed" in run.stderr and subject in run.stderr
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["passed"] is False and audit["offending_subjects"] == [subject]
+    assert not (out / split.LEDGER_NAME).exists()  # a leaky split is never remembered
+
+
+def run_cli(tmp_path, scans: pd.DataFrame, *flags: str) -> None:
+    scans.to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
+    argv = ["--scans", str(tmp_path / "scans.tsv"), "--out-dir", str(tmp_path / "splits"), *flags]
+    assert cli.run(split.main, argv) == 0
+
+
+def read_outputs(tmp_path) -> dict:
+    out = tmp_path / "splits"
+    return {"manifests": {p: pd.read_csv(out / f"{p}.csv") for p in split.PARTITIONS},
+            "cv": pd.read_csv(out / "cv_folds.csv"),
+            "ledger": pd.read_csv(out / split.LEDGER_NAME, sep="\t", dtype=str, keep_default_na=False)}
+
+
+def test_cli_round_trip_writes_every_file_with_its_columns(tmp_path):
+    run_cli(tmp_path, synthetic_scans(), "--path-pattern", "results/ras/{subject}/{image_id}.nii.gz",
+            "--classes", "AD", "CN", "--ratios", "0.8", "0.1", "0.1", "--folds", "3", "--seed", "42")
+    out = tmp_path / "splits"
+    files = read_outputs(tmp_path)
+    for p in split.PARTITIONS:
+        assert list(files["manifests"][p].columns) == ["path", "subject", "image_id", "group", "label"]
+    assert list(files["cv"].columns) == ["path", "subject", "image_id", "group", "label", "fold"]
+    assert list(files["ledger"].columns) == list(split.LEDGER_COLUMNS)
+    assert set(files["ledger"]["partition"]) == {"train", "val", "test", "unselected"}
+    assert files["ledger"].loc[files["ledger"]["partition"] == "test", "fold"].eq("").all()
+    summary = json.loads((out / "summary.json").read_text())
+    text = (out / "summary.txt").read_text()
+    ad_train = summary["partitions"]["AD"]["train"]
+    assert (f"AD train: target {ad_train['target_scans']} scans, actual {ad_train['scans']} scans from "
+            f"{ad_train['subjects']} subjects") in text
+    assert summary["balance"]["subjects_left_out"][0] in text
+    assert json.loads((out / "audit.json").read_text())["passed"] is True
+    assert files["manifests"]["train"]["path"].iloc[0].startswith("results/ras/")
+
+
+def test_growth_with_the_ledger_moves_no_existing_subject(tmp_path):
+    first = synthetic_scans(60)
+    run_cli(tmp_path, first)
+    before = read_outputs(tmp_path)
+    old_ledger = before["ledger"].set_index("subject")
+    # a new phase (40 subjects, mostly CN, so balancing has new CN candidates) and new visits of old subjects
+    old_subjects = sorted(first["subject"].unique())
+    grown = add_scans(pd.concat([first, synthetic_scans(40, seed=1, first_rid=4001, ad_every=4, phase="ADNI2")]),
+                      old_subjects[::7])
+    run_cli(tmp_path, grown)
+    after = read_outputs(tmp_path)
+    ledger = after["ledger"].set_index("subject")
+    placed = old_ledger[old_ledger["partition"] != "unselected"]
+    assert (ledger.loc[placed.index, "partition"] == placed["partition"]).all()
+    assert (ledger.loc[placed.index, "fold"] == placed["fold"]).all()
+    new_subjects = set(grown["subject"]) - set(first["subject"])
+    assert new_subjects & set(ledger.index[ledger["partition"].isin(split.PARTITIONS)])
+    rows = pd.concat(after["manifests"].values())
+    new_visits = grown[grown["image_id"].str.startswith("I9")]
+    kept_visits = new_visits[new_visits["subject"].isin(placed.index)]
+    assert set(kept_visits["image_id"]) <= set(rows["image_id"])  # a chosen subject's new scans follow it
+    for image_id, subject in zip(kept_visits["image_id"], kept_visits["subject"]):
+        assert rows.loc[rows["image_id"] == image_id, "subject"].iloc[0] == subject
+        part = placed.at[subject, "partition"]
+        assert image_id in set(after["manifests"][part]["image_id"])
+    assert split.audit_split(after["manifests"], after["cv"])["passed"]
+    # the new subjects go where the targets need them: every partition still within reach of its target
+    summary = json.loads((tmp_path / "splits" / "summary.json").read_text())
+    assert summary["ledger"]["used"] and set(summary["ledger"]["new_subjects"]) <= new_subjects | set(old_ledger.index)
+    for group in CLASSES:
+        for p in ("val", "test"):
+            row = summary["partitions"][group][p]
+            assert abs(row["scans"] - row["target_scans"]) <= 10
+    # without the ledger the grown table is split afresh, and some old subject does move
+    run_cli(tmp_path, grown, "--no-stable")
+    fresh = read_outputs(tmp_path)["ledger"].set_index("subject")
+    assert (fresh.loc[placed.index, ["partition", "fold"]] != placed[["partition", "fold"]]).any(axis=None)
+
+
+def test_a_subject_chosen_by_balancing_stays_chosen():
+    first = synthetic_scans(60)
+    base = split.make_split(first)
+    more_cn = pd.concat([first, synthetic_scans(40, seed=2, first_rid=5001, ad_every=1000)])
+    stable = split.make_split(more_cn, ledger=base.ledger)
+    fresh = split.make_split(more_cn)
+    chosen = set(base.ledger.loc[base.ledger["partition"] != "unselected", "subject"])
+    assert chosen <= set(stable.ledger.loc[stable.ledger["partition"] != "unselected", "subject"])
+    assert not chosen <= set(fresh.ledger.loc[fresh.ledger["partition"] != "unselected", "subject"])
+
+
+def test_vanished_subjects_are_reported_and_a_changed_class_stops_the_split():
+    first = synthetic_scans(60)
+    base = split.make_split(first)
+    gone = base.manifests["train"]["subject"].iloc[0]
+    result = split.make_split(first[first["subject"] != gone], ledger=base.ledger)
+    assert result.summary["ledger"]["vanished_subjects"] == [gone]
+    assert gone in set(result.ledger["subject"])  # remembered, in case it comes back
+    assert gone not in set(pd.concat(result.manifests.values())["subject"])
+    relabelled = first.copy()
+    victim = base.manifests["test"]["subject"].iloc[0]
+    old = relabelled.loc[relabelled["subject"] == victim, "group"].iloc[0]
+    relabelled.loc[relabelled["subject"] == victim, "group"] = "CN" if old == "AD" else "AD"
+    with pytest.raises(cli.PipelineError, match=victim):
+        split.make_split(relabelled, ledger=base.ledger)
+
+
+def test_a_changed_fold_count_reassigns_folds_but_keeps_partitions(tmp_path):
+    scans = synthetic_scans(60)
+    base = split.make_split(scans, folds=3)
+    path = tmp_path / split.LEDGER_NAME
+    path.write_text(split.ledger_text(base.ledger))
+    ledger = split.read_ledger(path)
+    pd.testing.assert_frame_equal(ledger, base.ledger, check_dtype=False)
+    result = split.make_split(scans, folds=5, ledger=ledger)
+    assert partition_of(result) == partition_of(base)
+    assert sorted(result.cv_folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert result.summary["ledger"]["fold_reassigned_subjects"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes": ["AD"]}, "exactly two"),
+    ({"ratios": [0.8, 0.1, 0.2]}, "summing to 1"),
+    ({"folds": 1}, "at least 2"),
+    ({"classes": ["AD", "MCI"]}, "no scans of class MCI"),
+])
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(cli.PipelineError, match=message):
+        split.make_split(synthetic_scans(20), **kwargs)
