@@ -1,0 +1,118 @@
+"""Training throughput and the share of step time spent waiting for data, on synthetic cached tensors.
+
+    python benchmarks/train_speed.py                      # 24 scans of 128^3, r3d_18, batch 2
+    python benchmarks/train_speed.py --workers 0 2 --steps 4 --size 128
+
+Writes ``--scans`` float16 volumes (a noisy ball on a zero background, like the tensor
+cache's output) to a temporary folder and runs the training step of
+``workflow_scripts.train`` on them: the same DataLoader (workers, augmentation,
+z-normalisation), model (random weights, stem..layer3 frozen), optimizer and forward path
+(bf16 autocast and channels_last_3d on CUDA). The first step of each setting warms up and
+is not timed. Data wait is the time the loop blocks on the DataLoader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workflow_scripts.models import build_model, parameter_groups, train_mode  # noqa: E402
+from workflow_scripts.train import (ScanDataset, VolumeTransform, forward, make_loader,  # noqa: E402
+                                    pick_device)
+
+
+def write_scans(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
+    """``n`` float16 volumes in [0, 1] with a zero background, as the tensor cache writes them."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((size,) * 3, dtype=np.float32) - (size - 1) / 2
+    ball = (grid ** 2).sum(0) < (0.42 * size) ** 2
+    paths = []
+    for i in range(n):
+        vol = np.where(ball, rng.uniform(0.1, 1.0, (size,) * 3).astype(np.float32), 0).astype(np.float16)
+        paths.append(folder / f"scan{i:03d}.npy")
+        np.save(paths[-1], vol)
+    return paths
+
+
+def measure(paths: list[Path], device: torch.device, workers: int, steps: int, batch_size: int, arch: str) -> dict:
+    """Seconds per step, volumes per second and data-wait share over ``steps`` timed steps."""
+    torch.manual_seed(0)
+    labels = [i % 2 for i in range(len(paths))]
+    dataset = ScanDataset(paths, labels, VolumeTransform(train=True), seed=0)
+    loader = make_loader(dataset, batch_size, True, 0, workers, pin_memory=device.type == "cuda")
+    model = build_model(arch, "none").to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.01)
+    criterion = nn.CrossEntropyLoss()
+    train_mode(model)
+    wait = total = 0.0
+    timed = 0
+    iterator = iter(loader)
+    for step in range(steps + 1):
+        tick = time.perf_counter()
+        try:
+            x, y, _ = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            x, y, _ = next(iterator)
+        got = time.perf_counter()
+        _, loss = forward(model, x, y, criterion, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        done = time.perf_counter()
+        if step > 0:  # step 0 warms up (workers start, cuDNN picks algorithms)
+            wait += got - tick
+            total += done - tick
+            timed += 1
+    return {"device": str(device), "workers": workers, "batch": batch_size, "steps": timed,
+            "s_per_step": total / timed, "volumes_per_s": timed * batch_size / total,
+            "data_wait_pct": 100 * wait / total}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scans", type=int, default=24)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per setting (after one warm-up step)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, nargs="+", default=[2], help="DataLoader worker counts to compare")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the training process")
+    p.add_argument("--arch", default="r3d_18")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({args.threads} threads)"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_scans(Path(tmp), args.scans, args.size)
+        for workers in args.workers:
+            rows.append(measure(paths, device, workers, args.steps, args.batch_size, args.arch))
+    print(f"device: {name}; {args.arch}, {args.scans} scans of {args.size}^3 float16, batch {args.batch_size}")
+    print(f"{'workers':>7} {'steps':>5} {'s/step':>8} {'volumes/s':>10} {'data wait %':>12}")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['steps']:>5} {r['s_per_step']:>8.3f} {r['volumes_per_s']:>10.3f} "
+              f"{r['data_wait_pct']:>12.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

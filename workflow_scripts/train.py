@@ -1,0 +1,823 @@
+"""Train one classifier (one experiment, or one cross-validation fold): dissertation section 4.5.
+
+    python -m workflow_scripts.train --train splits/train.csv --val splits/val.csv --out-dir results/train/main
+    python -m workflow_scripts.train --folds-csv splits/cv_folds.csv --fold 0 --out-dir results/cv/main/fold0
+    python -m workflow_scripts.train --predict splits/test.csv --checkpoint results/train/main/best_acc.pt \\
+        --predictions-out results/train/main/test_predictions.csv
+
+Manifests are CSVs with columns ``path, subject, image_id, group, label``. Each scan's
+tensor is found, in this order: a ``tensor_path`` column; ``--tensor-dir`` as
+``<tensor-dir>/<subject>/<image_id>.npy``; ``path`` itself when it ends in .npy; else
+``path`` is a NIfTI volume rescaled on every read like ``tensor_cache`` does (correct
+but slow: cache the tensors). Relative paths are relative to the working directory.
+
+A volume of shape (x, y, z) enters the video network as one channel with x as its time
+axis. Training scans get RandomGamma then RandomNoise (gamma first: it sees only the
+non-negative [0, 1] intensities, so it never makes NaN), then z-normalisation over the
+brain voxels (> 0 in the volume *before* noise, carried as a label map, so background
+noise never counts as brain; ``--znorm-mask none`` uses the whole volume). Validation and
+test scans are only z-normalised.
+
+Randomness is keyed to (seed, epoch, scan): the shuffle of epoch e comes from a generator
+seeded by (seed, e), each scan's augmentation from (seed, e, index), whichever DataLoader
+worker loads it. An interrupted run resumed from ``last.pt`` therefore ends exactly where
+an uninterrupted one does (on CPU, with the same --threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from workflow_scripts import cli
+from workflow_scripts.models import build_model, count_parameters, parameter_groups, train_mode
+from workflow_scripts.nifti_io import _publish, write_text_atomic
+
+LOG = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
+# Settings that may differ between an interrupted run and its resumption: they change how
+# or how long the run goes on, not what one epoch computes.
+RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
+                  "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
+                  "predictions_out", "run_name"}
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """A manifest CSV with its required columns checked and integer labels."""
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "image_id": str, "group": str, "path": str})
+    except (OSError, pd.errors.ParserError) as err:
+        raise cli.PipelineError(f"cannot read manifest {path}: {err}") from err
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
+    if missing:
+        raise cli.PipelineError(f"manifest {path} lacks columns {missing}; it needs {', '.join(MANIFEST_COLUMNS)}")
+    if table.empty:
+        raise cli.PipelineError(f"manifest {path} has no scans")
+    table["label"] = table["label"].astype(int)
+    return table.reset_index(drop=True)
+
+
+def fold_manifests(folds_csv: str | os.PathLike, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation) of one CV fold: the fold's scans validate, all others train."""
+    table = read_manifest(folds_csv)
+    if "fold" not in table.columns:
+        raise cli.PipelineError(f"{folds_csv} has no 'fold' column; pass the split's cv_folds.csv")
+    folds = sorted(table["fold"].astype(int).unique())
+    if fold not in folds:
+        raise cli.PipelineError(f"fold {fold} is not in {folds_csv} (folds {folds})")
+    is_val = table["fold"].astype(int).eq(fold)
+    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+def tensor_sources(table: pd.DataFrame, tensor_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where each scan's volume is read from (see the module docstring for the order)."""
+    sources = []
+    for row in table.itertuples(index=False):
+        tensor_path = getattr(row, "tensor_path", None)
+        if isinstance(tensor_path, str) and tensor_path:
+            sources.append(Path(tensor_path))
+        elif tensor_dir is not None:
+            sources.append(Path(tensor_dir) / str(row.subject) / f"{row.image_id}.npy")
+        else:
+            sources.append(Path(row.path))
+    missing = [(i, p) for i, p in zip(table["image_id"], sources) if not p.is_file()]
+    if missing:
+        listing = ", ".join(f"{i}: {p}" for i, p in missing[:5])
+        raise cli.PipelineError(f"{len(missing)} scan tensors missing ({listing}{', ...' if len(missing) > 5 else ''});"
+                                " run the tensor_cache step for them or fix the manifest's paths")
+    return sources
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """The volume's shape without reading its voxels (from the .npy header or the NIfTI header)."""
+    if path.suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r").shape)
+    from workflow_scripts.nifti_io import load_nifti
+
+    return tuple(load_nifti(path).shape[:3])
+
+
+def check_shapes(sources: Sequence[Path], image_ids: Sequence[str]) -> tuple[int, ...]:
+    """The common volume shape; scans of other shapes are named, as a batch cannot mix them."""
+    shapes = [volume_shape(p) for p in sources]
+    common = max(set(shapes), key=shapes.count)
+    odd = [f"{i} {s}" for i, s in zip(image_ids, shapes) if s != common]
+    if odd:
+        raise cli.PipelineError(f"scans of a shape other than {common}: {', '.join(odd[:5])}; "
+                                "re-run their preprocessing with the configured target shape")
+    return common
+
+
+def load_volume(path: Path) -> torch.Tensor:
+    """One scan as a float32 tensor of shape (1, x, y, z), values in [0, 1]."""
+    if path.suffix == ".npy":
+        array = np.load(path)
+    else:
+        from workflow_scripts.tensor_cache import normalised_volume
+
+        array = normalised_volume(path)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+
+
+class VolumeTransform:
+    """TorchIO intensity transforms on one (1, x, y, z) tensor; picklable for DataLoader workers."""
+
+    def __init__(self, train: bool, gamma_log_range: Sequence[float] = (-0.2, 0.2), gamma_p: float = 0.3,
+                 noise_std_range: Sequence[float] = (0.0, 0.1), noise_p: float = 0.3, znorm_mask: str = "brain"):
+        import torchio as tio
+
+        if znorm_mask not in ("brain", "none"):
+            raise cli.PipelineError(f"znorm_mask must be 'brain' or 'none', not {znorm_mask!r}")
+        self.znorm_mask = znorm_mask
+        steps = []
+        if train:
+            steps += [tio.RandomGamma(log_gamma=tuple(gamma_log_range), p=gamma_p),
+                      tio.RandomNoise(std=tuple(noise_std_range), p=noise_p)]
+        steps.append(tio.ZNormalization(masking_method="brain" if znorm_mask == "brain" else None))
+        self.transform = tio.Compose(steps)
+        self.random = bool(train)
+
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        import torchio as tio
+
+        images = {"image": tio.ScalarImage(tensor=volume)}
+        if self.znorm_mask == "brain":
+            images["brain"] = tio.LabelMap(tensor=(volume > 0).to(torch.uint8))
+        return self.transform(tio.Subject(**images))["image"].data
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one scan's augmentation in one epoch, independent of worker and batch order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ScanDataset(Dataset):
+    """Scans of one split; indexed by (epoch, index) so augmentation is keyed to both."""
+
+    def __init__(self, sources: Sequence[Path], labels: Sequence[int], transform: VolumeTransform, seed: int,
+                 names: Sequence[str] | None = None):
+        self.sources, self.labels = list(sources), [int(v) for v in labels]
+        self.transform, self.seed = transform, seed
+        self.names = [str(n) for n in names] if names is not None else [p.name for p in self.sources]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        volume = load_volume(self.sources[index])
+        if self.transform.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                volume = self.transform(volume)
+        else:
+            volume = self.transform(volume)
+        return volume, self.labels[index], index
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index); the order of epoch e depends only on (seed, e)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(entropy))
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        return iter([(self.epoch, i) for i in order])
+
+
+def _worker_init(worker_id: int) -> None:
+    """One thread per worker (the main process does the math); numpy/random seeded from torch's seed."""
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: ScanDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` whose sampler carries the epoch."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed),
+                      num_workers=num_workers, worker_init_fn=_worker_init, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- training pieces
+
+def class_weights(labels: Sequence[int], num_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency weights w_c = N / (K * n_c), so each class contributes equally to the loss."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes)
+    if len(counts) > num_classes or (counts == 0).any():
+        raise cli.PipelineError(f"training labels per class {counts.tolist()}: every one of the {num_classes} "
+                                "classes needs at least one training scan (check the split)")
+    return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+
+
+class EarlyStopping:
+    """Stop when neither validation accuracy rose nor validation loss fell for ``patience`` epochs.
+
+    Each metric has its own counter of epochs without a strict improvement.
+    """
+
+    def __init__(self, patience: int = 5):
+        self.patience = patience
+        self.best_accuracy, self.best_loss = -math.inf, math.inf
+        self.accuracy_wait = self.loss_wait = 0
+        self.stopped = False
+
+    def update(self, accuracy: float, loss: float) -> dict[str, bool]:
+        """Record one epoch; says which metric improved and whether to stop."""
+        better_accuracy, better_loss = accuracy > self.best_accuracy, loss < self.best_loss
+        if better_accuracy:
+            self.best_accuracy, self.accuracy_wait = accuracy, 0
+        else:
+            self.accuracy_wait += 1
+        if better_loss:
+            self.best_loss, self.loss_wait = loss, 0
+        else:
+            self.loss_wait += 1
+        self.stopped = self.accuracy_wait >= self.patience and self.loss_wait >= self.patience
+        return {"accuracy": better_accuracy, "loss": better_loss, "stop": self.stopped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> dict:
+    """Weighted cross-entropy over the whole split, accuracy, balanced accuracy and AUC (None with one class)."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    logits, labels = logits.float().cpu(), labels.cpu()
+    loss = F.cross_entropy(logits, labels, weight=None if weight is None else weight.cpu()).item()
+    probs = torch.softmax(logits, dim=1).numpy()
+    y, pred = labels.numpy(), probs.argmax(axis=1)
+    auc = None
+    if len(np.unique(y)) > 1:
+        auc = float(roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2
+                    else roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
+    balanced = float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float((pred == y).mean())
+    return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "auc": auc}
+
+
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch; on CUDA in bf16 autocast with channels_last_3d inputs (the fast path)."""
+    amp = device.type == "cuda"
+    x = x.to(device, non_blocking=True)
+    if amp:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    return logits, criterion(logits.float(), y.to(device, non_blocking=True))
+
+
+def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight: torch.Tensor | None,
+              optimizer: torch.optim.Optimizer | None = None, epoch: int = 1) -> tuple[dict, torch.Tensor, list[int]]:
+    """One pass over ``loader``: trains when an optimizer is given, else evaluates.
+
+    Returns the split's metrics (plus the share of time spent waiting for data), its
+    softmax probabilities and the dataset indices in the order seen.
+    """
+    training = optimizer is not None
+    train_mode(model) if training else model.eval()
+    loader.sampler.set_epoch(epoch)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+    all_logits, all_labels, all_indices = [], [], []
+    wait = 0.0
+    start = tick = time.perf_counter()
+    with torch.set_grad_enabled(training):
+        for step, (x, y, index) in enumerate(loader, start=1):
+            wait += time.perf_counter() - tick
+            logits, loss = forward(model, x, y, criterion, device)
+            if not torch.isfinite(loss):
+                ids = [loader.dataset.names[i] for i in index.tolist()]
+                raise cli.PipelineError(
+                    f"non-finite {'training' if training else 'validation'} loss ({loss.item()}) at epoch {epoch}, "
+                    f"step {step} (scans {', '.join(ids)}): check these scans' tensors for NaN/inf, or lower the "
+                    "learning rates")
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            all_logits.append(logits.detach().float().cpu())
+            all_labels.append(y)
+            all_indices += index.tolist()
+            tick = time.perf_counter()
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    metrics = classification_metrics(logits, labels, weight)
+    metrics["data_wait_share"] = wait / max(time.perf_counter() - start, 1e-9)
+    return metrics, torch.softmax(logits, dim=1), all_indices
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: no half-written checkpoint."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to (or, failing that, a copy of) ``source``, atomically.
+
+    ``last.pt`` is replaced by a new file each epoch, so the link keeps the old contents.
+    """
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    states = {"torch": torch.get_rng_state(),
+              "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                        "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                        "gauss": float(np_state["gauss"])},
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the RNG states saved by ``rng_states``."""
+    torch.set_rng_state(states["torch"])
+    np_state = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by this module, read safely (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise cli.PipelineError(f"cannot read checkpoint {path}: {err}; delete it to start the run afresh") from err
+
+
+def changed_settings(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Settings that differ from those of a saved run, other than the ones a resumption may change."""
+    return [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(saved) | set(config))
+            if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k)]
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove a previous run's checkpoints and history so nothing of it is resumed or mistaken for new."""
+    for name in ("last.pt", "best_acc.pt", "best_loss.pt", "history.json", "summary.json", "val_predictions.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Path) -> None:
+    """Continue from out_dir/last.pt when it belongs to this run's settings.
+
+    With other settings (a changed experiment), ``on_changed_settings`` decides: "error"
+    stops, "restart" clears the old run and starts afresh; --no-resume always starts afresh.
+    """
+    last = out_dir / "last.pt"
+    if not config["resume"]:
+        clear_run(out_dir)
+        return
+    if not last.is_file():
+        return
+    saved = load_checkpoint(last)
+    changed = changed_settings(saved["config"], config)
+    if changed and config["on_changed_settings"] == "restart":
+        LOG.warning("settings changed since %s was written (%s): starting afresh", last, "; ".join(changed))
+        clear_run(out_dir)
+        return
+    if changed:
+        raise cli.PipelineError(f"{last} was written with other settings ({'; '.join(changed)}); delete the "
+                                f"checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings restart")
+    state.restore(saved)
+    LOG.info("resuming %s after epoch %d", out_dir, state.epoch)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def code_version() -> str:
+    """``git describe`` of this repository, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, capture_output=True,
+                             text=True, timeout=20)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import torchio
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torchio": torchio.__version__, "numpy": np.__version__}
+
+
+def split_counts(table: pd.DataFrame) -> dict[str, Any]:
+    """Scans and subjects of one split, in all and per label (with its group name)."""
+    per_class = {}
+    for label, part in table.groupby("label"):
+        per_class[str(label)] = {"group": "/".join(sorted(part["group"].astype(str).unique())),
+                                 "scans": len(part), "subjects": int(part["subject"].nunique())}
+    return {"scans": len(table), "subjects": int(table["subject"].nunique()), "per_class": per_class}
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
+
+
+# ----------------------------------------------------------------------------- Weights & Biases
+
+def start_wandb(config: dict[str, Any], out_dir: Path, run_id: str | None):
+    """A W&B run (None when disabled); offline runs write under ``out_dir/wandb`` and need no account.
+
+    An online run reads its key from the environment (WANDB_API_KEY) or ~/.netrc, never from arguments.
+    """
+    mode = config["wandb_mode"]
+    if mode == "disabled":
+        return None
+    import wandb
+
+    try:
+        return wandb.init(project=config["wandb_project"], entity=config["wandb_entity"], dir=str(out_dir),
+                          mode=mode, config=config, id=run_id, resume="allow", name=config["run_name"],
+                          reinit="finish_previous")
+    except Exception as err:
+        raise cli.PipelineError(f"Weights & Biases could not start in {mode} mode ({err}); for online mode set "
+                                "WANDB_API_KEY in the environment, or use --wandb-mode offline") from err
+
+
+def log_artifacts(run, out_dir: Path, name: str) -> None:
+    """The best checkpoints as W&B model artifacts, referenced in place until synced or uploaded.
+
+    ``policy="immutable"`` keeps W&B from copying each checkpoint (hundreds of MB) into its
+    staging folder under the home directory.
+    """
+    import wandb
+
+    for file, alias in (("best_acc.pt", "best-accuracy"), ("best_loss.pt", "best-loss")):
+        if (out_dir / file).is_file():
+            artifact = wandb.Artifact(f"{name}-{alias}", type="model")
+            artifact.add_file(str(out_dir / file), policy="immutable")
+            run.log_artifact(artifact, aliases=[alias])
+
+
+# ----------------------------------------------------------------------------- the run
+
+def epoch_row(epoch: int, train: dict, val: dict, lrs: dict, seconds: float) -> dict[str, Any]:
+    """One flat history row (``pd.DataFrame(history)`` gives the curves)."""
+    row: dict[str, Any] = {"epoch": epoch}
+    for split, metrics in (("train", train), ("val", val)):
+        for key, value in metrics.items():
+            row[f"{split}_{key}"] = value
+    row.update({f"lr_{name}": lr for name, lr in lrs.items()})
+    row["seconds"] = seconds
+    return row
+
+
+def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequence[int]) -> pd.DataFrame:
+    """image_id, subject, label, prob (of class 1, AD) and pred, in manifest order."""
+    order = np.argsort(indices)
+    p = probs.numpy()[order]
+    rows = table.iloc[np.asarray(indices)[order]]
+    return pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "subject": rows["subject"].to_numpy(),
+                         "label": rows["label"].to_numpy(), "prob": p[:, 1], "pred": p.argmax(axis=1)})
+
+
+def _transform(config: dict[str, Any], train: bool) -> VolumeTransform:
+    return VolumeTransform(train, config["gamma_log_range"], config["gamma_p"], config["noise_std_range"],
+                           config["noise_p"], config["znorm_mask"])
+
+
+@dataclass
+class Splits:
+    """The training and validation scans of one run, with where their tensors are."""
+    train: pd.DataFrame
+    val: pd.DataFrame
+    train_sources: list[Path]
+    val_sources: list[Path]
+    shape: tuple[int, ...]
+
+
+def load_splits(config: dict[str, Any]) -> Splits:
+    """The run's manifests (--train/--val, or one fold of --folds-csv), checked for tensors and shapes."""
+    if config["folds_csv"]:
+        train, val = fold_manifests(config["folds_csv"], config["fold"])
+    elif config["train"] and config["val"]:
+        train, val = read_manifest(config["train"]), read_manifest(config["val"])
+    else:
+        raise cli.PipelineError("give --train and --val manifests, or --folds-csv with --fold")
+    for name, table in (("training", train), ("validation", val)):
+        bad = table[~table["label"].between(0, config["num_classes"] - 1)]
+        if len(bad):
+            raise cli.PipelineError(f"{name} scans with labels outside 0..{config['num_classes'] - 1}: "
+                                    f"{', '.join(bad['image_id'].head(5))}; fix the split's label column")
+    train_sources, val_sources = tensor_sources(train, config["tensor_dir"]), tensor_sources(val, config["tensor_dir"])
+    shape = check_shapes(train_sources + val_sources, list(train["image_id"]) + list(val["image_id"]))
+    return Splits(train, val, train_sources, val_sources, shape)
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores: model, optimizer, scheduler, early stopping, history."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stopper: EarlyStopping
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    wandb_id: str | None = None
+
+    def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint dict (loadable with ``torch.load(weights_only=True)``)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "metrics": self.history[-1] if self.history else None,
+                "early_stopping": self.stopper.state_dict(), "history": self.history, "best": self.best,
+                "rng": rng_states(), "config": config, "wandb_id": self.wandb_id}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by ``checkpoint``."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.stopper.load_state_dict(saved["early_stopping"])
+        restore_rng_states(saved["rng"])
+        self.history, self.best, self.epoch = saved["history"], saved["best"], saved["epoch"]
+        self.wandb_id = saved.get("wandb_id")
+
+
+def new_training_state(config: dict[str, Any], device: torch.device) -> TrainingState:
+    """Seeded model, AdamW over the head/backbone groups, cosine warm restarts, early stopping."""
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"] % 2**32)
+    random.seed(config["seed"])
+    model = build_model(config["arch"], config["weights"], config["num_classes"], 1, config["trainable_from"])
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.AdamW(parameter_groups(model, config["lr_head"], config["lr_backbone"]),
+                                  weight_decay=config["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=config["t0"], T_mult=config["t_mult"], eta_min=config["eta_min"])
+    return TrainingState(model, optimizer, scheduler, EarlyStopping(config["patience"]))
+
+
+def save_epoch(state: TrainingState, config: dict[str, Any], out_dir: Path, improved: dict[str, bool]) -> None:
+    """last.pt every epoch; best_acc.pt / best_loss.pt when that validation metric improved."""
+    last = out_dir / "last.pt"
+    _save_torch_atomic(state.checkpoint(config), last)
+    if improved["accuracy"]:
+        _copy_atomic(last, out_dir / "best_acc.pt")
+    if improved["loss"]:
+        _copy_atomic(last, out_dir / "best_loss.pt")
+    write_json_atomic(state.history, out_dir / "history.json")
+
+
+def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], device: torch.device,
+                weight: torch.Tensor | None) -> dict[str, bool]:
+    """Train and validate one epoch, step the scheduler, record the history row and the best epochs."""
+    state.epoch += 1
+    tick = time.perf_counter()
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.optimizer.param_groups)}
+    train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch)
+    val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch)
+    state.scheduler.step()
+    improved = state.stopper.update(val_metrics["accuracy"], val_metrics["loss"])
+    row = epoch_row(state.epoch, train_metrics, val_metrics, lrs, time.perf_counter() - tick)
+    state.history.append(row)
+    for metric in ("accuracy", "loss"):
+        if improved[metric]:
+            state.best[metric] = row
+    LOG.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | %.1fs", state.epoch,
+             row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_auc"],
+             row["seconds"])
+    return improved
+
+
+def write_results(state: TrainingState, config: dict[str, Any], splits: Splits, val_loader: DataLoader,
+                  device: torch.device, weight: torch.Tensor | None, out_dir: Path) -> dict[str, Any]:
+    """val_predictions.csv from the best-accuracy checkpoint, then summary.json; returns the summary."""
+    state.model.load_state_dict(load_checkpoint(out_dir / "best_acc.pt")["model"])
+    _, probs, indices = run_epoch(state.model, val_loader, device, weight, None, 0)
+    write_text_atomic(predictions_table(splits.val, probs, indices).to_csv(index=False),
+                      out_dir / "val_predictions.csv")
+    write_json_atomic(state.history, out_dir / "history.json")
+    summary = {
+        "config": config, "seed": config["seed"], "code_version": code_version(), "versions": library_versions(),
+        "device": str(device), "input_shape": list(splits.shape),
+        "splits": {"train": split_counts(splits.train), "val": split_counts(splits.val)},
+        "class_weights": None if weight is None else weight.tolist(),
+        "parameters": count_parameters(state.model),
+        "epochs_run": len(state.history),
+        "stop_reason": "early_stopping" if state.stopper.stopped else "max_epochs",
+        "best": {"accuracy": state.best.get("accuracy"), "loss": state.best.get("loss")},
+    }
+    write_json_atomic(summary, out_dir / "summary.json")
+    return summary
+
+
+def fit(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train (or resume from last.pt) one run; returns the summary (None if stopped by --stop-after-epoch)."""
+    cli.limit_threads(config["threads"])
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(config)
+    weight = class_weights(splits.train["label"], config["num_classes"]) if config["class_weights"] == "inverse" \
+        else None
+    device = pick_device(config["device"])
+    state = new_training_state(config, device)
+    resume_or_restart(state, config, out_dir)
+
+    seed, pin = config["seed"], device.type == "cuda"
+    loaders = tuple(
+        make_loader(ScanDataset(sources, table["label"], _transform(config, train), seed, table["image_id"]),
+                    config["batch_size"], train, seed, config["num_workers"], pin)
+        for sources, table, train in ((splits.train_sources, splits.train, True),
+                                      (splits.val_sources, splits.val, False)))
+    run = start_wandb(config, out_dir, state.wandb_id)
+    state.wandb_id = None if run is None else run.id
+    try:
+        while state.epoch < config["max_epochs"] and not state.stopper.stopped:
+            improved = train_epoch(state, loaders, device, weight)
+            save_epoch(state, config, out_dir, improved)
+            if run is not None:
+                run.log({k: v for k, v in state.history[-1].items() if v is not None}, step=state.epoch)
+            if config["stop_after_epoch"] is not None and state.epoch >= config["stop_after_epoch"]:
+                LOG.warning("stopping after epoch %d as asked (--stop-after-epoch); rerun to resume", state.epoch)
+                return None
+        summary = write_results(state, config, splits, loaders[1], device, weight, out_dir)
+        if run is not None:
+            run.summary.update({"best_val_accuracy": state.best["accuracy"]["val_accuracy"],
+                                "best_epoch": state.best["accuracy"]["epoch"]})
+            log_artifacts(run, out_dir, config["run_name"])
+        return summary
+    finally:
+        if run is not None:
+            run.finish()
+
+
+def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike,
+            tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
+            num_workers: int = 2) -> pd.DataFrame:
+    """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV."""
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    table = read_manifest(manifest)
+    sources = tensor_sources(table, tensor_dir)
+    check_shapes(sources, list(table["image_id"]))
+    dev = pick_device(device)
+    model = build_model(config["arch"], "none", config["num_classes"], 1, config["trainable_from"])
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    loader = make_loader(ScanDataset(sources, table["label"], _transform(config, False), config["seed"],
+                                     table["image_id"]),
+                         batch_size, False, config["seed"], num_workers, dev.type == "cuda")
+    _, probs, indices = run_epoch(model, loader, dev, None, None, 0)
+    predictions = predictions_table(table, probs, indices)
+    write_text_atomic(predictions.to_csv(index=False), output)
+    return predictions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__.splitlines()[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--train", help="training manifest CSV (path, subject, image_id, group, label)")
+    data.add_argument("--val", help="validation manifest CSV")
+    data.add_argument("--folds-csv", help="the split's cv_folds.csv; with --fold, replaces --train/--val")
+    data.add_argument("--fold", type=int, help="validation fold of a CV run")
+    data.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
+    data.add_argument("--out-dir", help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default="r3d_18", choices=["r3d_18", "mc3_18", "r2plus1d_18"])
+    model.add_argument("--weights", default="kinetics400", help="kinetics400, none, or a torchvision state-dict file")
+    model.add_argument("--trainable-from", default="layer4",
+                       choices=["stem", "layer1", "layer2", "layer3", "layer4", "fc"])
+    model.add_argument("--num-classes", type=int, default=2)
+    opt = p.add_argument_group("optimisation (dissertation defaults)")
+    opt.add_argument("--lr-head", type=float, default=1e-3)
+    opt.add_argument("--lr-backbone", type=float, default=1e-4)
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--batch-size", type=int, default=2)
+    opt.add_argument("--max-epochs", type=int, default=50)
+    opt.add_argument("--t0", type=int, default=5, help="CosineAnnealingWarmRestarts T_0, in epochs")
+    opt.add_argument("--t-mult", type=int, default=1)
+    opt.add_argument("--eta-min", type=float, default=0.0)
+    opt.add_argument("--patience", type=int, default=5, help="epochs without val accuracy AND val loss improving")
+    opt.add_argument("--class-weights", default="inverse", choices=["inverse", "none"])
+    opt.add_argument("--seed", type=int, default=42)
+    aug = p.add_argument_group("augmentation (training scans only)")
+    aug.add_argument("--gamma-log-range", type=float, nargs=2, default=[-0.2, 0.2])
+    aug.add_argument("--gamma-p", type=float, default=0.3)
+    aug.add_argument("--noise-std-range", type=float, nargs=2, default=[0.0, 0.1])
+    aug.add_argument("--noise-p", type=float, default=0.3)
+    aug.add_argument("--znorm-mask", default="brain", choices=["brain", "none"])
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    run.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    run.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="start afresh, removing an earlier run's checkpoints in --out-dir")
+    run.add_argument("--on-changed-settings", default="error", choices=["error", "restart"],
+                     help="when last.pt was written with other settings: stop, or start afresh (for workflows)")
+    run.add_argument("--stop-after-epoch", type=int, help="debug: stop after this epoch as if interrupted")
+    run.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    run.add_argument("--wandb-project", default="alzheimer-mri")
+    run.add_argument("--wandb-entity")
+    run.add_argument("--run-name", help="W&B run and artifact name (default: the out-dir's name)")
+    pred = p.add_argument_group("prediction mode")
+    pred.add_argument("--predict", help="manifest to predict with --checkpoint instead of training")
+    pred.add_argument("--checkpoint", help="checkpoint written by a training run (e.g. best_acc.pt)")
+    pred.add_argument("--predictions-out", help="CSV to write: image_id, subject, label, prob, pred")
+    return p
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as plain JSON-able values (saved in checkpoints and summary.json)."""
+    config = dict(vars(args))
+    if config.get("out_dir") and not config.get("run_name"):
+        config["run_name"] = Path(config["out_dir"]).name
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cli.limit_threads(args.threads)
+    if args.predict:
+        if not (args.checkpoint and args.predictions_out):
+            raise cli.PipelineError("--predict needs --checkpoint and --predictions-out")
+        predict(args.checkpoint, args.predict, args.predictions_out, args.tensor_dir, args.device,
+                args.batch_size, args.num_workers)
+        return
+    if not args.out_dir:
+        raise cli.PipelineError("--out-dir is required for training")
+    if args.max_epochs < 1 or args.batch_size < 1 or args.patience < 1:
+        raise cli.PipelineError("--max-epochs, --batch-size and --patience must be at least 1")
+    fit(resolved_config(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
