@@ -1,5 +1,6 @@
 # Alzheimer's disease (AD) versus cognitively normal (CN) from T1 MPRAGE MRI:
-# ADNI download -> per-scan preprocessing -> (split, train, evaluate, explain: later phases).
+# ADNI download -> per-scan preprocessing -> subject-level split -> training, cross-validation
+# and test evaluation of the video-pretrained 3D CNN.
 # Read README.md for the commands and schemas/config.schema.yaml for every setting.
 from pathlib import Path
 
@@ -23,13 +24,22 @@ include: "rules/common.smk"
 wildcard_constraints:
     subject=r"[^/]+",
     image_id=r"[^/_.]+",
+    experiment=r"[^/]+",
+    fold=r"\d+",
 
 
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
+include: "rules/split.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
         preprocess_targets,
+        rules.split.output,
+        rules.train.input,
+        rules.cv.input,
+        rules.evaluate.input,

@@ -125,3 +125,47 @@ def n4_mask(wildcards):
     if not PRE["n4"]["use_mask"]:
         return []
     return stage_file("cropped128", "_mask").format(subject=wildcards.subject, image_id=wildcards.image_id)
+
+
+# --- split, train, evaluate -------------------------------------------------------------
+
+TENSOR_FILE = f"{RESULTS}/tensors/{{subject}}/{{image_id}}.npy"
+SPLITS = f"{RESULTS}/splits"
+MAIN = config["main_experiment"]
+if MAIN not in config["experiments"]:
+    raise WorkflowError(
+        f"main_experiment '{MAIN}' is not one of the experiments in config: {', '.join(config['experiments'])}"
+    )
+
+
+def all_tensors(wildcards):
+    """The cached tensor of every usable scan (training reads these, never NIfTI)."""
+    return expand_scans(TENSOR_FILE)
+
+
+def train_flags(wildcards):
+    """Command-line flags of one experiment's training run, from config.train and the experiment."""
+    t, exp = config["train"], config["experiments"][wildcards.experiment]
+    aug = t["augmentation"]
+    return " ".join(
+        [
+            f"--arch {exp['arch']} --weights {shlex.quote(str(exp['weights']))}",
+            f"--trainable-from {exp.get('trainable_from', 'layer4')}",
+            f"--max-epochs {t['max_epochs']} --batch-size {t['batch_size']} --seed {t['seed']}",
+            f"--lr-head {t['lr_head']} --lr-backbone {t['lr_backbone']} --weight-decay {t['weight_decay']}",
+            f"--t0 {t['t0']} --patience {t['patience']} --class-weights {t['class_weights']}",
+            "--gamma-log-range {} {} --gamma-p {}".format(*aug["gamma_log_range"], aug["gamma_p"]),
+            "--noise-std-range {} {} --noise-p {}".format(*aug["noise_std_range"], aug["noise_p"]),
+            f"--znorm-mask {t['znorm_mask']} --device {t['device']} --num-workers {t['num_workers']}",
+            f"--on-changed-settings {t['on_changed_settings']}",
+            f"--wandb-mode {t['wandb']['mode']} --wandb-project {shlex.quote(t['wandb']['project'])}",
+        ]
+    )
+
+
+def fold_metrics(wildcards):
+    return expand(
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/metrics.json",
+        experiment=wildcards.experiment,
+        fold=range(config["cv"]["folds"]),
+    )

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.workflow
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
 PER_SCAN_RULES = {"nifti", "stripped", "resampled", "cropped128", "n4", "ras", "qc"}
 TINY = {
-    "demo": {"n_subjects": 2, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
+    "demo": {"n_subjects": 6, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
     "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
+    "split": {"ratios": [0.34, 0.33, 0.33]},
+    "cv": {"folds": 2},
+    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"}},
+    "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
+    "evaluate": {"n_boot": 200},
 }
 
 
@@ -36,7 +41,7 @@ def demo_run(tmp_path_factory):
 def test_every_usable_scan_has_one_file_per_stage(demo_run):
     results = demo_run / "results"
     scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
-    assert len(scans) == 2 and set(scans["group"]) == {"AD", "CN"}
+    assert len(scans) == 6 and set(scans["group"]) == {"AD", "CN"}
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
         for stage in STAGES:
             assert (results / stage / subject / f"{image_id}.nii.gz").is_file(), (stage, image_id)
@@ -60,6 +65,28 @@ def test_the_final_brain_mask_still_matches_the_true_brain(demo_run):
         truth = nib.load(demo_run / "demo_data" / "truth" / subject / f"{image_id}_brainmask.nii.gz")
         truth_here = np.asanyarray(resample_from_to(truth, mask, order=0).dataobj) > 0
         assert dice(np.asanyarray(mask.dataobj) > 0, truth_here) > 0.8
+
+
+def test_split_train_cv_and_evaluation_outputs(demo_run):
+    import json
+
+    results = demo_run / "results"
+    parts = {p: pd.read_csv(results / "splits" / f"{p}.csv", dtype=str) for p in ("train", "val", "test")}
+    assert all(len(t) for t in parts.values())
+    subjects = [set(t["subject"]) for t in parts.values()]
+    assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+    assert json.loads((results / "splits" / "audit.json").read_text())["passed"] is True
+    summary = json.loads((results / "models" / "r3d_18_kinetics400" / "summary.json").read_text())
+    assert summary["parameters"] == {"total": 33_148_482, "trainable": 24_909_826, "frozen": 8_238_656}
+    history = json.loads((results / "models" / "r3d_18_kinetics400" / "history.json").read_text())
+    assert 1 <= len(history if isinstance(history, list) else history["epochs"]) <= 2
+    metrics = json.loads((results / "evaluation" / "r3d_18_kinetics400" / "metrics.json").read_text())
+    assert metrics["n_scans"] == len(parts["test"])
+    assert 0 <= metrics["scan"]["accuracy"] <= 1 and "ci" in metrics["scan"] and "subject" in metrics
+    assert (results / "evaluation" / "r3d_18_kinetics400" / "roc.png").stat().st_size > 5_000
+    cv = json.loads((results / "cv" / "r3d_18_kinetics400" / "summary.json").read_text())
+    assert len(cv["accuracy"]["folds"]) == 2
+    assert cv["accuracy"]["mean"] == pytest.approx(sum(cv["accuracy"]["folds"]) / 2)
 
 
 def test_distractors_land_in_the_excluded_table_with_reasons(demo_run):

@@ -1,0 +1,57 @@
+# Dissertation §4.3: class balance, subject-level round-robin split, CV folds, leakage audit.
+
+
+rule tensor_cache:
+    input:
+        stage_file("ras"),
+    output:
+        TENSOR_FILE,
+    log:
+        log_file("tensor_cache"),
+    benchmark:
+        benchmark_file("tensor_cache")
+    threads: res("tensor_cache", "threads")
+    resources:
+        mem_mb=res("tensor_cache", "mem_mb"),
+        runtime=res("tensor_cache", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.tensor_cache --input {input:q} --output {output:q} > {log:q} 2>&1"
+
+
+rule split:
+    input:
+        scans=f"{RESULTS}/scans.tsv",
+        tensors=all_tensors,
+    output:
+        train=f"{SPLITS}/train.csv",
+        val=f"{SPLITS}/val.csv",
+        test=f"{SPLITS}/test.csv",
+        folds=f"{SPLITS}/cv_folds.csv",
+        summary=f"{SPLITS}/summary.json",
+        table=report(f"{SPLITS}/summary.txt", caption="../report/split.rst", category="Split"),
+        audit=f"{SPLITS}/audit.json",
+    params:
+        pattern=lambda wildcards: stage_file("ras"),
+        classes=DATA["classes"],
+        ratios=config["split"]["ratios"],
+        folds=config["cv"]["folds"],
+        seed=config["split"]["seed"],
+        balance="--balance" if config["split"]["balance"] else "--no-balance",
+        stable="--stable" if config["split"]["stable"] else "--no-stable",
+        out_dir=lambda wildcards, output: os.path.dirname(output.train),
+    log:
+        f"{RESULTS}/logs/split.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/split.tsv"
+    threads: res("split", "threads")
+    resources:
+        mem_mb=res("split", "mem_mb"),
+        runtime=res("split", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
+        " --classes {params.classes:q} --ratios {params.ratios} --folds {params.folds} --seed {params.seed}"
+        " {params.balance} {params.stable} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,0 +1,88 @@
+# Dissertation §4.4-4.5: fine-tune the video-pretrained network, once per experiment and once
+# per cross-validation fold. Checkpoints (last.pt, best_acc.pt, best_loss.pt) sit beside the
+# declared outputs but are not outputs themselves, so a re-run of an interrupted job finds
+# last.pt and resumes instead of Snakemake deleting it.
+
+
+rule train_model:
+    input:
+        train=f"{SPLITS}/train.csv",
+        val=f"{SPLITS}/val.csv",
+        tensors=all_tensors,
+    output:
+        summary=f"{RESULTS}/models/{{experiment}}/summary.json",
+        history=f"{RESULTS}/models/{{experiment}}/history.json",
+        predictions=f"{RESULTS}/models/{{experiment}}/val_predictions.csv",
+    params:
+        flags=train_flags,
+        tensor_dir=f"{RESULTS}/tensors",
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/train/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{experiment}}.tsv"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.train --threads {threads} --train {input.train:q} --val {input.val:q}"
+        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q} --run-name {wildcards.experiment}"
+        " {params.flags} > {log:q} 2>&1"
+
+
+rule train_fold:
+    input:
+        folds=f"{SPLITS}/cv_folds.csv",
+        tensors=all_tensors,
+    output:
+        summary=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
+        history=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/history.json",
+        predictions=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/val_predictions.csv",
+    params:
+        flags=train_flags,
+        tensor_dir=f"{RESULTS}/tensors",
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cv/{{experiment}}/fold{{fold}}.tsv"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.train --threads {threads} --folds-csv {input.folds:q} --fold {wildcards.fold}"
+        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q}"
+        " --run-name {wildcards.experiment}-fold{wildcards.fold} {params.flags} > {log:q} 2>&1"
+
+
+rule predict_test:
+    input:
+        model=f"{RESULTS}/models/{{experiment}}/summary.json",
+        test=f"{SPLITS}/test.csv",
+        tensors=all_tensors,
+    output:
+        f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv",
+    params:
+        checkpoint=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.model), f"{config['evaluate']['checkpoint']}.pt"
+        ),
+        tensor_dir=f"{RESULTS}/tensors",
+        device=config["train"]["device"],
+    log:
+        f"{RESULTS}/logs/predict/{{experiment}}.log",
+    threads: res("predict", "threads")
+    resources:
+        mem_mb=res("predict", "mem_mb"),
+        runtime=res("predict", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.train --threads {threads} --predict {input.test:q}"
+        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
+        " --predictions-out {output:q} > {log:q} 2>&1"
