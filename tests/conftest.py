@@ -61,14 +61,14 @@ def write_config(path: Path, overrides: dict) -> Path:
 
 
 def run_snakemake(workdir: Path, *args: str, configfiles: list[Path] = (), check: bool = True,
-                  timeout: int = 1500) -> subprocess.CompletedProcess:
+                  timeout: int = 1500, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the workflow's Snakefile from ``workdir`` (not the repo), as a user would."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--nolock"]
     cmd += list(args)
     if configfiles:  # last: --configfile takes every word after it
         cmd += ["--configfile", *map(str, configfiles)]
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

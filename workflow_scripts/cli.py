@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from typing import Callable, Sequence
 
@@ -35,9 +36,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def job_context() -> str:
+    """Where this job runs (host, and the SLURM job id on a cluster): the first line of every log."""
+    where = f"host {socket.gethostname()}"
+    if os.environ.get("SLURM_JOB_ID"):
+        where += f", SLURM job {os.environ['SLURM_JOB_ID']}"
+    return where
+
+
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
     """Run a stage's ``main`` with logging set up; a PipelineError exits 1 with its message only."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    LOG.info("running on %s", job_context())
     try:
         main(argv)
     except PipelineError as err:
