@@ -305,14 +305,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: t
     return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "auc": auc}
 
 
-def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and loss of one batch; on CUDA in bf16 autocast with channels_last_3d inputs (the fast path)."""
-    amp = device.type == "cuda"
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
+            bf16: bool | None = None, channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch; by default on CUDA in bf16 autocast with channels_last_3d inputs
+    (the fast path), in fp32 elsewhere. The two switches exist for the GPU benchmark."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     x = x.to(device, non_blocking=True)
-    if amp:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x)
     return logits, criterion(logits.float(), y.to(device, non_blocking=True))
 
