@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import re
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 from nibabel.processing import resample_from_to
 
-from conftest import REPO, run_snakemake, write_config
+from conftest import run_snakemake, write_config
 from workflow_scripts.skullstrip import dice
 
 pytestmark = pytest.mark.workflow

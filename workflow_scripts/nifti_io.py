@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -68,36 +69,31 @@ def clean_image(data: np.ndarray, affine: np.ndarray, provenance: str,
     return img
 
 
-def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write ``img`` to ``path`` through a temporary file in the same folder, then rename.
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
-    A crash or kill mid-write leaves no file at ``path`` that Snakemake could mistake for
-    a finished output.
+    A crash or kill mid-write leaves no file at ``path`` that Snakemake (or a resuming run)
+    could mistake for a finished output. Every output of the package is written this way.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        write(tmp)
         _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write ``img`` to ``path`` atomically (nibabel picks the format from the suffix)."""
+    suffix = "".join(Path(path).suffixes) or ".nii.gz"
+    return write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a text file (table, JSON sidecar) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

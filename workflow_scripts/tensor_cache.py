@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import _publish, load_nifti
+from workflow_scripts.nifti_io import load_nifti, write_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -57,18 +56,11 @@ def normalised_volume(nifti_path: str | os.PathLike) -> np.ndarray:
 
 
 def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """``np.save`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    """``np.save`` atomically (through a file handle: ``np.save`` would append .npy to a name)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             np.save(handle, array)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, write)
 
 
 def cache_scan(nifti_path: str | os.PathLike, out_npy: str | os.PathLike) -> Path:

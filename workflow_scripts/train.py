@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from workflow_scripts import cli
 from workflow_scripts.models import build_model, count_parameters, parameter_groups, train_mode
-from workflow_scripts.nifti_io import _publish, write_text_atomic
+from workflow_scripts.nifti_io import write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -360,15 +359,8 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
 # ----------------------------------------------------------------------------- checkpoints
 
 def _save_torch_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: no half-written checkpoint."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` atomically: no half-written checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
