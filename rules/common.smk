@@ -143,6 +143,13 @@ def all_tensors(wildcards):
     return expand_scans(TENSOR_FILE)
 
 
+def experiment_weights(wildcards):
+    """The Kinetics-400 weights record a training job needs, fetched once by a local job:
+    cluster compute nodes often have no network."""
+    exp = config["experiments"][wildcards.experiment]
+    return f"{RESULTS}/weights/{exp['arch']}_kinetics400.json" if str(exp["weights"]) == "kinetics400" else []
+
+
 def train_flags(wildcards):
     """Command-line flags of one experiment's training run, from config.train and the experiment."""
     t, exp = config["train"], config["experiments"][wildcards.experiment]

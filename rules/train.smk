@@ -1,7 +1,23 @@
 # Dissertation §4.4-4.5: fine-tune the video-pretrained network, once per experiment and once
-# per cross-validation fold. Checkpoints (last.pt, best_acc.pt, best_loss.pt) sit beside the
+# per cross-validation fold. The pretrained weights are fetched first by a local job (on a
+# cluster: the submitting host, which has network; compute nodes often do not). Checkpoints (last.pt, best_acc.pt, best_loss.pt) sit beside the
 # declared outputs but are not outputs themselves, so a re-run of an interrupted job finds
 # last.pt and resumes instead of Snakemake deleting it.
+
+
+rule video_weights:
+    output:
+        f"{RESULTS}/weights/{{arch}}_kinetics400.json",
+    log:
+        f"{RESULTS}/logs/video_weights/{{arch}}.log",
+    wildcard_constraints:
+        arch="r3d_18|mc3_18|r2plus1d_18",
+    localrule: True
+    priority: 100
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.models fetch --arch {wildcards.arch} --record {output:q} > {log:q} 2>&1"
 
 
 rule train_model:
@@ -9,6 +25,7 @@ rule train_model:
         train=f"{SPLITS}/train.csv",
         val=f"{SPLITS}/val.csv",
         tensors=all_tensors,
+        weights=experiment_weights,
     output:
         summary=f"{RESULTS}/models/{{experiment}}/summary.json",
         history=f"{RESULTS}/models/{{experiment}}/history.json",
@@ -37,6 +54,7 @@ rule train_fold:
     input:
         folds=f"{SPLITS}/cv_folds.csv",
         tensors=all_tensors,
+        weights=experiment_weights,
     output:
         summary=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
         history=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/history.json",

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from workflow_scripts import cli
-from workflow_scripts.models import build_model, count_parameters, parameter_groups, train_mode
+from workflow_scripts.models import build_model, count_parameters, fetch_kinetics_weights, parameter_groups, train_mode
 
 
 def _no_download(*args, **kwargs):
@@ -121,3 +121,22 @@ def test_unknown_architecture_and_block_are_named():
         build_model("resnet50", "none")
     with pytest.raises(cli.PipelineError, match="layer9"):
         build_model("r3d_18", "none", trainable_from="layer9")
+
+
+def test_fetch_records_the_cached_weights_file(planted_kinetics, tmp_path):
+    from workflow_scripts.models import main
+
+    record_path = tmp_path / "results" / "weights" / "r3d_18_kinetics400.json"
+    main(["fetch", "--arch", "r3d_18", "--record", str(record_path)])
+    import json
+    record = json.loads(record_path.read_text())
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth"
+    assert record["path"] == str(cached) and record["bytes"] == cached.stat().st_size
+    assert record["tensors"] == len(planted_kinetics) and record["url"].endswith("r3d_18-b3b3357e.pth")
+
+
+def test_fetch_without_network_names_the_file_and_the_alternatives(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    with pytest.raises(cli.PipelineError, match=r"hub/checkpoints/r3d_18-b3b3357e\.pth.*local\s+state-dict file"):
+        fetch_kinetics_weights("r3d_18")

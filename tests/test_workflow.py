@@ -173,3 +173,14 @@ def test_new_phase_and_changed_parameter_schedule_only_what_they_affect(tmp_path
     all_ids = new_ids | set(first["Image Data ID"])
     assert {r for r, _ in jobs} == {"cropped128", "n4", "ras", "qc"}
     assert {i for _, i in jobs} == all_ids
+
+
+def test_kinetics_weights_are_fetched_once_by_a_local_job_before_training(tmp_path):
+    """Compute nodes of a cluster often have no network: one local job fetches the weights."""
+    kinetics = write_config(tmp_path / "k.yaml", {**TINY, "experiments": {
+        "r3d_18_kinetics400": {"arch": "r3d_18", "weights": "kinetics400"}}})
+    dry = run_snakemake(tmp_path, "all", "-n", configfiles=[kinetics], timeout=300).stdout
+    assert "python -m workflow_scripts.models fetch --arch r3d_18" in dry
+    assert re.search(r"video_weights\s+1\b", dry)  # one fetch for the main model and every fold
+    without = write_config(tmp_path / "none.yaml", TINY)  # weights: none
+    assert "video_weights" not in run_snakemake(tmp_path, "all", "-n", configfiles=[without], timeout=300).stdout

@@ -39,6 +39,35 @@ def _weights_enum(arch: str):
     return get_model_weights(arch)
 
 
+def kinetics_cache_path(arch: str) -> Path:
+    """Where torchvision keeps (and looks for) the Kinetics-400 weights of ``arch``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(arch).KINETICS400_V1.url)
+
+
+def missing_weights_message(arch: str, err: BaseException) -> str:
+    url = _weights_enum(arch).KINETICS400_V1.url
+    return (f"cannot load the Kinetics-400 weights of {arch} ({err}); torchvision reads them from "
+            f"{kinetics_cache_path(arch)} and downloads them there when missing: copy the file from {url} to "
+            "that path (set TORCH_HOME to choose the cache folder), or set the experiment's weights to a local "
+            "state-dict file or to none")
+
+
+def fetch_kinetics_weights(arch: str) -> dict[str, object]:
+    """Download the Kinetics-400 weights of ``arch`` into torch's cache once (torchvision checks the
+    SHA-256 prefix in the file name) and return a record of them; the workflow runs this on the
+    submitting host, because cluster compute nodes often have no network."""
+    if arch not in ARCHS:
+        raise cli.PipelineError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    enum = _weights_enum(arch).KINETICS400_V1
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:
+        raise cli.PipelineError(missing_weights_message(arch, err)) from err
+    path = kinetics_cache_path(arch)
+    return {"arch": arch, "weights": f"{type(enum).__name__}.{enum.name}", "url": enum.url, "path": str(path),
+            "bytes": path.stat().st_size, "tensors": len(state)}
+
+
 def _base_model(arch: str, weights: str) -> nn.Module:
     """The unmodified torchvision model (3 channels, 400 classes) with the requested weights."""
     from torchvision.models import get_model
@@ -49,14 +78,10 @@ def _base_model(arch: str, weights: str) -> nn.Module:
         return get_model(arch, weights=None)
     if weights == "kinetics400":
         enum = _weights_enum(arch).KINETICS400_V1
-        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
         try:
             return get_model(arch, weights=enum)
         except Exception as err:  # no network, or a truncated file in the cache
-            raise cli.PipelineError(
-                f"cannot load the Kinetics-400 weights of {arch} ({err}); torchvision reads them from "
-                f"{target} and downloads them there when missing: copy the file from {enum.url} to that "
-                "path (set TORCH_HOME to choose the cache folder) or pass a local file as weights") from err
+            raise cli.PipelineError(missing_weights_message(arch, err)) from err
     path = Path(weights)
     if not path.is_file():
         raise cli.PipelineError(f"weights must be 'kinetics400', 'none' or a state-dict file; {path} does not exist")
@@ -139,3 +164,24 @@ def parameter_groups(model: nn.Module, lr_head: float = 1e-3, lr_backbone: float
     groups = [{"name": "head", "params": head, "lr": lr_head},
               {"name": "backbone", "params": backbone, "lr": lr_backbone}]
     return [g for g in groups if g["params"]]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    from workflow_scripts.nifti_io import write_text_atomic
+
+    p = argparse.ArgumentParser(description="Fetch a video model's Kinetics-400 weights into torch's cache.")
+    sub = p.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="download once (hash-checked) and write a record of the file")
+    fetch.add_argument("--arch", required=True, choices=ARCHS)
+    fetch.add_argument("--record", required=True, help="JSON file recording the weights file used")
+    args = p.parse_args(argv)
+    record = fetch_kinetics_weights(args.arch)
+    write_text_atomic(json.dumps(record, indent=2) + "\n", args.record)
+    LOG.info("Kinetics-400 weights of %s: %s (%d bytes)", args.arch, record["path"], record["bytes"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
