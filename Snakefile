@@ -40,6 +40,6 @@ rule all:
     input:
         preprocess_targets,
         rules.split.output,
-        rules.train.input,
-        rules.cv.input,
-        rules.evaluate.input,
+        expand(f"{RESULTS}/models/{{experiment}}/summary.json", experiment=EXPERIMENTS),
+        expand(f"{RESULTS}/cv/{{experiment}}/summary.json", experiment=EXPERIMENTS),
+        rules.compare.output,

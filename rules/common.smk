@@ -138,6 +138,11 @@ if MAIN not in config["experiments"]:
     )
 
 
+# Every experiment is trained, cross-validated and evaluated on the same split and folds; the
+# main one comes first in the comparison.
+EXPERIMENTS = [MAIN] + [name for name in config["experiments"] if name != MAIN]
+
+
 def all_tensors(wildcards):
     """The cached tensor of every usable scan (training reads these, never NIfTI)."""
     return expand_scans(TENSOR_FILE)
@@ -175,4 +180,12 @@ def fold_metrics(wildcards):
         f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/metrics.json",
         experiment=wildcards.experiment,
         fold=range(config["cv"]["folds"]),
+    )
+
+
+def comparison_flags(wildcards, input):
+    """--experiment NAME METRICS PREDICTIONS for every experiment, main first."""
+    return " ".join(
+        f"--experiment {shlex.quote(name)} {shlex.quote(metrics)} {shlex.quote(predictions)}"
+        for name, metrics, predictions in zip(EXPERIMENTS, input.metrics, input.predictions)
     )

@@ -100,3 +100,33 @@ rule evaluate:
     input:
         f"{RESULTS}/evaluation/{MAIN}/metrics.json",
     localrule: True
+
+
+# The comparison of every experiment with the main one on the same test scans: each metric
+# with its interval, DeLong's test for AUC and McNemar's for accuracy.
+rule compare:
+    input:
+        metrics=expand(f"{RESULTS}/evaluation/{{experiment}}/metrics.json", experiment=EXPERIMENTS),
+        predictions=expand(f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv", experiment=EXPERIMENTS),
+    output:
+        table=f"{RESULTS}/comparison.csv",
+        markdown=f"{RESULTS}/comparison.md",
+        figure=report(
+            f"{RESULTS}/comparison.png",
+            caption="../report/comparison.rst",
+            category="Comparison",
+        ),
+    params:
+        flags=comparison_flags,
+        main=MAIN,
+    log:
+        f"{RESULTS}/logs/compare.log",
+    threads: 1
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.compare --main {params.main:q} {params.flags} --csv {output.table:q}"
+        " --markdown {output.markdown:q} --figure {output.figure:q} > {log:q} 2>&1"

@@ -22,7 +22,8 @@ TINY = {
     "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
     "split": {"ratios": [0.34, 0.33, 0.33]},
     "cv": {"folds": 2},
-    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"}},
+    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
+                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"}},
     "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
     "evaluate": {"n_boot": 200},
 }
@@ -86,6 +87,24 @@ def test_split_train_cv_and_evaluation_outputs(demo_run):
     cv = json.loads((results / "cv" / "r3d_18_kinetics400" / "summary.json").read_text())
     assert len(cv["accuracy"]["folds"]) == 2
     assert cv["accuracy"]["mean"] == pytest.approx(sum(cv["accuracy"]["folds"]) / 2)
+
+
+def test_every_experiment_is_trained_and_compared_with_the_main_one_on_the_same_test_scans(demo_run):
+    import json
+
+    results = demo_run / "results"
+    table = pd.read_csv(results / "comparison.csv")
+    assert list(table["experiment"]) == ["r3d_18_kinetics400", "mc3_18_scratch"]
+    assert table["main"].tolist() == [True, False]
+    for _, row in table.iterrows():
+        metrics = json.loads((results / "evaluation" / row["experiment"] / "metrics.json").read_text())
+        assert row["accuracy"] == pytest.approx(metrics["scan"]["accuracy"])
+        assert (results / "cv" / row["experiment"] / "summary.json").is_file()
+    other = table.iloc[1]
+    assert 0 <= other["mcnemar_p"] <= 1 and other["mcnemar_b"] + other["mcnemar_c"] <= other["n_scans"]
+    summary = json.loads((results / "models" / "mc3_18_scratch" / "summary.json").read_text())
+    assert summary["parameters"]["frozen"] == 0  # trained from the stem
+    assert (results / "comparison.png").stat().st_size > 5_000
 
 
 def test_distractors_land_in_the_excluded_table_with_reasons(demo_run):

@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import write_text_atomic
+from workflow_scripts.nifti_io import write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -260,19 +260,14 @@ def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: in
 
 # --- report -----------------------------------------------------------------------------
 
-def _save_figure(fig, path: Path) -> Path:
-    """Save a figure through a temporary file so no half-written PNG is left behind."""
+def save_figure(fig, path: Path) -> Path:
+    """Save a figure atomically (no half-written PNG is ever left behind) and close it."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _ci_text(block: dict, name: str, coverage: float = 95.0, digits: int = 3) -> str:
@@ -303,7 +298,7 @@ def plot_roc(levels: Sequence[tuple[str, np.ndarray, np.ndarray, dict]], path: s
     ax.set_title("ROC, AD vs CN")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_confusion(block: dict, path: str | Path, title: str = "") -> Path:
@@ -327,7 +322,7 @@ def plot_confusion(block: dict, path: str | Path, title: str = "") -> Path:
     ax.set_yticks([0, 1], [f"true {c}" for c in CLASS_NAMES])
     ax.set_title(title or f"n = {block['n']}", fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def write_report(result: dict, predictions: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
