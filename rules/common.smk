@@ -170,6 +170,7 @@ def train_flags(wildcards):
             "--noise-std-range {} {} --noise-p {}".format(*aug["noise_std_range"], aug["noise_p"]),
             f"--znorm-mask {t['znorm_mask']} --device {t['device']} --num-workers {t['num_workers']}",
             f"--on-changed-settings {t['on_changed_settings']}",
+            "--recalibrate-bn" if t["recalibrate_bn"] else "",
             f"--wandb-mode {t['wandb']['mode']} --wandb-project {shlex.quote(t['wandb']['project'])}",
         ]
     )

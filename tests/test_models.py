@@ -9,7 +9,8 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from workflow_scripts import cli
-from workflow_scripts.models import build_model, count_parameters, fetch_kinetics_weights, parameter_groups, train_mode
+from workflow_scripts.models import (build_model, count_parameters, fetch_kinetics_weights, parameter_groups,
+                                     recalibrate_batchnorm, train_mode)
 
 
 def _no_download(*args, **kwargs):
@@ -140,3 +141,20 @@ def test_fetch_without_network_names_the_file_and_the_alternatives(tmp_path, mon
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
     with pytest.raises(cli.PipelineError, match=r"hub/checkpoints/r3d_18-b3b3357e\.pth.*local\s+state-dict file"):
         fetch_kinetics_weights("r3d_18")
+
+
+def test_batchnorm_recalibration_averages_the_trained_layers_and_spares_the_frozen_ones():
+    torch.manual_seed(0)
+    model = build_model("r3d_18", "none")  # stem..layer3 frozen
+    train_mode(model)
+    frozen_bn, trained_bn = model.layer3[1].conv2[1], model.layer4[1].conv2[1]
+    frozen_before = frozen_bn.running_mean.clone()
+    trained_bn.running_mean.fill_(123.0)
+    seen = []
+    trained_bn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    batches = [torch.randn(2, 1, 8, 16, 16) for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches, torch.device("cpu")) == 5  # layer4: 2 blocks x 2 + downsample
+    inputs = torch.cat(seen)
+    torch.testing.assert_close(trained_bn.running_mean, inputs.mean(dim=(0, 2, 3, 4)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(frozen_bn.running_mean, frozen_before)
+    assert trained_bn.momentum == 0.1 and trained_bn.training and not frozen_bn.training

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -144,6 +145,37 @@ def train_mode(model: nn.Module) -> nn.Module:
             if params and not any(p.requires_grad for p in params):
                 module.eval()
     return model
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Recompute the running statistics of the trained BatchNorm layers as the exact average over
+    ``batches`` (training scans, no augmentation); frozen, pretrained ones keep theirs.
+
+    Trained from random weights with batches of two, the running averages lag behind the
+    weights, and eval-mode predictions can all fall in one class although their ranking is good.
+    Returns the number of layers recalibrated.
+    """
+    trained = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and any(p.requires_grad for p in m.parameters())]
+    if not trained:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in trained]
+    for layer in trained:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over every batch
+        layer.train()
+    for x in batches:
+        model(x.to(device))
+    for layer, momentum in zip(trained, momenta):
+        layer.momentum = momentum
+    if was_training:
+        train_mode(model)
+    else:
+        model.eval()
+    return len(trained)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from workflow_scripts import cli
-from workflow_scripts.models import build_model, count_parameters, parameter_groups, train_mode
+from workflow_scripts.models import build_model, count_parameters, parameter_groups, recalibrate_batchnorm, train_mode
 from workflow_scripts.nifti_io import write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -639,6 +639,8 @@ def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], de
     tick = time.perf_counter()
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.optimizer.param_groups)}
     train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch)
+    if len(loaders) > 2:  # --recalibrate-bn
+        recalibrate_batchnorm(state.model, (x for x, _, _ in loaders[2]), device)
     val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch)
     state.scheduler.step()
     improved = state.stopper.update(val_metrics["accuracy"], val_metrics["loss"])
@@ -693,6 +695,10 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
                     config["batch_size"], train, seed, config["num_workers"], pin)
         for sources, table, train in ((splits.train_sources, splits.train, True),
                                       (splits.val_sources, splits.val, False)))
+    if config["recalibrate_bn"]:  # the training scans again, in order and without augmentation
+        loaders += (make_loader(ScanDataset(splits.train_sources, splits.train["label"], _transform(config, False),
+                                            seed, splits.train["image_id"]),
+                                config["batch_size"], False, seed, config["num_workers"], pin),)
     run = start_wandb(config, out_dir, state.wandb_id)
     state.wandb_id = None if run is None else run.id
     try:
@@ -764,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--patience", type=int, default=5, help="epochs without val accuracy AND val loss improving")
     opt.add_argument("--class-weights", default="inverse", choices=["inverse", "none"])
     opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--recalibrate-bn", action="store_true",
+                     help="after each training epoch, recompute the trained BatchNorm layers' running statistics "
+                          "over the training scans (not in the dissertation; for training from random weights)")
     aug = p.add_argument_group("augmentation (training scans only)")
     aug.add_argument("--gamma-log-range", type=float, nargs=2, default=[-0.2, 0.2])
     aug.add_argument("--gamma-p", type=float, default=0.3)
