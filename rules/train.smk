@@ -1,8 +1,9 @@
 # Dissertation §4.4-4.5: fine-tune the video-pretrained network, once per experiment and once
 # per cross-validation fold. The pretrained weights are fetched first by a local job (on a
-# cluster: the submitting host, which has network; compute nodes often do not). Checkpoints (last.pt, best_acc.pt, best_loss.pt) sit beside the
-# declared outputs but are not outputs themselves, so a re-run of an interrupted job finds
-# last.pt and resumes instead of Snakemake deleting it.
+# cluster: the submitting host, which has network; compute nodes often do not). Checkpoints
+# (last.pt, best_acc.pt, best_loss.pt) sit beside the declared outputs but are not outputs
+# themselves, so a re-run of an interrupted job finds last.pt and resumes instead of
+# Snakemake deleting it.
 
 
 rule video_weights:

@@ -314,3 +314,25 @@ def test_wandb_offline_writes_a_local_run_directory(tiny, tmp_path, monkeypatch)
     assert b"best-accuracy" in log[0].read_bytes()  # the checkpoint artifact is recorded
     staged = [f for f in (tmp_path / "wandb_data_dir").rglob("*") if f.is_file() and f.stat().st_size > 10**7]
     assert not staged, f"W&B copied checkpoints into its staging folder: {staged}"
+
+
+def test_recalibrate_bn_leaves_the_trained_layers_statistics_of_the_training_scans(tiny, tmp_path):
+    """With --recalibrate-bn the saved model's trained BatchNorm statistics are exactly those of
+    its own weights over the unaugmented training scans: recomputing them changes nothing.
+    Without it, they are the lagging running averages, and recomputing does change them."""
+    from workflow_scripts.models import build_model, recalibrate_batchnorm
+
+    def recomputed_gap(out_dir: Path, *extra: str) -> float:
+        fit(_config(tiny, out_dir, "--max-epochs", "1", "--trainable-from", "layer4", *extra))
+        model = build_model("r3d_18", "none")
+        model.load_state_dict(load_checkpoint(out_dir / "last.pt")["model"])
+        saved = model.layer4[1].conv2[1].running_mean.clone()
+        table = pd.read_csv(tiny["train"], dtype={"subject": str, "image_id": str})
+        volumes = [load_volume(Path(p)) for p in table["path"]]
+        batches = [torch.stack([VolumeTransform(train=False)(v) for v in volumes[i:i + 2]])
+                   for i in range(0, len(volumes), 2)]
+        recalibrate_batchnorm(model, batches, torch.device("cpu"))
+        return float((model.layer4[1].conv2[1].running_mean - saved).abs().max())
+
+    assert recomputed_gap(tmp_path / "recalibrated", "--recalibrate-bn") < 1e-4
+    assert recomputed_gap(tmp_path / "running") > 1e-3

@@ -633,14 +633,14 @@ def save_epoch(state: TrainingState, config: dict[str, Any], out_dir: Path, impr
 
 
 def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], device: torch.device,
-                weight: torch.Tensor | None) -> dict[str, bool]:
+                weight: torch.Tensor | None, recalibration: DataLoader | None = None) -> dict[str, bool]:
     """Train and validate one epoch, step the scheduler, record the history row and the best epochs."""
     state.epoch += 1
     tick = time.perf_counter()
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.optimizer.param_groups)}
     train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch)
-    if len(loaders) > 2:  # --recalibrate-bn
-        recalibrate_batchnorm(state.model, (x for x, _, _ in loaders[2]), device)
+    if recalibration is not None:  # --recalibrate-bn
+        recalibrate_batchnorm(state.model, (x for x, _, _ in recalibration), device)
     val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch)
     state.scheduler.step()
     improved = state.stopper.update(val_metrics["accuracy"], val_metrics["loss"])
@@ -695,15 +695,16 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
                     config["batch_size"], train, seed, config["num_workers"], pin)
         for sources, table, train in ((splits.train_sources, splits.train, True),
                                       (splits.val_sources, splits.val, False)))
+    recalibration = None
     if config["recalibrate_bn"]:  # the training scans again, in order and without augmentation
-        loaders += (make_loader(ScanDataset(splits.train_sources, splits.train["label"], _transform(config, False),
-                                            seed, splits.train["image_id"]),
-                                config["batch_size"], False, seed, config["num_workers"], pin),)
+        recalibration = make_loader(ScanDataset(splits.train_sources, splits.train["label"], _transform(config, False),
+                                                seed, splits.train["image_id"]),
+                                    config["batch_size"], False, seed, config["num_workers"], pin)
     run = start_wandb(config, out_dir, state.wandb_id)
     state.wandb_id = None if run is None else run.id
     try:
         while state.epoch < config["max_epochs"] and not state.stopper.stopped:
-            improved = train_epoch(state, loaders, device, weight)
+            improved = train_epoch(state, loaders, device, weight, recalibration)
             save_epoch(state, config, out_dir, improved)
             if run is not None:
                 run.log({k: v for k, v in state.history[-1].items() if v is not None}, step=state.epoch)
