@@ -1,6 +1,7 @@
 # Helpers shared by the rules: paths, look-ups in the scans table, command-line flags.
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -143,6 +144,25 @@ if MAIN not in config["experiments"]:
 EXPERIMENTS = [MAIN] + [name for name in config["experiments"] if name != MAIN]
 
 
+def experiment_kind(name):
+    """video (a video network), slices2d (the 2D ResNet-50 baseline) or volumetry (hippocampal volumes)."""
+    return config["experiments"][name].get("kind", "video")
+
+
+def experiments_of(*kinds):
+    return [name for name in EXPERIMENTS if experiment_kind(name) in kinds]
+
+
+def name_pattern(names):
+    """A wildcard constraint matching exactly these experiment names (nothing when there are none),
+    so that rules of different kinds can write the same output paths without ambiguity."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+NETWORK_EXPERIMENTS = name_pattern(experiments_of("video", "slices2d"))
+VOLUMETRY_EXPERIMENTS = name_pattern(experiments_of("volumetry"))
+
+
 def all_tensors(wildcards):
     """The cached tensor of every usable scan (training reads these, never NIfTI)."""
     return expand_scans(TENSOR_FILE)
@@ -152,7 +172,9 @@ def experiment_weights(wildcards):
     """The Kinetics-400 weights record a training job needs, fetched once by a local job:
     cluster compute nodes often have no network."""
     exp = config["experiments"][wildcards.experiment]
-    return f"{RESULTS}/weights/{exp['arch']}_kinetics400.json" if str(exp["weights"]) == "kinetics400" else []
+    if experiment_kind(wildcards.experiment) != "video" or str(exp["weights"]) != "kinetics400":
+        return []
+    return f"{RESULTS}/weights/{exp['arch']}_kinetics400.json"
 
 
 def train_flags(wildcards):

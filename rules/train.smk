@@ -22,6 +22,8 @@ rule video_weights:
 
 
 rule train_model:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
     input:
         train=f"{SPLITS}/train.csv",
         val=f"{SPLITS}/val.csv",
@@ -52,6 +54,8 @@ rule train_model:
 
 
 rule train_fold:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
     input:
         folds=f"{SPLITS}/cv_folds.csv",
         tensors=all_tensors,
@@ -81,6 +85,8 @@ rule train_fold:
 
 
 rule predict_test:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
     input:
         model=f"{RESULTS}/models/{{experiment}}/summary.json",
         test=f"{SPLITS}/test.csv",

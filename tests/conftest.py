@@ -87,3 +87,26 @@ def tiny_demo(tmp_path_factory) -> dict:
     mprage = collection[collection["Description"].eq("MPRAGE") & collection["Group"].isin(["AD", "CN"])].copy()
     mprage["dicom_dir"] = [find_image_dir(root, s, i) for s, i in zip(mprage["Subject"], mprage["Image Data ID"])]
     return {"root": root, "csv": root / "collection.csv", "collection": collection, "mprage": mprage}
+
+
+# The workflow's `all` on a tiny demo collection: 3 mm voxels, 32^3 inputs, two epochs.
+TINY = {
+    "demo": {"n_subjects": 6, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
+    "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
+    "split": {"ratios": [0.34, 0.33, 0.33]},
+    "cv": {"folds": 2},
+    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
+                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"}},
+    "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
+    "evaluate": {"n_boot": 200},
+}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`snakemake all` on the tiny demo collection, from a folder outside the repository: run once per
+    test session; every test file that checks a phase's outputs reads them from here."""
+    workdir = tmp_path_factory.mktemp("demo_run")
+    config = write_config(workdir / "tiny.yaml", TINY)
+    run_snakemake(workdir, "all", configfiles=[config])
+    return workdir

@@ -11,31 +11,12 @@ import pandas as pd
 import pytest
 from nibabel.processing import resample_from_to
 
-from conftest import run_snakemake, write_config
+from conftest import TINY, run_snakemake, write_config
 from workflow_scripts.skullstrip import dice
 
 pytestmark = pytest.mark.workflow
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
 PER_SCAN_RULES = {"nifti", "stripped", "resampled", "cropped128", "n4", "ras", "qc"}
-TINY = {
-    "demo": {"n_subjects": 6, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
-    "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
-    "split": {"ratios": [0.34, 0.33, 0.33]},
-    "cv": {"folds": 2},
-    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
-                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"}},
-    "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
-    "evaluate": {"n_boot": 200},
-}
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`snakemake all` on the tiny demo collection, from a folder outside the repository."""
-    workdir = tmp_path_factory.mktemp("demo_run")
-    config = write_config(workdir / "tiny.yaml", TINY)
-    run_snakemake(workdir, "all", configfiles=[config])
-    return workdir
 
 
 def test_every_usable_scan_has_one_file_per_stage(demo_run):

@@ -722,19 +722,24 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
             run.finish()
 
 
+def load_trained_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a checkpoint written by ``fit``, in eval mode on ``device``, and the run's settings."""
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    model = build_model(config["arch"], "none", config["num_classes"], 1, config["trainable_from"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike,
             tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
             num_workers: int = 2) -> pd.DataFrame:
     """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV."""
-    state = load_checkpoint(checkpoint)
-    config = state["config"]
+    dev = pick_device(device)
+    model, config = load_trained_model(checkpoint, dev)
     table = read_manifest(manifest)
     sources = tensor_sources(table, tensor_dir)
     check_shapes(sources, list(table["image_id"]))
-    dev = pick_device(device)
-    model = build_model(config["arch"], "none", config["num_classes"], 1, config["trainable_from"])
-    model.load_state_dict(state["model"])
-    model.to(dev)
     loader = make_loader(ScanDataset(sources, table["label"], _transform(config, False), config["seed"],
                                      table["image_id"]),
                          batch_size, False, config["seed"], num_workers, dev.type == "cuda")
