@@ -224,7 +224,8 @@ def build(arch: str, trainable_from: str, device: torch.device, channels_last: b
 
 def forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, channels_last: bool) -> torch.Tensor:
     """The loss of one batch, by ``train.forward`` with bf16 and channels_last as chosen."""
-    return forward(net, x, y, CROSS_ENTROPY, x.device, bf16=bf16, channels_last=channels_last)[1]
+    return forward(net, x, y, CROSS_ENTROPY, x.device, precision="bf16" if bf16 else "fp32",
+                   channels_last=channels_last)[1]
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool,

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from workflow_scripts import cli
-from workflow_scripts.models import (build_model, count_parameters, fetch_kinetics_weights, parameter_groups,
+from workflow_scripts.models import (build_model, count_parameters, fetch_pretrained_weights, parameter_groups,
                                      recalibrate_batchnorm, train_mode)
 
 
@@ -118,8 +118,8 @@ def test_parameter_groups_give_head_and_backbone_their_rates():
 
 
 def test_unknown_architecture_and_block_are_named():
-    with pytest.raises(cli.PipelineError, match="resnet50"):
-        build_model("resnet50", "none")
+    with pytest.raises(cli.PipelineError, match="resnet18"):
+        build_model("resnet18", "none")
     with pytest.raises(cli.PipelineError, match="layer9"):
         build_model("r3d_18", "none", trainable_from="layer9")
 
@@ -140,7 +140,7 @@ def test_fetch_without_network_names_the_file_and_the_alternatives(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
     with pytest.raises(cli.PipelineError, match=r"hub/checkpoints/r3d_18-b3b3357e\.pth.*local\s+state-dict file"):
-        fetch_kinetics_weights("r3d_18")
+        fetch_pretrained_weights("r3d_18")
 
 
 def test_batchnorm_recalibration_averages_the_trained_layers_and_spares_the_frozen_ones():

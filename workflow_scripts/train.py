@@ -26,6 +26,7 @@ an uninterrupted one does (on CPU, with the same --threads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -43,21 +44,26 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from workflow_scripts import cli
-from workflow_scripts.models import build_model, count_parameters, parameter_groups, recalibrate_batchnorm, train_mode
+from workflow_scripts.models import (ARCHS, BLOCKS, PLANES, build_model, count_parameters, parameter_groups,
+                                     recalibrate_batchnorm, train_mode, unfreeze_from)
+from workflow_scripts.recipe import check_recipe
 from workflow_scripts.nifti_io import write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
+# The checkpoint kept for each best-model selection rule (train.selection).
+CHECKPOINTS = {"accuracy": "best_acc.pt", "loss": "best_loss.pt", "hierarchy": "best_hierarchy.pt"}
 # Settings that may differ between an interrupted run and its resumption: they change how
 # or how long the run goes on, not what one epoch computes.
 RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
                   "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
-                  "predictions_out", "run_name"}
+                  "predictions_out", "run_name", "embeddings_out", "projection", "projection_out",
+                  "export_embeddings"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -143,23 +149,27 @@ class VolumeTransform:
     """TorchIO intensity transforms on one (1, x, y, z) tensor; picklable for DataLoader workers."""
 
     def __init__(self, train: bool, gamma_log_range: Sequence[float] = (-0.2, 0.2), gamma_p: float = 0.3,
-                 noise_std_range: Sequence[float] = (0.0, 0.1), noise_p: float = 0.3, znorm_mask: str = "brain"):
+                 noise_std_range: Sequence[float] = (0.0, 0.1), noise_p: float = 0.3, znorm_mask: str = "brain",
+                 znorm: bool = True):
         import torchio as tio
 
         if znorm_mask not in ("brain", "none"):
             raise cli.PipelineError(f"znorm_mask must be 'brain' or 'none', not {znorm_mask!r}")
-        self.znorm_mask = znorm_mask
+        self.znorm_mask = znorm_mask if znorm else "off"
         steps = []
         if train:
             steps += [tio.RandomGamma(log_gamma=tuple(gamma_log_range), p=gamma_p),
                       tio.RandomNoise(std=tuple(noise_std_range), p=noise_p)]
-        steps.append(tio.ZNormalization(masking_method="brain" if znorm_mask == "brain" else None))
-        self.transform = tio.Compose(steps)
+        if znorm:
+            steps.append(tio.ZNormalization(masking_method="brain" if znorm_mask == "brain" else None))
+        self.transform = tio.Compose(steps) if steps else None
         self.random = bool(train)
 
     def __call__(self, volume: torch.Tensor) -> torch.Tensor:
         import torchio as tio
 
+        if self.transform is None:
+            return volume
         images = {"image": tio.ScalarImage(tensor=volume)}
         if self.znorm_mask == "brain":
             images["brain"] = tio.LabelMap(tensor=(volume > 0).to(torch.uint8))
@@ -196,10 +206,15 @@ class ScanDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index); the order of epoch e depends only on (seed, e)."""
+    """Yields (epoch, index); the order of epoch e depends only on (seed, e).
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
+    With ``weights`` an epoch is ``n`` draws with replacement by torch's WeightedRandomSampler
+    (class balancing by sampling), from the same (seed, e) generator.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, weights: Sequence[float] | None = None):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -208,9 +223,11 @@ class EpochSampler(Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
-            generator = torch.Generator().manual_seed(int(entropy))
+        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(entropy))
+        if self.weights is not None:
+            order = list(WeightedRandomSampler(self.weights, self.n, replacement=True, generator=generator))
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=generator).tolist()
         else:
             order = list(range(self.n))
@@ -226,9 +243,9 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: ScanDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``dataset`` whose sampler carries the epoch."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed),
+                pin_memory: bool = False, weights: Sequence[float] | None = None) -> DataLoader:
+    """A DataLoader over ``dataset`` whose sampler carries the epoch (and draws by ``weights`` when given)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed, weights),
                       num_workers=num_workers, worker_init_fn=_worker_init, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
 
@@ -244,14 +261,23 @@ def class_weights(labels: Sequence[int], num_classes: int = 2) -> torch.Tensor:
     return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
 
 
+def sample_weights(labels: Sequence[int], num_classes: int = 2) -> list[float]:
+    """Per-scan drawing weights 1 / n_class, so each class is drawn equally often (``sampler: weighted``)."""
+    per_class = class_weights(labels, num_classes)
+    return [float(per_class[int(label)]) for label in labels]
+
+
 class EarlyStopping:
-    """Stop when neither validation accuracy rose nor validation loss fell for ``patience`` epochs.
+    """Stop when neither validation accuracy rose nor validation loss fell for ``patience`` epochs
+    (``monitor="both"``, the dissertation's rule), or when the one monitored metric did not.
 
     Each metric has its own counter of epochs without a strict improvement.
     """
 
-    def __init__(self, patience: int = 5):
-        self.patience = patience
+    def __init__(self, patience: int = 5, monitor: str = "both"):
+        if monitor not in ("both", "accuracy", "loss"):
+            raise cli.PipelineError(f"early stopping monitors 'both', 'accuracy' or 'loss', not {monitor!r}")
+        self.patience, self.monitor = patience, monitor
         self.best_accuracy, self.best_loss = -math.inf, math.inf
         self.accuracy_wait = self.loss_wait = 0
         self.stopped = False
@@ -267,7 +293,8 @@ class EarlyStopping:
             self.best_loss, self.loss_wait = loss, 0
         else:
             self.loss_wait += 1
-        self.stopped = self.accuracy_wait >= self.patience and self.loss_wait >= self.patience
+        stalled = {"accuracy": self.accuracy_wait >= self.patience, "loss": self.loss_wait >= self.patience}
+        self.stopped = all(stalled.values()) if self.monitor == "both" else stalled[self.monitor]
         return {"accuracy": better_accuracy, "loss": better_loss, "stop": self.stopped}
 
     def state_dict(self) -> dict[str, Any]:
@@ -290,7 +317,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> dict:
     """Weighted cross-entropy over the whole split, accuracy, balanced accuracy and AUC (None with one class)."""
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score
 
     logits, labels = logits.float().cpu(), labels.cpu()
     loss = F.cross_entropy(logits, labels, weight=None if weight is None else weight.cpu()).item()
@@ -301,30 +328,86 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: t
         auc = float(roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2
                     else roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
     balanced = float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float((pred == y).mean())
-    return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "auc": auc}
+    kappa = float(cohen_kappa_score(y, pred)) if len(np.unique(np.concatenate([y, pred]))) > 1 else 0.0
+    return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "kappa": kappa,
+            "auc": auc}
+
+
+def hierarchy_key(metrics: dict) -> tuple[float, float, float]:
+    """The selection hierarchy's order: balanced accuracy, then Cohen's kappa, then AUC (missing AUC last)."""
+    auc = metrics.get("auc")
+    return (metrics["balanced_accuracy"], metrics["kappa"], -math.inf if auc is None else auc)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: full fp32).
+
+    ``auto`` is bf16 on CUDA (no loss scaling needed) and fp32 elsewhere; ``fp16`` needs CUDA,
+    where a GradScaler keeps small gradients from vanishing.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise cli.PipelineError(f"precision fp16 needs a CUDA device (this run is on {device}); use bf16, fp32 or "
+                                "auto")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in dtypes:
+        raise cli.PipelineError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    return dtypes[precision]
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
-            bf16: bool | None = None, channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and loss of one batch; by default on CUDA in bf16 autocast with channels_last_3d inputs
-    (the fast path), in fp32 elsewhere. The two switches exist for the GPU benchmark."""
-    bf16 = device.type == "cuda" if bf16 is None else bf16
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+            precision: str = "auto", channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch under ``precision``'s autocast; channels_last_3d inputs on CUDA by
+    default (the fast path). The loss is always computed in fp32."""
+    dtype = autocast_dtype(precision, device)
+    channels_last = device.type == "cuda" and x.dim() == 5 if channels_last is None else channels_last
     x = x.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(x)
     return logits, criterion(logits.float(), y.to(device, non_blocking=True))
 
 
+@dataclass
+class StepOptions:
+    """How one optimisation step runs: mixed precision, its loss scaler (fp16) and gradient clipping."""
+    precision: str = "auto"
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip_norm: float | None = None
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   options: StepOptions) -> float:
+    """Backward, optional clipping of the gradients' global norm, step; returns the norm before clipping
+    (NaN when not clipped). With fp16 the scaler unscales before clipping, as clipping needs true norms."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler = options.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    norm = float("nan")
+    if options.grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip_norm))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm
+
+
 def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight: torch.Tensor | None,
-              optimizer: torch.optim.Optimizer | None = None, epoch: int = 1) -> tuple[dict, torch.Tensor, list[int]]:
+              optimizer: torch.optim.Optimizer | None = None, epoch: int = 1,
+              options: StepOptions | None = None) -> tuple[dict, torch.Tensor, list[int]]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
 
     Returns the split's metrics (plus the share of time spent waiting for data), its
     softmax probabilities and the dataset indices in the order seen.
     """
+    options = options or StepOptions()
     training = optimizer is not None
     train_mode(model) if training else model.eval()
     loader.sampler.set_epoch(epoch)
@@ -335,7 +418,7 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
     with torch.set_grad_enabled(training):
         for step, (x, y, index) in enumerate(loader, start=1):
             wait += time.perf_counter() - tick
-            logits, loss = forward(model, x, y, criterion, device)
+            logits, loss = forward(model, x, y, criterion, device, options.precision)
             if not torch.isfinite(loss):
                 ids = [loader.dataset.names[i] for i in index.tolist()]
                 raise cli.PipelineError(
@@ -343,9 +426,7 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
                     f"step {step} (scans {', '.join(ids)}): check these scans' tensors for NaN/inf, or lower the "
                     "learning rates")
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                optimizer_step(model, loss, optimizer, options)
             all_logits.append(logits.detach().float().cpu())
             all_labels.append(y)
             all_indices += index.tolist()
@@ -354,6 +435,77 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
     metrics = classification_metrics(logits, labels, weight)
     metrics["data_wait_share"] = wait / max(time.perf_counter() - start, 1e-9)
     return metrics, torch.softmax(logits, dim=1), all_indices
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The classifier's last linear layer, whose input is the penultimate-layer embedding."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+@contextlib.contextmanager
+def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects, per forward pass, the penultimate-layer embedding of each scan in the batch (the
+    mean over a scan's slices for the 2D baseline)."""
+    captured: list[torch.Tensor] = []
+    slices = getattr(model, "n_slices", None)
+
+    def hook(module, inputs, output):
+        features = inputs[0].detach().float().cpu()
+        captured.append(features.reshape(-1, slices, features.shape[-1]).mean(dim=1) if slices else features)
+
+    handle = final_linear(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def save_embeddings(path: Path, table: pd.DataFrame, probs: torch.Tensor, indices: Sequence[int],
+                    captured: Sequence[torch.Tensor]) -> Path:
+    """embeddings_*.npz: one row per scan in manifest order (image_id, subject, label, prob, embedding)."""
+    order = np.argsort(indices)
+    rows = table.iloc[np.asarray(indices)[order]]
+    embedding = torch.cat(list(captured)).numpy()[order]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, image_id=rows["image_id"].astype(str).to_numpy(),
+                                subject=rows["subject"].astype(str).to_numpy(), label=rows["label"].to_numpy(),
+                                prob=probs.numpy()[order][:, 1], embedding=embedding)
+    return write_atomic(path, write)
+
+
+def plot_embeddings(files: Sequence[str | os.PathLike], output: str | os.PathLike, title: str = "") -> Path:
+    """A 2D principal-component projection of the embeddings of ``files`` (e.g. val and test), one
+    colour per class and one marker per file; PCA because it is deterministic and needs no tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    from workflow_scripts.evaluate import CLASS_NAMES, save_figure
+
+    parts = [np.load(f) for f in files]
+    stacked = np.concatenate([p["embedding"] for p in parts])
+    centred = stacked - stacked.mean(axis=0)
+    n_components = min(2, *centred.shape)
+    points = PCA(n_components=n_components).fit_transform(centred) if n_components else np.zeros((len(centred), 0))
+    points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    start = 0
+    for file, part, marker in zip(files, parts, "os^Dv"):
+        end = start + len(part["label"])
+        for label, colour in ((0, "tab:blue"), (1, "tab:red")):
+            chosen = part["label"] == label
+            ax.scatter(*points[start:end][chosen].T, c=colour, marker=marker, alpha=0.8, edgecolors="k",
+                       label=f"{CLASS_NAMES[label]}, {Path(file).stem.removeprefix('embeddings_')}")
+        start = end
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(title or "penultimate-layer embeddings")
+    ax.legend(fontsize=8)
+    return save_figure(fig, Path(output))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -420,7 +572,8 @@ def changed_settings(saved: dict[str, Any], config: dict[str, Any]) -> list[str]
 
 def clear_run(out_dir: Path) -> None:
     """Remove a previous run's checkpoints and history so nothing of it is resumed or mistaken for new."""
-    for name in ("last.pt", "best_acc.pt", "best_loss.pt", "history.json", "summary.json", "val_predictions.csv"):
+    for name in ("last.pt", *CHECKPOINTS.values(), "history.json", "summary.json", "val_predictions.csv",
+                 "embeddings_val.npz"):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -445,7 +598,7 @@ def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Pat
     if changed:
         raise cli.PipelineError(f"{last} was written with other settings ({'; '.join(changed)}); delete the "
                                 f"checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings restart")
-    state.restore(saved)
+    state.restore(saved, config)
     LOG.info("resuming %s after epoch %d", out_dir, state.epoch)
 
 
@@ -541,8 +694,10 @@ def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequenc
 
 
 def _transform(config: dict[str, Any], train: bool) -> VolumeTransform:
+    """The run's transform; the 2D baseline (resnet50) takes [0, 1] intensities and applies ImageNet's
+    normalisation itself, so it skips z-normalisation."""
     return VolumeTransform(train, config["gamma_log_range"], config["gamma_p"], config["noise_std_range"],
-                           config["noise_p"], config["znorm_mask"])
+                           config["noise_p"], config["znorm_mask"], znorm=config["arch"] != "resnet50")
 
 
 @dataclass
@@ -573,82 +728,181 @@ def load_splits(config: dict[str, Any]) -> Splits:
     return Splits(train, val, train_sources, val_sources, shape)
 
 
+class EpochScheduler:
+    """The learning-rate schedule, stepped once per epoch: an optional linear warmup over
+    ``warmup_epochs`` (from 1/(warmup+1) of each group's rate up to it), then cosine warm restarts
+    (the dissertation's), a cosine decay to ``eta_min`` over the remaining epochs, or
+    ReduceLROnPlateau on the validation loss."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str = "warm_restarts", warmup_epochs: int = 0,
+                 max_epochs: int = 50, t0: int = 5, t_mult: int = 1, eta_min: float = 0.0,
+                 plateau_factor: float = 0.5, plateau_patience: int = 3):
+        sched = torch.optim.lr_scheduler
+        self.optimizer, self.kind, self.warmup, self.epoch = optimizer, kind, warmup_epochs, 0
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if kind == "warm_restarts":
+            self.after = sched.CosineAnnealingWarmRestarts(optimizer, T_0=t0, T_mult=t_mult, eta_min=eta_min)
+        elif kind == "cosine":
+            self.after = sched.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup_epochs), eta_min=eta_min)
+        elif kind == "plateau":
+            self.after = sched.ReduceLROnPlateau(optimizer, mode="min", factor=plateau_factor,
+                                                 patience=plateau_patience)
+        else:
+            raise cli.PipelineError(f"scheduler must be warm_restarts, cosine or plateau, not {kind!r}")
+        self._set_warmup_lrs()
+
+    def _set_warmup_lrs(self) -> None:
+        if self.epoch < self.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * (self.epoch + 1) / (self.warmup + 1)
+        elif self.epoch == self.warmup and self.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base
+
+    def step(self, val_loss: float) -> None:
+        """End of an epoch whose validation loss was ``val_loss``."""
+        self.epoch += 1
+        if self.epoch <= self.warmup:
+            self._set_warmup_lrs()
+        elif self.kind == "plateau":
+            self.after.step(val_loss)
+        else:
+            self.after.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "after": self.after.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.after.load_state_dict(state["after"])
+
+
 @dataclass
 class TrainingState:
-    """Everything a checkpoint restores: model, optimizer, scheduler, early stopping, history."""
+    """Everything a checkpoint restores: model, optimizer, scheduler, loss scaler, early stopping, history."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: EpochScheduler
     stopper: EarlyStopping
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     wandb_id: str | None = None
+    step_options: StepOptions = field(default_factory=StepOptions)
 
     def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint dict (loadable with ``torch.load(weights_only=True)``)."""
+        scaler = self.step_options.scaler
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scaler": None if scaler is None else scaler.state_dict(),
                 "metrics": self.history[-1] if self.history else None,
                 "early_stopping": self.stopper.state_dict(), "history": self.history, "best": self.best,
                 "rng": rng_states(), "config": config, "wandb_id": self.wandb_id}
 
-    def restore(self, saved: dict[str, Any]) -> None:
+    def restore(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         """Continue from a checkpoint written by ``checkpoint``."""
         self.model.load_state_dict(saved["model"])
+        apply_unfreezing(self.model, config, saved["epoch"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.step_options.scaler is not None and saved.get("scaler"):
+            self.step_options.scaler.load_state_dict(saved["scaler"])
         self.stopper.load_state_dict(saved["early_stopping"])
         restore_rng_states(saved["rng"])
         self.history, self.best, self.epoch = saved["history"], saved["best"], saved["epoch"]
         self.wandb_id = saved.get("wandb_id")
 
 
+def model_from_config(config: dict[str, Any], weights: str | None = None) -> nn.Module:
+    """The run's network (``weights`` overrides the configured ones, e.g. 'none' before loading a checkpoint)."""
+    return build_model(config["arch"], config["weights"] if weights is None else weights, config["num_classes"], 1,
+                       config["trainable_from"], plane=config.get("plane", "axial"),
+                       n_slices=config.get("n_slices", 16), slice_spacing=config.get("slice_spacing", 2))
+
+
+def apply_unfreezing(model: nn.Module, config: dict[str, Any], epoch: int) -> None:
+    """Phased unfreezing: from epoch ``unfreeze_epoch`` on, ``unfreeze_from`` and later stages train."""
+    if config.get("unfreeze_epoch") is not None and epoch >= config["unfreeze_epoch"]:
+        if unfreeze_from(model, config["unfreeze_from"]):
+            LOG.info("epoch %d: %s and later stages now train", epoch, config["unfreeze_from"])
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (errors where none exists) and no cuDNN autotuning, for bit-identical reruns."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+
+
 def new_training_state(config: dict[str, Any], device: torch.device) -> TrainingState:
-    """Seeded model, AdamW over the head/backbone groups, cosine warm restarts, early stopping."""
+    """Seeded model, AdamW (or Adam) over the head/backbone groups, the epoch scheduler, early stopping.
+
+    Stages that phased unfreezing will train later are in the optimizer from the start; while
+    frozen they get no gradient, so the optimizer leaves them alone (weight decay included).
+    """
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"] % 2**32)
     random.seed(config["seed"])
-    model = build_model(config["arch"], config["weights"], config["num_classes"], 1, config["trainable_from"])
+    set_deterministic(config["deterministic"])
+    model = model_from_config(config)
     model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and config["arch"] != "resnet50":
         model.to(memory_format=torch.channels_last_3d)
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.AdamW(parameter_groups(model, config["lr_head"], config["lr_backbone"]),
-                                  weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=config["t0"], T_mult=config["t_mult"], eta_min=config["eta_min"])
-    return TrainingState(model, optimizer, scheduler, EarlyStopping(config["patience"]))
+    later = unfreeze_from(model, config["unfreeze_from"]) if config["unfreeze_epoch"] is not None else []
+    groups = parameter_groups(model, config["lr_head"], config["lr_backbone"])
+    for param in later:
+        param.requires_grad_(False)
+    fused = config["fused_optimizer"] and device.type == "cuda"
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config["optimizer"]]
+    optimizer = optimizer_class(groups, weight_decay=config["weight_decay"], **({"fused": True} if fused else {}))
+    scheduler = EpochScheduler(optimizer, config["scheduler"], config["warmup_epochs"], config["max_epochs"],
+                               config["t0"], config["t_mult"], config["eta_min"], config["plateau_factor"],
+                               config["plateau_patience"])
+    autocast_dtype(config["precision"], device)  # fp16 off CUDA fails here, before any epoch
+    scaler = torch.amp.GradScaler("cuda") if config["precision"] == "fp16" else None
+    options = StepOptions(config["precision"], scaler, config["grad_clip_norm"])
+    return TrainingState(model, optimizer, scheduler, EarlyStopping(config["patience"], config["early_stopping"]),
+                         step_options=options)
 
 
 def save_epoch(state: TrainingState, config: dict[str, Any], out_dir: Path, improved: dict[str, bool]) -> None:
-    """last.pt every epoch; best_acc.pt / best_loss.pt when that validation metric improved."""
+    """last.pt every epoch; best_acc.pt / best_loss.pt / best_hierarchy.pt when that selection rule's
+    validation metric improved (hard links to last.pt, so no extra disk)."""
     last = out_dir / "last.pt"
     _save_torch_atomic(state.checkpoint(config), last)
-    if improved["accuracy"]:
-        _copy_atomic(last, out_dir / "best_acc.pt")
-    if improved["loss"]:
-        _copy_atomic(last, out_dir / "best_loss.pt")
+    for rule, name in CHECKPOINTS.items():
+        if improved[rule]:
+            _copy_atomic(last, out_dir / name)
     write_json_atomic(state.history, out_dir / "history.json")
 
 
 def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], device: torch.device,
-                weight: torch.Tensor | None, recalibration: DataLoader | None = None) -> dict[str, bool]:
-    """Train and validate one epoch, step the scheduler, record the history row and the best epochs."""
+                weight: torch.Tensor | None, config: dict[str, Any],
+                recalibration: DataLoader | None = None) -> dict[str, bool]:
+    """Train and validate one epoch, step the scheduler, record the history row and the best epochs
+    under each selection rule; says which rules improved."""
     state.epoch += 1
+    apply_unfreezing(state.model, config, state.epoch)
     tick = time.perf_counter()
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.optimizer.param_groups)}
-    train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch)
+    train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch,
+                                    state.step_options)
     if recalibration is not None:  # --recalibrate-bn
         recalibrate_batchnorm(state.model, (x for x, _, _ in recalibration), device)
-    val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch)
-    state.scheduler.step()
+    val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch, state.step_options)
+    state.scheduler.step(val_metrics["loss"])
     improved = state.stopper.update(val_metrics["accuracy"], val_metrics["loss"])
+    best_hierarchy = state.best.get("hierarchy")
+    improved["hierarchy"] = best_hierarchy is None or hierarchy_key(val_metrics) > hierarchy_key(
+        {k.removeprefix("val_"): v for k, v in best_hierarchy.items() if k.startswith("val_")})
     row = epoch_row(state.epoch, train_metrics, val_metrics, lrs, time.perf_counter() - tick)
     state.history.append(row)
-    for metric in ("accuracy", "loss"):
-        if improved[metric]:
-            state.best[metric] = row
+    for rule in CHECKPOINTS:
+        if improved[rule]:
+            state.best[rule] = row
     LOG.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | %.1fs", state.epoch,
              row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_auc"],
              row["seconds"])
@@ -657,11 +911,16 @@ def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], de
 
 def write_results(state: TrainingState, config: dict[str, Any], splits: Splits, val_loader: DataLoader,
                   device: torch.device, weight: torch.Tensor | None, out_dir: Path) -> dict[str, Any]:
-    """val_predictions.csv from the best-accuracy checkpoint, then summary.json; returns the summary."""
-    state.model.load_state_dict(load_checkpoint(out_dir / "best_acc.pt")["model"])
-    _, probs, indices = run_epoch(state.model, val_loader, device, weight, None, 0)
+    """val_predictions.csv (and embeddings_val.npz) from the checkpoint the selection rule picked, then
+    summary.json; returns the summary."""
+    selected = CHECKPOINTS[config["selection"]]
+    state.model.load_state_dict(load_checkpoint(out_dir / selected)["model"])
+    with capture_embeddings(state.model) as captured:
+        _, probs, indices = run_epoch(state.model, val_loader, device, weight, None, 0, state.step_options)
     write_text_atomic(predictions_table(splits.val, probs, indices).to_csv(index=False),
                       out_dir / "val_predictions.csv")
+    if config["export_embeddings"]:
+        save_embeddings(out_dir / "embeddings_val.npz", splits.val, probs, indices, captured)
     write_json_atomic(state.history, out_dir / "history.json")
     summary = {
         "config": config, "seed": config["seed"], "code_version": code_version(), "versions": library_versions(),
@@ -671,7 +930,9 @@ def write_results(state: TrainingState, config: dict[str, Any], splits: Splits, 
         "parameters": count_parameters(state.model),
         "epochs_run": len(state.history),
         "stop_reason": "early_stopping" if state.stopper.stopped else "max_epochs",
-        "best": {"accuracy": state.best.get("accuracy"), "loss": state.best.get("loss")},
+        "selection": {"rule": config["selection"], "checkpoint": selected,
+                      "epoch": state.best[config["selection"]]["epoch"]},
+        "best": {rule: state.best.get(rule) for rule in CHECKPOINTS},
     }
     write_json_atomic(summary, out_dir / "summary.json")
     return summary
@@ -690,9 +951,11 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
     resume_or_restart(state, config, out_dir)
 
     seed, pin = config["seed"], device.type == "cuda"
+    drawing = sample_weights(splits.train["label"], config["num_classes"]) if config["sampler"] == "weighted" \
+        else None
     loaders = tuple(
         make_loader(ScanDataset(sources, table["label"], _transform(config, train), seed, table["image_id"]),
-                    config["batch_size"], train, seed, config["num_workers"], pin)
+                    config["batch_size"], train, seed, config["num_workers"], pin, drawing if train else None)
         for sources, table, train in ((splits.train_sources, splits.train, True),
                                       (splits.val_sources, splits.val, False)))
     recalibration = None
@@ -704,7 +967,7 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
     state.wandb_id = None if run is None else run.id
     try:
         while state.epoch < config["max_epochs"] and not state.stopper.stopped:
-            improved = train_epoch(state, loaders, device, weight, recalibration)
+            improved = train_epoch(state, loaders, device, weight, config, recalibration)
             save_epoch(state, config, out_dir, improved)
             if run is not None:
                 run.log({k: v for k, v in state.history[-1].items() if v is not None}, step=state.epoch)
@@ -713,8 +976,8 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
                 return None
         summary = write_results(state, config, splits, loaders[1], device, weight, out_dir)
         if run is not None:
-            run.summary.update({"best_val_accuracy": state.best["accuracy"]["val_accuracy"],
-                                "best_epoch": state.best["accuracy"]["epoch"]})
+            chosen = state.best[config["selection"]]
+            run.summary.update({"best_val_accuracy": chosen["val_accuracy"], "best_epoch": chosen["epoch"]})
             log_artifacts(run, out_dir, config["run_name"])
         return summary
     finally:
@@ -726,15 +989,16 @@ def load_trained_model(checkpoint: str | os.PathLike, device: torch.device | str
     """The network of a checkpoint written by ``fit``, in eval mode on ``device``, and the run's settings."""
     state = load_checkpoint(checkpoint)
     config = state["config"]
-    model = build_model(config["arch"], "none", config["num_classes"], 1, config["trainable_from"])
+    model = model_from_config(config, weights="none")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config
 
 
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike,
             tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
-            num_workers: int = 2) -> pd.DataFrame:
-    """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV."""
+            num_workers: int = 2, embeddings_out: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV, and
+    optionally the scans' penultimate-layer embeddings (npz)."""
     dev = pick_device(device)
     model, config = load_trained_model(checkpoint, dev)
     table = read_manifest(manifest)
@@ -743,9 +1007,12 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
     loader = make_loader(ScanDataset(sources, table["label"], _transform(config, False), config["seed"],
                                      table["image_id"]),
                          batch_size, False, config["seed"], num_workers, dev.type == "cuda")
-    _, probs, indices = run_epoch(model, loader, dev, None, None, 0)
+    with capture_embeddings(model) as captured:
+        _, probs, indices = run_epoch(model, loader, dev, None, None, 0, StepOptions(config.get("precision", "auto")))
     predictions = predictions_table(table, probs, indices)
     write_text_atomic(predictions.to_csv(index=False), output)
+    if embeddings_out:
+        save_embeddings(Path(embeddings_out), table, probs, indices, captured)
     return predictions
 
 
@@ -759,11 +1026,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
     data.add_argument("--out-dir", help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
     model = p.add_argument_group("model")
-    model.add_argument("--arch", default="r3d_18", choices=["r3d_18", "mc3_18", "r2plus1d_18"])
-    model.add_argument("--weights", default="kinetics400", help="kinetics400, none, or a torchvision state-dict file")
-    model.add_argument("--trainable-from", default="layer4",
-                       choices=["stem", "layer1", "layer2", "layer3", "layer4", "fc"])
+    model.add_argument("--arch", default="r3d_18", choices=list(ARCHS))
+    model.add_argument("--weights", default="kinetics400",
+                       help="kinetics400 (video), imagenet (resnet50), none, or a torchvision state-dict file")
+    model.add_argument("--trainable-from", default="layer4", choices=list(BLOCKS))
     model.add_argument("--num-classes", type=int, default=2)
+    model.add_argument("--plane", default="axial", choices=list(PLANES), help="resnet50: plane of the 2D slices")
+    model.add_argument("--n-slices", type=int, default=16, help="resnet50: slices per scan, around the centre")
+    model.add_argument("--slice-spacing", type=int, default=2, help="resnet50: voxels between those slices")
     opt = p.add_argument_group("optimisation (dissertation defaults)")
     opt.add_argument("--lr-head", type=float, default=1e-3)
     opt.add_argument("--lr-backbone", type=float, default=1e-4)
@@ -775,7 +1045,27 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--eta-min", type=float, default=0.0)
     opt.add_argument("--patience", type=int, default=5, help="epochs without val accuracy AND val loss improving")
     opt.add_argument("--class-weights", default="inverse", choices=["inverse", "none"])
+    opt.add_argument("--sampler", default="none", choices=["none", "weighted"],
+                     help="weighted: draw training scans by inverse class frequency (not with --class-weights inverse)")
+    opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    opt.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernels (CUDA only)")
+    opt.add_argument("--scheduler", default="warm_restarts", choices=["warm_restarts", "cosine", "plateau"])
+    opt.add_argument("--warmup-epochs", type=int, default=0, help="linear learning-rate warmup before the scheduler")
+    opt.add_argument("--plateau-factor", type=float, default=0.5)
+    opt.add_argument("--plateau-patience", type=int, default=3)
+    opt.add_argument("--unfreeze-epoch", type=int, help="phased unfreezing: the epoch --unfreeze-from starts training")
+    opt.add_argument("--unfreeze-from", default="layer4", choices=list(BLOCKS))
+    opt.add_argument("--early-stopping", default="both", choices=["both", "accuracy", "loss"],
+                     help="stop when both validation metrics stalled for --patience epochs, or the one named")
+    opt.add_argument("--selection", default="accuracy", choices=list(CHECKPOINTS),
+                     help="the checkpoint used for predictions: best validation accuracy, loss, or the hierarchy "
+                          "balanced accuracy > Cohen's kappa > AUC")
+    opt.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="autocast: auto = bf16 on CUDA, fp32 elsewhere; fp16 (CUDA) uses a GradScaler")
+    opt.add_argument("--grad-clip-norm", type=float, help="clip the gradients' global L2 norm to this value")
     opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--deterministic", action="store_true",
+                     help="deterministic algorithms only (torch.use_deterministic_algorithms), no cuDNN autotuning")
     opt.add_argument("--recalibrate-bn", action="store_true",
                      help="after each training epoch, recompute the trained BatchNorm layers' running statistics "
                           "over the training scans (not in the dissertation; for training from random weights)")
@@ -801,6 +1091,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--predict", help="manifest to predict with --checkpoint instead of training")
     pred.add_argument("--checkpoint", help="checkpoint written by a training run (e.g. best_acc.pt)")
     pred.add_argument("--predictions-out", help="CSV to write: image_id, subject, label, prob, pred")
+    pred.add_argument("--embeddings-out", help="npz of the scans' penultimate-layer embeddings")
+    pred.add_argument("--projection", nargs="+", metavar="NPZ",
+                      help="with --projection-out: plot these embeddings files (after prediction, if any)")
+    pred.add_argument("--projection-out", help="PNG of the embeddings' 2D principal-component projection")
+    run.add_argument("--no-export-embeddings", dest="export_embeddings", action="store_false",
+                     help="do not write embeddings_val.npz beside the run's validation predictions")
     return p
 
 
@@ -815,17 +1111,24 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cli.limit_threads(args.threads)
-    if args.predict:
-        if not (args.checkpoint and args.predictions_out):
-            raise cli.PipelineError("--predict needs --checkpoint and --predictions-out")
-        predict(args.checkpoint, args.predict, args.predictions_out, args.tensor_dir, args.device,
-                args.batch_size, args.num_workers)
+    if args.predict or args.projection:
+        if args.predict:
+            if not (args.checkpoint and args.predictions_out):
+                raise cli.PipelineError("--predict needs --checkpoint and --predictions-out")
+            predict(args.checkpoint, args.predict, args.predictions_out, args.tensor_dir, args.device,
+                    args.batch_size, args.num_workers, args.embeddings_out)
+        if args.projection:
+            if not args.projection_out:
+                raise cli.PipelineError("--projection needs --projection-out")
+            plot_embeddings(args.projection, args.projection_out)
         return
     if not args.out_dir:
         raise cli.PipelineError("--out-dir is required for training")
     if args.max_epochs < 1 or args.batch_size < 1 or args.patience < 1:
         raise cli.PipelineError("--max-epochs, --batch-size and --patience must be at least 1")
-    fit(resolved_config(args))
+    config = resolved_config(args)
+    check_recipe(config, "training options")
+    fit(config)
 
 
 if __name__ == "__main__":
