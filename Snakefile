@@ -17,6 +17,10 @@ configfile: Path(workflow.basedir) / "config.yaml"
 validate(config, "schemas/config.schema.yaml", set_default=True)
 
 
+# The global description of `snakemake --report report.html` (see rules/report.smk).
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -32,7 +36,10 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/split.smk"
 include: "rules/train.smk"
+include: "rules/volumetry.smk"
 include: "rules/evaluate.smk"
+include: "rules/bayes.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -43,3 +50,6 @@ rule all:
         expand(f"{RESULTS}/models/{{experiment}}/summary.json", experiment=EXPERIMENTS),
         expand(f"{RESULTS}/cv/{{experiment}}/summary.json", experiment=EXPERIMENTS),
         rules.compare.output,
+        report_targets,
+        embedding_figures,
+        VOLUMETRY_TABLES,

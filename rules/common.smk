@@ -8,6 +8,9 @@ from pathlib import Path
 import pandas as pd
 from snakemake.exceptions import WorkflowError
 
+from workflow_scripts.cli import PipelineError
+from workflow_scripts.recipe import merge_recipe
+
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
 # inside conda environments, whatever else is installed.
@@ -141,7 +144,10 @@ if MAIN not in config["experiments"]:
 
 # Every experiment is trained, cross-validated and evaluated on the same split and folds; the
 # main one comes first in the comparison.
-EXPERIMENTS = [MAIN] + [name for name in config["experiments"] if name != MAIN]
+EXPERIMENTS = [MAIN] + [name for name, exp in config["experiments"].items()
+                        if name != MAIN and exp.get("enabled", True)]
+if not config["experiments"][MAIN].get("enabled", True):
+    raise WorkflowError(f"main_experiment '{MAIN}' has enabled: false; enable it or choose another main_experiment")
 
 
 def experiment_kind(name):
@@ -169,33 +175,73 @@ def all_tensors(wildcards):
 
 
 def experiment_weights(wildcards):
-    """The Kinetics-400 weights record a training job needs, fetched once by a local job:
-    cluster compute nodes often have no network."""
+    """The pretrained weights record (Kinetics-400 or ImageNet) a training job needs, fetched once by a
+    local job: cluster compute nodes often have no network."""
     exp = config["experiments"][wildcards.experiment]
-    if experiment_kind(wildcards.experiment) != "video" or str(exp["weights"]) != "kinetics400":
+    weights = str(exp.get("weights", "kinetics400"))
+    if weights not in ("kinetics400", "imagenet"):
         return []
-    return f"{RESULTS}/weights/{exp['arch']}_kinetics400.json"
+    return f"{RESULTS}/weights/{exp.get('arch', 'r3d_18')}_{weights}.json"
+
+
+def experiment_recipe(name):
+    """config.train with the experiment's own overrides, checked (a contradictory recipe stops the run here)."""
+    try:
+        return merge_recipe(config["train"], config["experiments"][name].get("train"), name)
+    except PipelineError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def selected_checkpoint(wildcards, input):
+    """The checkpoint evaluated on the test set: evaluate.checkpoint, or the one train.selection picked."""
+    name = config["evaluate"]["checkpoint"]
+    if name == "selected":
+        name = {"accuracy": "best_acc", "loss": "best_loss", "hierarchy": "best_hierarchy"}[
+            experiment_recipe(wildcards.experiment)["selection"]
+        ]
+    return os.path.join(os.path.dirname(input.model), f"{name}.pt")
 
 
 def train_flags(wildcards):
-    """Command-line flags of one experiment's training run, from config.train and the experiment."""
-    t, exp = config["train"], config["experiments"][wildcards.experiment]
+    """Command-line flags of one experiment's training run, from its recipe and model settings."""
+    exp = config["experiments"][wildcards.experiment]
+    t = experiment_recipe(wildcards.experiment)
     aug = t["augmentation"]
+    switches = {"--recalibrate-bn": t["recalibrate_bn"], "--fused-optimizer": t["fused_optimizer"],
+                "--deterministic": t["deterministic"], "--no-export-embeddings": not t["export_embeddings"]}
     return " ".join(
         [
-            f"--arch {exp['arch']} --weights {shlex.quote(str(exp['weights']))}",
+            f"--arch {exp.get('arch', 'r3d_18')} --weights {shlex.quote(str(exp.get('weights', 'kinetics400')))}",
             f"--trainable-from {exp.get('trainable_from', 'layer4')}",
+            f"--plane {exp.get('plane', 'axial')} --n-slices {exp.get('n_slices', 16)}"
+            f" --slice-spacing {exp.get('slice_spacing', 2)}",
             f"--max-epochs {t['max_epochs']} --batch-size {t['batch_size']} --seed {t['seed']}",
-            f"--lr-head {t['lr_head']} --lr-backbone {t['lr_backbone']} --weight-decay {t['weight_decay']}",
-            f"--t0 {t['t0']} --patience {t['patience']} --class-weights {t['class_weights']}",
+            f"--optimizer {t['optimizer']} --lr-head {t['lr_head']} --lr-backbone {t['lr_backbone']}"
+            f" --weight-decay {t['weight_decay']}",
+            f"--scheduler {t['scheduler']} --warmup-epochs {t['warmup_epochs']} --t0 {t['t0']}"
+            f" --plateau-factor {t['plateau_factor']} --plateau-patience {t['plateau_patience']}",
+            f"--unfreeze-epoch {t['unfreeze_epoch']}" if t["unfreeze_epoch"] is not None else "",
+            f"--unfreeze-from {t['unfreeze_from']} --patience {t['patience']} --early-stopping {t['early_stopping']}",
+            f"--selection {t['selection']} --class-weights {t['class_weights']} --sampler {t['sampler']}",
+            f"--precision {t['precision']}",
+            f"--grad-clip-norm {t['grad_clip_norm']}" if t["grad_clip_norm"] is not None else "",
             "--gamma-log-range {} {} --gamma-p {}".format(*aug["gamma_log_range"], aug["gamma_p"]),
             "--noise-std-range {} {} --noise-p {}".format(*aug["noise_std_range"], aug["noise_p"]),
             f"--znorm-mask {t['znorm_mask']} --device {t['device']} --num-workers {t['num_workers']}",
             f"--on-changed-settings {t['on_changed_settings']}",
-            "--recalibrate-bn" if t["recalibrate_bn"] else "",
+            " ".join(flag for flag, on in switches.items() if on),
             f"--wandb-mode {t['wandb']['mode']} --wandb-project {shlex.quote(t['wandb']['project'])}",
         ]
     )
+
+
+def embedding_figures(wildcards):
+    """The embeddings projection of every network experiment whose recipe exports embeddings."""
+    return [
+        f"{RESULTS}/evaluation/{name}/embeddings.png"
+        for name in experiments_of("video", "slices2d")
+        if experiment_recipe(name)["export_embeddings"]
+    ]
 
 
 def fold_metrics(wildcards):
@@ -212,3 +258,92 @@ def comparison_flags(wildcards, input):
         f"--experiment {shlex.quote(name)} {shlex.quote(metrics)} {shlex.quote(predictions)}"
         for name, metrics, predictions in zip(EXPERIMENTS, input.metrics, input.predictions)
     )
+
+
+# --- hippocampal volumetry --------------------------------------------------------------
+
+HIPPO = config["hippocampus"]
+# Hippocampus labels per scan (1 = left, 2 = right) by source: the atlas warped to each scan by
+# rule hippocampus_atlas, or the segmentation U-Net's masks (rule hippocampus_unet).
+HIPPOCAMPUS_MASKS = {"atlas": stage_file("hippocampus_atlas"), "unet": stage_file("hippocampus")}
+
+
+def hippocampus_atlas_flags():
+    return (
+        f"--template {HIPPO['template']} --transform {shlex.quote(HIPPO['transform'])}"
+        f" --reg-iterations {' '.join(str(i) for i in HIPPO['reg_iterations'])} --seed {HIPPO['seed']}"
+    )
+
+
+def hippocampus_masks(wildcards):
+    return expand_scans(HIPPOCAMPUS_MASKS[wildcards.masks])
+
+
+def brain_masks(wildcards):
+    """The stage-2 skull-strip mask of every usable scan (native grid): the ICV of each scan."""
+    return expand_scans(stage_file("stripped", "_mask"))
+
+
+def volumetry_masks(name):
+    return config["experiments"][name]["masks"]
+
+
+# The volumes tables the volumetry experiments read (built by `all`).
+VOLUMETRY_TABLES = sorted({f"{RESULTS}/volumetry/{volumetry_masks(n)}/volumes.tsv" for n in experiments_of("volumetry")})
+
+
+def volumetry_volumes(wildcards):
+    return f"{RESULTS}/volumetry/{volumetry_masks(wildcards.experiment)}/volumes.tsv"
+
+
+def volumetry_flags(wildcards):
+    """Features, regularisation and mask source of one volumetry experiment."""
+    exp = config["experiments"][wildcards.experiment]
+    return f"--features {' '.join(exp['features'])} --C {exp['C']} --masks {exp['masks']}"
+
+
+# --- clinical context (bayes) and the report -------------------------------------------
+
+BAYES = config["bayes"]
+# The published visual MTA rating figures placed next to the models (literature, not measured here).
+LITERATURE_TABLE = BAYES["literature"] or str(
+    Path(workflow.basedir) / "workflow_scripts" / "data" / "mta_visual_rating_literature.tsv"
+)
+REPORT = f"{RESULTS}/report"
+
+
+def bayes_flags():
+    """Prior, credible level, draws, seed, figure level and each prevalence with its source."""
+    flags = [
+        f"--level {BAYES['level']} --credible {BAYES['credible']} --n-draws {BAYES['n_draws']}",
+        f"--seed {BAYES['seed']} --prior-sensitivity {' '.join(str(v) for v in BAYES['prior_sensitivity'])}",
+        f"--prior-specificity {' '.join(str(v) for v in BAYES['prior_specificity'])}",
+    ]
+    for entry in BAYES["prevalences"]:
+        flags.append(f"--prevalence {shlex.quote(entry['name'] + '=' + str(entry['value']))}")
+        flags.append(f"--source {shlex.quote(entry.get('source', ''))}")
+    return " ".join(flags)
+
+
+def fold_histories(wildcards):
+    return expand(
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/history.json",
+        experiment=wildcards.experiment,
+        fold=range(config["cv"]["folds"]),
+    )
+
+
+def provenance_models(wildcards, input):
+    """--model NAME SUMMARY for every experiment."""
+    return " ".join(f"--model {shlex.quote(n)} {shlex.quote(s)}" for n, s in zip(EXPERIMENTS, input.models))
+
+
+def report_targets(wildcards):
+    """Every item of the HTML report that the workflow builds itself (the rest are other rules' outputs)."""
+    per_experiment = ["test_metrics.html", "cv.html"]
+    targets = [f"{REPORT}/dataset.html", f"{REPORT}/split.html", f"{REPORT}/comparison.html",
+               f"{REPORT}/provenance.html", f"{RESULTS}/clinicians.html"]
+    targets += expand(f"{REPORT}/{{experiment}}/{{item}}", experiment=EXPERIMENTS, item=per_experiment)
+    targets += expand(f"{RESULTS}/bayes/{{experiment}}/ppv_npv.png", experiment=EXPERIMENTS)
+    targets += expand(f"{REPORT}/{{experiment}}/training_curves.png", experiment=experiments_of("video", "slices2d"))
+    return targets

@@ -6,19 +6,21 @@
 # Snakemake deleting it.
 
 
-rule video_weights:
+rule pretrained_weights:
     output:
-        f"{RESULTS}/weights/{{arch}}_kinetics400.json",
+        f"{RESULTS}/weights/{{arch}}_{{weights}}.json",
     log:
-        f"{RESULTS}/logs/video_weights/{{arch}}.log",
+        f"{RESULTS}/logs/pretrained_weights/{{arch}}_{{weights}}.log",
     wildcard_constraints:
-        arch="r3d_18|mc3_18|r2plus1d_18",
+        arch="r3d_18|mc3_18|r2plus1d_18|mvit_v2_s|resnet50",
+        weights="kinetics400|imagenet",
     localrule: True
     priority: 100
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.models fetch --arch {wildcards.arch} --record {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.models fetch --arch {wildcards.arch} --weights {wildcards.weights}"
+        " --record {output:q} > {log:q} 2>&1"
 
 
 rule train_model:
@@ -92,11 +94,10 @@ rule predict_test:
         test=f"{SPLITS}/test.csv",
         tensors=all_tensors,
     output:
-        f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv",
+        predictions=f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv",
+        embeddings=f"{RESULTS}/evaluation/{{experiment}}/embeddings_test.npz",
     params:
-        checkpoint=lambda wildcards, input: os.path.join(
-            os.path.dirname(input.model), f"{config['evaluate']['checkpoint']}.pt"
-        ),
+        checkpoint=selected_checkpoint,
         tensor_dir=f"{RESULTS}/tensors",
         device=config["train"]["device"],
     log:
@@ -110,4 +111,33 @@ rule predict_test:
     shell:
         "python -m workflow_scripts.train --threads {threads} --predict {input.test:q}"
         " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
-        " --predictions-out {output:q} > {log:q} 2>&1"
+        " --predictions-out {output.predictions:q} --embeddings-out {output.embeddings:q} > {log:q} 2>&1"
+
+
+# The penultimate-layer embeddings of the validation and test scans in two dimensions (train.export_embeddings).
+rule embeddings_projection:
+    input:
+        model=f"{RESULTS}/models/{{experiment}}/summary.json",
+        test=f"{RESULTS}/evaluation/{{experiment}}/embeddings_test.npz",
+    output:
+        report(
+            f"{RESULTS}/evaluation/{{experiment}}/embeddings.png",
+            caption="../report/embeddings.rst",
+            category="Evaluation",
+            labels={"experiment": "{experiment}", "figure": "embeddings"},
+        ),
+    params:
+        val=lambda wildcards, input: os.path.join(os.path.dirname(input.model), "embeddings_val.npz"),
+    log:
+        f"{RESULTS}/logs/embeddings/{{experiment}}.log",
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
+    threads: 1
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.train --projection {params.val:q} {input.test:q} --projection-out {output:q}"
+        " > {log:q} 2>&1"

@@ -96,7 +96,12 @@ TINY = {
     "split": {"ratios": [0.34, 0.33, 0.33]},
     "cv": {"folds": 2},
     "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
-                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"}},
+                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"},
+                    # the 2D baseline's recipe on 4 axial slices, from random weights
+                    "resnet50_2d": {"kind": "slices2d", "arch": "resnet50", "weights": "none", "trainable_from": "fc",
+                                    "n_slices": 4, "slice_spacing": 4,
+                                    "train": {"optimizer": "adam", "scheduler": "plateau", "unfreeze_epoch": 2,
+                                              "early_stopping": "loss", "selection": "loss"}}},
     "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
     "evaluate": {"n_boot": 200},
 }

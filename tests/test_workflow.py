@@ -75,17 +75,41 @@ def test_every_experiment_is_trained_and_compared_with_the_main_one_on_the_same_
 
     results = demo_run / "results"
     table = pd.read_csv(results / "comparison.csv")
-    assert list(table["experiment"]) == ["r3d_18_kinetics400", "mc3_18_scratch"]
-    assert table["main"].tolist() == [True, False]
+    assert table["experiment"].iloc[0] == "r3d_18_kinetics400"
+    assert {"mc3_18_scratch", "resnet50_2d"} <= set(table["experiment"])
+    assert table["main"].tolist() == [True] + [False] * (len(table) - 1)
     for _, row in table.iterrows():
         metrics = json.loads((results / "evaluation" / row["experiment"] / "metrics.json").read_text())
         assert row["accuracy"] == pytest.approx(metrics["scan"]["accuracy"])
         assert (results / "cv" / row["experiment"] / "summary.json").is_file()
-    other = table.iloc[1]
+    other = table.set_index("experiment").loc["mc3_18_scratch"]
     assert 0 <= other["mcnemar_p"] <= 1 and other["mcnemar_b"] + other["mcnemar_c"] <= other["n_scans"]
     summary = json.loads((results / "models" / "mc3_18_scratch" / "summary.json").read_text())
     assert summary["parameters"]["frozen"] == 0  # trained from the stem
     assert (results / "comparison.png").stat().st_size > 5_000
+
+
+def test_the_2d_baseline_follows_its_own_recipe_and_exports_embeddings(demo_run):
+    """resnet50_2d overrides train: Adam, plateau schedule, layer4 unfrozen from epoch 2, selection and
+    early stopping on validation loss; its test predictions come from best_loss.pt."""
+    import json
+
+    results = demo_run / "results"
+    summary = json.loads((results / "models" / "resnet50_2d" / "summary.json").read_text())
+    config = summary["config"]
+    assert (config["arch"], config["optimizer"], config["scheduler"]) == ("resnet50", "adam", "plateau")
+    assert config["unfreeze_epoch"] == 2 and summary["selection"]["checkpoint"] == "best_loss.pt"
+    head_only = 2048 * 512 + 512 + 512 * 2 + 2
+    assert summary["epochs_run"] == 2 and summary["parameters"]["trainable"] > head_only  # layer4 unfrozen
+    assert json.loads((results / "models" / "r3d_18_kinetics400" / "summary.json").read_text())["config"][
+        "optimizer"] == "adamw"  # the override stays with its experiment
+    log = (results / "logs" / "predict" / "resnet50_2d.log").read_text()
+    assert "best_loss.pt" in log
+    for name in ("r3d_18_kinetics400", "resnet50_2d"):
+        test = np.load(results / "evaluation" / name / "embeddings_test.npz")
+        predictions = pd.read_csv(results / "evaluation" / name / "test_predictions.csv", dtype={"image_id": str})
+        assert list(test["image_id"]) == list(predictions["image_id"])
+        assert (results / "evaluation" / name / "embeddings.png").stat().st_size > 5_000
 
 
 def test_distractors_land_in_the_excluded_table_with_reasons(demo_run):
@@ -180,7 +204,7 @@ def test_kinetics_weights_are_fetched_once_by_a_local_job_before_training(tmp_pa
     kinetics = write_config(tmp_path / "k.yaml", {**TINY, "experiments": {
         "r3d_18_kinetics400": {"arch": "r3d_18", "weights": "kinetics400"}}})
     dry = run_snakemake(tmp_path, "all", "-n", configfiles=[kinetics], timeout=300).stdout
-    assert "python -m workflow_scripts.models fetch --arch r3d_18" in dry
-    assert re.search(r"video_weights\s+1\b", dry)  # one fetch for the main model and every fold
+    assert "python -m workflow_scripts.models fetch --arch r3d_18 --weights kinetics400" in dry
+    assert re.search(r"pretrained_weights\s+1\b", dry)  # one fetch for the main model and every fold
     without = write_config(tmp_path / "none.yaml", TINY)  # weights: none
-    assert "video_weights" not in run_snakemake(tmp_path, "all", "-n", configfiles=[without], timeout=300).stdout
+    assert "pretrained_weights" not in run_snakemake(tmp_path, "all", "-n", configfiles=[without], timeout=300).stdout

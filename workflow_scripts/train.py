@@ -469,8 +469,8 @@ def save_embeddings(path: Path, table: pd.DataFrame, probs: torch.Tensor, indice
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, image_id=rows["image_id"].astype(str).to_numpy(),
-                                subject=rows["subject"].astype(str).to_numpy(), label=rows["label"].to_numpy(),
+            np.savez_compressed(handle, image_id=np.asarray(rows["image_id"], dtype=str),
+                                subject=np.asarray(rows["subject"], dtype=str), label=rows["label"].to_numpy(),
                                 prob=probs.numpy()[order][:, 1], embedding=embedding)
     return write_atomic(path, write)
 
@@ -1001,6 +1001,8 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
     optionally the scans' penultimate-layer embeddings (npz)."""
     dev = pick_device(device)
     model, config = load_trained_model(checkpoint, dev)
+    LOG.info("predicting %s with %s (%s, trained with selection rule %s)", manifest, checkpoint, config["arch"],
+             config.get("selection", "accuracy"))
     table = read_manifest(manifest)
     sources = tensor_sources(table, tensor_dir)
     check_shapes(sources, list(table["image_id"]))

@@ -1,0 +1,164 @@
+# The HTML report: `snakemake --report report.html` after a run gathers every output marked with
+# report(). Snakemake shows images and HTML pages in place but offers text tables only as
+# downloads, so these rules turn the tables a reader needs into small HTML pages, plot the
+# training curves and record the provenance. `report_items` (part of `all`) builds them all.
+
+
+rule report_items:
+    input:
+        report_targets,
+    localrule: True
+
+
+rule report_dataset:
+    input:
+        scans=f"{RESULTS}/scans.tsv",
+        excluded=f"{RESULTS}/excluded.tsv",
+    output:
+        report(f"{REPORT}/dataset.html", caption="../report/dataset.rst", category="Dataset"),
+    log:
+        f"{RESULTS}/logs/report/dataset.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables dataset --scans {input.scans:q} --excluded {input.excluded:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule report_split:
+    input:
+        summary=f"{SPLITS}/summary.json",
+        audit=f"{SPLITS}/audit.json",
+    output:
+        report(f"{REPORT}/split.html", caption="../report/split.rst", category="Split"),
+    log:
+        f"{RESULTS}/logs/report/split.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables split --summary {input.summary:q} --audit {input.audit:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule training_curves:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
+    input:
+        history=f"{RESULTS}/models/{{experiment}}/history.json",
+        folds=fold_histories,
+    output:
+        report(
+            f"{REPORT}/{{experiment}}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Training",
+            labels={"experiment": "{experiment}"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/{{experiment}}/training_curves.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables curves --history {input.history:q} --fold-history {input.folds:q}"
+        " --experiment {wildcards.experiment:q} --output {output:q} > {log:q} 2>&1"
+
+
+rule report_metrics:
+    input:
+        f"{RESULTS}/evaluation/{{experiment}}/metrics.json",
+    output:
+        report(
+            f"{REPORT}/{{experiment}}/test_metrics.html",
+            caption="../report/test_metrics.rst",
+            category="Evaluation",
+            labels={"experiment": "{experiment}", "figure": "test metrics table"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/{{experiment}}/test_metrics.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables metrics --metrics {input:q} --experiment {wildcards.experiment:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule report_cv:
+    input:
+        f"{RESULTS}/cv/{{experiment}}/summary.json",
+    output:
+        report(
+            f"{REPORT}/{{experiment}}/cv.html",
+            caption="../report/cv.rst",
+            category="Cross-validation",
+            labels={"experiment": "{experiment}"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/{{experiment}}/cv.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables cv --summary {input:q} --experiment {wildcards.experiment:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule report_comparison:
+    input:
+        f"{RESULTS}/comparison.csv",
+    output:
+        report(f"{REPORT}/comparison.html", caption="../report/comparison.rst", category="Comparison"),
+    log:
+        f"{RESULTS}/logs/report/comparison.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables comparison --csv {input:q} --output {output:q} > {log:q} 2>&1"
+
+
+# Config, code version (git describe), library versions, the scan list's hash, split hashes,
+# seeds and every model's training record. The config is a parameter, so changing any setting
+# rewrites this page.
+rule provenance:
+    input:
+        scans=f"{RESULTS}/scans.tsv",
+        splits=rules.split.output,
+        models=expand(f"{RESULTS}/models/{{experiment}}/summary.json", experiment=EXPERIMENTS),
+    output:
+        json=f"{REPORT}/provenance.json",
+        html=report(f"{REPORT}/provenance.html", caption="../report/provenance.rst", category="Provenance"),
+    params:
+        config=json.dumps(config, sort_keys=True, default=str),
+        models=provenance_models,
+    log:
+        f"{RESULTS}/logs/report/provenance.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables provenance --config-json {params.config:q} --scans {input.scans:q}"
+        " --split-files {input.splits:q} {params.models} --json {output.json:q} --output {output.html:q} > {log:q} 2>&1"

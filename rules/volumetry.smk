@@ -1,0 +1,154 @@
+# Hippocampal volumetry, the biomarker baseline: per scan, hippocampus labels from an MNI template
+# registered to the scan with ANTs (Harvard-Oxford hippocampi warped along), left/right volumes
+# normalised by intracranial volume, and a logistic regression on them trained, cross-validated and
+# tested on the same split and folds as the networks. Its fit rules write the paths train_model,
+# train_fold and predict_test write, so evaluate_test, evaluate_fold, cv_summary and compare
+# treat a volumetry experiment like any other.
+
+
+rule volumetry:
+    input:
+        f"{RESULTS}/volumetry/atlas/volumes.tsv",
+    localrule: True
+
+
+rule hippocampus_atlas:
+    input:
+        stage_file("ras"),
+    output:
+        labels=stage_file("hippocampus_atlas"),
+        sidecar=f"{RESULTS}/hippocampus_atlas/{{subject}}/{{image_id}}.json",
+        figure=report(
+            f"{RESULTS}/hippocampus_atlas/{{subject}}/{{image_id}}.png",
+            caption="../report/volumetry_atlas.rst",
+            category="Hippocampus labels",
+            labels={"subject": "{subject}", "image": "{image_id}"},
+        ),
+    params:
+        flags=hippocampus_atlas_flags(),
+    log:
+        log_file("hippocampus_atlas"),
+    benchmark:
+        benchmark_file("hippocampus_atlas")
+    threads: res("hippocampus_atlas", "threads")
+    resources:
+        mem_mb=res("hippocampus_atlas", "mem_mb"),
+        runtime=res("hippocampus_atlas", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.hippocampus_atlas --threads {threads} {params.flags} --input {input:q}"
+        " --output {output.labels:q} --sidecar {output.sidecar:q} --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule hippocampal_volumes:
+    wildcard_constraints:
+        masks="atlas|unet",
+    input:
+        scans=f"{RESULTS}/scans.tsv",
+        masks=hippocampus_masks,
+        icv=brain_masks,
+    output:
+        table=f"{RESULTS}/volumetry/{{masks}}/volumes.tsv",
+        figure=report(
+            f"{RESULTS}/volumetry/{{masks}}/volumes.png",
+            caption="../report/volumetry_volumes.rst",
+            category="Hippocampal volumetry",
+            labels={"masks": "{masks}"},
+        ),
+    params:
+        masks_pattern=lambda wildcards: HIPPOCAMPUS_MASKS[wildcards.masks],
+        icv_pattern=lambda wildcards: stage_file("stripped", "_mask"),
+    log:
+        f"{RESULTS}/logs/volumetry/{{masks}}_volumes.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/volumetry/{{masks}}_volumes.tsv"
+    threads: res("volumetry", "threads")
+    resources:
+        mem_mb=res("volumetry", "mem_mb"),
+        runtime=res("volumetry", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.volumetry volumes --scans {input.scans:q} --masks-pattern {params.masks_pattern:q}"
+        " --icv-pattern {params.icv_pattern:q} --output {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule fit_volumetry:
+    wildcard_constraints:
+        experiment=VOLUMETRY_EXPERIMENTS,
+    input:
+        train=f"{SPLITS}/train.csv",
+        val=f"{SPLITS}/val.csv",
+        volumes=volumetry_volumes,
+    output:
+        summary=f"{RESULTS}/models/{{experiment}}/summary.json",
+        predictions=f"{RESULTS}/models/{{experiment}}/val_predictions.csv",
+        model=f"{RESULTS}/models/{{experiment}}/model.joblib",
+    params:
+        flags=volumetry_flags,
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/train/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{experiment}}.tsv"
+    threads: res("volumetry", "threads")
+    resources:
+        mem_mb=res("volumetry", "mem_mb"),
+        runtime=res("volumetry", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.volumetry --threads {threads} fit --volumes {input.volumes:q}"
+        " --train {input.train:q} --val {input.val:q} {params.flags} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule fit_volumetry_fold:
+    wildcard_constraints:
+        experiment=VOLUMETRY_EXPERIMENTS,
+    input:
+        folds=f"{SPLITS}/cv_folds.csv",
+        volumes=volumetry_volumes,
+    output:
+        summary=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
+        predictions=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/val_predictions.csv",
+        model=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/model.joblib",
+    params:
+        flags=volumetry_flags,
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cv/{{experiment}}/fold{{fold}}.tsv"
+    threads: res("volumetry", "threads")
+    resources:
+        mem_mb=res("volumetry", "mem_mb"),
+        runtime=res("volumetry", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.volumetry --threads {threads} fit --volumes {input.volumes:q}"
+        " --folds-csv {input.folds:q} --fold {wildcards.fold} {params.flags} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"
+
+
+rule predict_volumetry_test:
+    wildcard_constraints:
+        experiment=VOLUMETRY_EXPERIMENTS,
+    input:
+        model=f"{RESULTS}/models/{{experiment}}/model.joblib",
+        test=f"{SPLITS}/test.csv",
+        volumes=volumetry_volumes,
+    output:
+        f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv",
+    log:
+        f"{RESULTS}/logs/predict/{{experiment}}.log",
+    threads: res("volumetry", "threads")
+    resources:
+        mem_mb=res("volumetry", "mem_mb"),
+        runtime=res("volumetry", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.volumetry --threads {threads} predict --model {input.model:q}"
+        " --volumes {input.volumes:q} --manifest {input.test:q} --output {output:q} > {log:q} 2>&1"
