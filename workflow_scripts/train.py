@@ -18,6 +18,14 @@ brain voxels (> 0 in the volume *before* noise, carried as a label map, so backg
 noise never counts as brain; ``--znorm-mask none`` uses the whole volume). Validation and
 test scans are only z-normalised.
 
+The dissertation's recipe is the default (AdamW, cosine warm restarts, early stopping when
+validation accuracy and loss both stalled, the best-accuracy checkpoint); the options of the
+comparisons (optimizer, warmup and scheduler, phased unfreezing, precision and loss scaling,
+gradient clipping, weighted sampling, early-stopping monitor, selection rule, deterministic
+mode, embeddings export) are switches of this one module, so every model is trained by the
+same loop. The 2D baseline (``--arch resnet50``) sees [0, 1] intensities, not z-scores: its
+model normalises slices with ImageNet's statistics.
+
 Randomness is keyed to (seed, epoch, scan): the shuffle of epoch e comes from a generator
 seeded by (seed, e), each scan's augmentation from (seed, e, index), whichever DataLoader
 worker loads it. An interrupted run resumed from ``last.pt`` therefore ends exactly where
