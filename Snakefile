@@ -37,6 +37,7 @@ include: "rules/preprocess.smk"
 include: "rules/split.smk"
 include: "rules/train.smk"
 include: "rules/volumetry.smk"
+include: "rules/segmentation.smk"
 include: "rules/evaluate.smk"
 include: "rules/bayes.smk"
 include: "rules/report.smk"
@@ -53,3 +54,4 @@ rule all:
         report_targets,
         embedding_figures,
         VOLUMETRY_TABLES,
+        segmentation_targets,

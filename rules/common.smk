@@ -320,7 +320,8 @@ def bayes_flags():
         f"--prior-specificity {' '.join(str(v) for v in BAYES['prior_specificity'])}",
     ]
     for entry in BAYES["prevalences"]:
-        flags.append(f"--prevalence {shlex.quote(entry['name'] + '=' + str(entry['value']))}")
+        prevalence = f"{entry['name']}={entry['value']}"
+        flags.append(f"--prevalence {shlex.quote(prevalence)}")
         flags.append(f"--source {shlex.quote(entry.get('source', ''))}")
     return " ".join(flags)
 
@@ -347,3 +348,98 @@ def report_targets(wildcards):
     targets += expand(f"{RESULTS}/bayes/{{experiment}}/ppv_npv.png", experiment=EXPERIMENTS)
     targets += expand(f"{REPORT}/{{experiment}}/training_curves.png", experiment=experiments_of("video", "slices2d"))
     return targets
+
+
+# --- hippocampus segmentation (MONAI U-Net) ---------------------------------------------
+
+SEG = config["segmentation"]
+SEGMENTATION = f"{RESULTS}/segmentation"
+SEGMENTATION_TRUTH_DIR = f"{SEGMENTATION}/truth"
+SEGMENTATION_TRUTH = f"{SEGMENTATION_TRUTH_DIR}/{{subject}}/{{image_id}}.nii.gz"
+
+
+def segmentation_in_all():
+    """auto: only where the demo's own truth labels train it (data.source and segmentation.source demo)."""
+    if SEG["in_all"] == "auto":
+        return DATA["source"] == "demo" and SEG["source"] == "demo"
+    return bool(SEG["in_all"])
+
+
+def segmentation_inputs(wildcards):
+    """Training inputs: the split's manifests, RAS scans, brain masks and mapped truth (demo); dataset.json (msd)."""
+    if SEG["source"] == "msd":
+        manifest = Path(SEG["msd_root"]) / "dataset.json"
+        if not manifest.is_file():
+            raise WorkflowError(
+                f"segmentation.source is msd but {manifest} does not exist. Download Task04_Hippocampus.tar from "
+                f"the Medical Segmentation Decathlon (http://medicaldecathlon.com), unpack it and set "
+                f"segmentation.msd_root to the folder holding dataset.json, imagesTr/ and labelsTr/ (the workflow "
+                f"never downloads it); or set segmentation.source: demo with the demo collection."
+            )
+        return {"dataset": str(manifest)}
+    if DATA["source"] != "demo":
+        raise WorkflowError(
+            "segmentation.source demo trains on the demo collection's true hippocampus labels, which exist only "
+            "with data.source demo; with ADNI data set segmentation.source: msd and segmentation.msd_root."
+        )
+    return {
+        "train": f"{SPLITS}/train.csv",
+        "val": f"{SPLITS}/val.csv",
+        "test": f"{SPLITS}/test.csv",
+        "truth": expand_scans(SEGMENTATION_TRUTH),
+        "images": expand_scans(stage_file("ras")),
+        "masks": expand_scans(stage_file("ras", "_mask")),
+    }
+
+
+def segmentation_source_flags(wildcards, input):
+    """Where the training labels come from, as command-line flags."""
+    if SEG["source"] == "msd":
+        return f"--source msd --msd-root {shlex.quote(SEG['msd_root'])} --val-share {SEG['val_share']}"
+    return (
+        f"--source demo --train {shlex.quote(input.train)} --val {shlex.quote(input.val)}"
+        f" --test {shlex.quote(input.test)} --truth-dir {shlex.quote(SEGMENTATION_TRUTH_DIR)}"
+    )
+
+
+def segmentation_flags():
+    """The U-Net's settings (config segmentation:) as command-line flags."""
+    s, aug = SEG, SEG["augmentation"]
+
+    def join(values):
+        return " ".join(str(v) for v in values)
+
+    return " ".join(
+        [
+            f"--model {s['model']} --plane {s['plane']} --channels {join(s['channels'])}",
+            f"--strides {join(s['strides'])} --num-res-units {s['num_res_units']} --norm {s['norm']}",
+            f"--norm-groups {s['norm_groups']} --dropout {s['dropout']} --loss {s['loss']} --steps {s['steps']}",
+            f"--val-every {s['val_every']} --batch-size {s['batch_size']} --lr {s['lr']}",
+            f"--weight-decay {s['weight_decay']} --patch-size {join(s['patch_size'])}",
+            f"--pos-fraction {s['pos_fraction']} --flip-p {aug['flip_p']} --rotate-p {aug['rotate_p']}",
+            f"--rotate-deg {aug['rotate_deg']} --elastic-p {aug['elastic_p']}",
+            f"--elastic-3d-sigma {join(aug['elastic_3d_sigma'])}",
+            f"--elastic-3d-magnitude {join(aug['elastic_3d_magnitude'])}",
+            f"--elastic-2d-spacing {join(aug['elastic_2d_spacing'])}",
+            f"--elastic-2d-magnitude {join(aug['elastic_2d_magnitude'])}",
+            f"--sw-batch-size {s['sw_batch_size']} --overlap {s['overlap']}",
+            "--largest-component" if s["largest_component"] else "--no-largest-component",
+            f"--seed {s['seed']} --device {s['device']} --num-workers {s['num_workers']}",
+        ]
+    )
+
+
+def segmentation_outputs(wildcards):
+    """The trained model's summary, Dice table and figure, every scan's mask and their volumes."""
+    return [
+        f"{SEGMENTATION}/summary.json",
+        f"{SEGMENTATION}/dice.tsv",
+        f"{SEGMENTATION}/best_worst.png",
+        *expand_scans(stage_file("hippocampus")),
+        f"{RESULTS}/volumetry/unet/volumes.tsv",
+    ]
+
+
+def segmentation_targets(wildcards):
+    """What `all` builds of the segmentation branch (segmentation.in_all)."""
+    return segmentation_outputs(wildcards) if segmentation_in_all() else []

@@ -65,12 +65,7 @@ rule cv_summary:
         fold_metrics,
     output:
         summary=f"{RESULTS}/cv/{{experiment}}/summary.json",
-        table=report(
-            f"{RESULTS}/cv/{{experiment}}/summary.md",
-            caption="../report/cv.rst",
-            category="Cross-validation",
-            labels={"experiment": "{experiment}"},
-        ),
+        table=f"{RESULTS}/cv/{{experiment}}/summary.md",  # shown in the report as results/report/<exp>/cv.html
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/summary.log",
     threads: 1

@@ -149,7 +149,7 @@ rule provenance:
         json=f"{REPORT}/provenance.json",
         html=report(f"{REPORT}/provenance.html", caption="../report/provenance.rst", category="Provenance"),
     params:
-        config=json.dumps(config, sort_keys=True, default=str),
+        config=json.dumps(config, default=str),
         models=provenance_models,
     log:
         f"{RESULTS}/logs/report/provenance.log",

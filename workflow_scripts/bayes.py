@@ -35,7 +35,8 @@ from workflow_scripts import cli
 from workflow_scripts.compare import read_metrics
 from workflow_scripts.evaluate import save_figure
 from workflow_scripts.nifti_io import write_text_atomic
-from workflow_scripts.report_tables import heading, html_page, html_table, markdown_table, paragraph, write_table
+from workflow_scripts.report_tables import (heading, html_page, html_table, markdown_table, paragraph, read_json,
+                                            write_table)
 
 LOG = logging.getLogger(__name__)
 
@@ -212,11 +213,12 @@ def html(result: dict) -> str:
              f"Beta({a_se:g}, {b_se:g}), specificity Beta({a_sp:g}, {b_sp:g}) (Beta(1, 1) is uniform), updated "
              f"with the test counts; PPV and NPV by Monte Carlo ({result['n_draws']:,} draws, seed "
              f"{result['seed']}) at each prevalence, taken as known. The subject level counts each person once "
-             f"(scan probabilities averaged), as the model assumes independent cases; the scan level counts "
-             f"every scan and its intervals are too narrow when people have several scans.")
+             f"(scan probabilities averaged), as the Beta-binomial model assumes independent cases; the scan "
+             f"level counts every scan and its intervals are too narrow when people have several scans.")
     parts = [paragraph(intro)]
     for level, block in result["levels"].items():
-        parts += [heading(f"{level} level: sensitivity, specificity, likelihood ratios"), html_table(rates_table(block)),
+        parts += [heading(f"{level} level: sensitivity, specificity, likelihood ratios"),
+                  html_table(rates_table(block)),
                   heading(f"{level} level: predictive values by setting"), html_table(level_table(block))]
         parts += [paragraph(f"Warning: {warning}") for warning in block["warnings"]]
     return html_page(f"{result['experiment']}: predictive values where the test would be used", parts)
@@ -244,7 +246,7 @@ def plot_curves(result: dict, se: np.ndarray, sp: np.ndarray, path: str | Path) 
             # labels alternate below and above their point so that close prevalences stay legible, and stay
             # inside the axes near 0 and 1
             below = value > 0.85 or (value >= 0.15 and i % 2 == 0)
-            ax.annotate(f"{entry['name']} ({100 * entry['value']:g}%): {100 * value:.0f}%", (entry["value"], value),
+            ax.annotate(f"{entry['name']} at {100 * entry['value']:g}%: {100 * value:.0f}%", (entry["value"], value),
                         xytext=(6, -14 if below else 8), textcoords="offset points", fontsize=7.5,
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
         ax.set_xscale("logit")
@@ -346,11 +348,14 @@ def clinician_rows(results: Sequence[dict], metrics: Sequence[dict], literature:
                "setting / comparison": f"{lit['setting']}; {lit['comparison']}",
                "n AD / n reference": f"{lit['n_ad'] or '?'} / {lit['n_reference'] or '?'}",
                "sensitivity": _percent(se, lit["sensitivity_ci"]), "specificity": _percent(sp, lit["specificity_ci"]),
-               "AUC": "not reported" if auc is None else f"{auc:.2f}" + (f" [{lit['auc_ci']}]" if lit["auc_ci"] else "")}
+               "AUC": "not reported" if auc is None else
+               f"{auc:.2f}" + (f" [{lit['auc_ci']}]" if lit["auc_ci"] else "")}
         for entry in prevalences:
-            ppv, npv = (None, None) if se is None or sp is None else predictive_values(se, sp, entry["value"])
-            row[f"PPV at {100 * entry['value']:g}%"] = "-" if ppv is None else f"{100 * float(ppv):.1f}% (computed here)"
-            row[f"NPV at {100 * entry['value']:g}%"] = "-" if npv is None else f"{100 * float(npv):.1f}% (computed here)"
+            known = se is not None and sp is not None
+            ppv, npv = predictive_values(se, sp, entry["value"]) if known else (None, None)
+            for key, value in (("PPV", ppv), ("NPV", npv)):
+                shown = f"{100 * float(value):.1f}% (computed here)" if known else "-"
+                row[f"{key} at {100 * entry['value']:g}%"] = shown
         row["source"] = (f"{lit['citation']}" + (f" doi:{lit['doi']}" if lit["doi"] else "")
                          + f". Quantity: {lit['quantity']}" + (f". Note: {lit['note']}" if lit["note"] else ""))
         rows.append(row)
@@ -434,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "clinicians":
         if len(args.posterior) != len(args.metrics):
             raise cli.PipelineError(f"{len(args.posterior)} --posterior files but {len(args.metrics)} --metrics")
-        results = [_read_json(path) for path in args.posterior]
+        results = [read_json(path, "posterior") for path in args.posterior]
         metrics = [read_metrics(path) for path in args.metrics]
         table = clinician_rows(results, metrics, read_literature(args.literature), args.level)
         write_table(table, args.csv, args.markdown)
@@ -443,13 +448,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         LOG.info("wrote %s (%d models, %d literature rows)", args.html, len(results), len(table) - len(results))
     else:
         p.error("choose a command: posterior or clinicians")
-
-
-def _read_json(path: str | Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise cli.PipelineError(f"cannot read {path}: {err}") from err
 
 
 if __name__ == "__main__":

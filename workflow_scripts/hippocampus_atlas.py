@@ -115,7 +115,8 @@ def atlas_hippocampus(scan: nib.Nifti1Image, *, template: str = "mni152_fsl", tr
 
 
 def overlay_figure(scan: nib.Nifti1Image, labels: nib.Nifti1Image, output: str | Path, title: str = "") -> Path:
-    """Three planes through the hippocampi's centre with the labels over the scan: a QC picture."""
+    """Axial and coronal planes through both hippocampi, sagittal through the left one, labels over
+    the scan: a QC picture."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,8 +124,10 @@ def overlay_figure(scan: nib.Nifti1Image, labels: nib.Nifti1Image, output: str |
     from workflow_scripts.evaluate import save_figure
     from workflow_scripts.qc import PLANES, mask_centre, mid_slices
 
-    centre = mask_centre(labels)
-    image_slices, label_slices = mid_slices(scan, centre), mid_slices(labels, centre)
+    both = mask_centre(labels)
+    left = mask_centre(nib.Nifti1Image((np.asanyarray(labels.dataobj) == LEFT).astype(np.uint8), labels.affine))
+    image_slices, label_slices = mid_slices(scan, both), mid_slices(labels, both)
+    image_slices[2], label_slices[2] = mid_slices(scan, left)[2], mid_slices(labels, left)[2]
     zooms = nib.as_closest_canonical(scan).header.get_zooms()[:3]
     aspects = (zooms[1] / zooms[0], zooms[2] / zooms[0], zooms[2] / zooms[1])
     high = np.percentile(np.concatenate([s.ravel() for s in image_slices]), 99.5) or 1.0

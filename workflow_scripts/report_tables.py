@@ -275,35 +275,42 @@ def read_history(path: str | Path) -> pd.DataFrame:
 
 
 def plot_training_curves(runs: Sequence[tuple[str, pd.DataFrame]], path: str | Path, title: str) -> Path:
-    """Loss, accuracy, balanced accuracy and AUC per epoch: training dashed, validation solid, one colour per run."""
+    """Loss, accuracy, balanced accuracy and AUC per epoch: training dashed, validation solid, one colour
+    per run (the first run thick)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     from workflow_scripts.evaluate import save_figure
 
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.0 * len(CURVE_PANELS), 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    axes = axes.ravel()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, history), colour in zip(runs, colours * (1 + len(runs) // len(colours))):
-        main = name == runs[0][0]
+    handles = []
+    for index, (name, history) in enumerate(runs):
+        colour, main = colours[index % len(colours)], index == 0
+        handles.append(Line2D([], [], color=colour, linewidth=2.4 if main else 1.2, label=name))
         for ax, (key, label) in zip(axes, CURVE_PANELS):
             for split, style in (("train", "--"), ("val", "-")):
                 column = f"{split}_{key}"
                 if column not in history or history[column].isna().all():
                     continue
                 ax.plot(history["epoch"], pd.to_numeric(history[column], errors="coerce"), style, color=colour,
-                        linewidth=2.2 if main else 1.2, alpha=1.0 if main else 0.8, marker="o", markersize=3,
-                        label=f"{name} {'training' if split == 'train' else 'validation'}")
+                        linewidth=2.4 if main else 1.2, alpha=1.0 if main else 0.75, marker="o", markersize=3)
             ax.set_title(label, fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
     for ax, (key, _) in zip(axes, CURVE_PANELS):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
         if key != "loss":
             ax.set_ylim(-0.02, 1.02)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
+    handles += [Line2D([], [], color="black", linestyle="--", label="training"),
+                Line2D([], [], color="black", linestyle="-", label="validation")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8.5)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // 5), 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(handles) // 7), 1, 0.96))
     return save_figure(fig, Path(path))
 
 
@@ -381,7 +388,7 @@ def provenance_html(record: dict) -> str:
     parts += [heading("Library versions (report job)"),
               html_table(pd.DataFrame([{"package": k, "version": v} for k, v in record["packages"].items()])),
               heading("Configuration (after defaults and --configfile overrides)"),
-              f"<pre>{_html.escape(yaml.safe_dump(record['config'], sort_keys=False))}</pre>"]
+              f"<pre>{_html.escape(yaml.safe_dump(record['config'], sort_keys=False, default_flow_style=None))}</pre>"]
     return html_page("Provenance", parts)
 
 
