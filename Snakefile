@@ -40,6 +40,7 @@ include: "rules/volumetry.smk"
 include: "rules/segmentation.smk"
 include: "rules/evaluate.smk"
 include: "rules/bayes.smk"
+include: "rules/explain.smk"
 include: "rules/report.smk"
 
 
@@ -55,3 +56,4 @@ rule all:
         embedding_figures,
         VOLUMETRY_TABLES,
         segmentation_targets,
+        rules.explain.input,

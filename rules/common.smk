@@ -272,6 +272,7 @@ def hippocampus_atlas_flags():
     return (
         f"--template {HIPPO['template']} --transform {shlex.quote(HIPPO['transform'])}"
         f" --reg-iterations {' '.join(str(i) for i in HIPPO['reg_iterations'])} --seed {HIPPO['seed']}"
+        + ("" if HIPPO["drop_csf"] else " --keep-csf")
     )
 
 
@@ -289,7 +290,9 @@ def volumetry_masks(name):
 
 
 # The volumes tables the volumetry experiments read (built by `all`).
-VOLUMETRY_TABLES = sorted({f"{RESULTS}/volumetry/{volumetry_masks(n)}/volumes.tsv" for n in experiments_of("volumetry")})
+VOLUMETRY_TABLES = sorted(
+    {f"{RESULTS}/volumetry/{volumetry_masks(name)}/volumes.tsv" for name in experiments_of("volumetry")}
+)
 
 
 def volumetry_volumes(wildcards):
@@ -443,3 +446,52 @@ def segmentation_outputs(wildcards):
 def segmentation_targets(wildcards):
     """What `all` builds of the segmentation branch (segmentation.in_all)."""
     return segmentation_outputs(wildcards) if segmentation_in_all() else []
+
+
+# --- explanations -----------------------------------------------------------------------
+
+EXPLAIN = config["explain"]
+
+
+def explain_experiments():
+    """explain.experiments, or every enabled video experiment; anything else named stops the run."""
+    video = experiments_of("video")
+    named = EXPLAIN["experiments"] or video
+    wrong = [name for name in named if name not in video]
+    if wrong:
+        raise WorkflowError(
+            f"explain.experiments names {', '.join(wrong)}, which are not enabled video experiments "
+            f"({', '.join(video) or 'none'}); the 2D slice baseline and volumetry are not explained"
+        )
+    return named
+
+
+EXPLAIN_EXPERIMENTS = explain_experiments()
+
+
+def explain_inputs(wildcards):
+    """The chosen scans' tensors, RAS scans, brain masks and hippocampus labels, in the order of
+    scans.csv (known once checkpoint explain_scans has chosen them from the test predictions)."""
+    chosen = pd.read_csv(checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0], dtype=str)
+
+    def files(pattern):
+        return expand(pattern, zip, subject=chosen["subject"], image_id=chosen["image_id"])
+
+    return {
+        "model": f"{RESULTS}/models/{wildcards.experiment}/summary.json",
+        "scans": checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0],
+        "tensors": files(TENSOR_FILE),
+        "images": files(stage_file("ras")),
+        "brains": files(stage_file("ras", "_mask")),
+        "hippocampi": files(HIPPOCAMPUS_MASKS[EXPLAIN["hippocampus_masks"]]),
+    }
+
+
+def explain_flags():
+    e = EXPLAIN
+    return (
+        f"--methods {' '.join(e['methods'])} --target {e['target']} --gradcam-layer {shlex.quote(e['gradcam_layer'])}"
+        f" --occlusion-patch {e['occlusion_patch']} --occlusion-stride {e['occlusion_stride']}"
+        f" --occlusion-batch {e['occlusion_batch']} --hippocampus-masks {e['hippocampus_masks']}"
+        f" --n-boot {e['n_boot']} --seed {e['seed']} --device {config['train']['device']}"
+    )

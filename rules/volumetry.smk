@@ -14,7 +14,8 @@ rule volumetry:
 
 rule hippocampus_atlas:
     input:
-        stage_file("ras"),
+        image=stage_file("ras"),
+        mask=stage_file("ras", "_mask"),
     output:
         labels=stage_file("hippocampus_atlas"),
         sidecar=f"{RESULTS}/hippocampus_atlas/{{subject}}/{{image_id}}.json",
@@ -37,8 +38,9 @@ rule hippocampus_atlas:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.hippocampus_atlas --threads {threads} {params.flags} --input {input:q}"
-        " --output {output.labels:q} --sidecar {output.sidecar:q} --figure {output.figure:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.hippocampus_atlas --threads {threads} {params.flags} --input {input.image:q}"
+        " --mask {input.mask:q} --output {output.labels:q} --sidecar {output.sidecar:q} --figure {output.figure:q}"
+        " > {log:q} 2>&1"
 
 
 rule hippocampal_volumes:

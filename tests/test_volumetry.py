@@ -58,7 +58,8 @@ def test_the_volumes_table_has_one_row_per_scan_and_names_a_missing_mask(tmp_pat
         (tmp_path / row.subject).mkdir()
         _image(_labels(left=5 + n, right=6), (1.0, 1.0, 1.0), tmp_path / row.subject / f"{row.image_id}.nii.gz")
         _image(np.ones((10, 10, 10), np.uint8), (2.0, 2.0, 2.0), tmp_path / row.subject / f"{row.image_id}_mask.nii.gz")
-    masks, icv = str(tmp_path / "{subject}" / "{image_id}.nii.gz"), str(tmp_path / "{subject}" / "{image_id}_mask.nii.gz")
+    masks = str(tmp_path / "{subject}" / "{image_id}.nii.gz")
+    icv = str(tmp_path / "{subject}" / "{image_id}_mask.nii.gz")
 
     table = volumetry.volumes_table(scans, masks, icv)
 
@@ -87,7 +88,8 @@ def test_an_empty_brain_mask_stops_with_the_file_named(tmp_path):
 
 # --- the classifier on synthetic features ---------------------------------------------------
 
-def _cohort(n_subjects: int, seed: int, shift: float = 4.0, scans_per_subject: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _cohort(n_subjects: int, seed: int, shift: float = 4.0,
+            scans_per_subject: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A manifest and a volumes table: AD hippocampi ``shift`` SDs smaller than CN ones."""
     rng = np.random.default_rng(seed)
     manifest, volumes = [], []

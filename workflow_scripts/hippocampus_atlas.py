@@ -8,6 +8,13 @@ by default FSL's MNI152 T1 1 mm brain, the template the Harvard-Oxford atlas was
 (its 50% maximum-probability hippocampi, the labels the demo plants). Labels are warped with
 ANTs' ``genericLabel`` interpolation (nearest neighbour for labels) and written as uint8,
 1 = left hippocampus, 2 = right, the convention of the demo truth and the segmentation U-Net.
+
+A registration carries the template's hippocampus, not the scan's: where an atrophied
+hippocampus has given way to CSF (a widened temporal horn and hippocampal fissure), the warped
+label still covers the CSF. So, by default, label voxels at CSF intensity are dropped: those at
+or below the lower threshold of a three-class Otsu (CSF / grey / white matter; Otsu 1979, the
+multi-level form of Liao et al. 2001) of the scan's brain voxels. On the demo this is what
+makes the volumes track the planted atrophy (see README, Hippocampal volumetry).
 """
 from __future__ import annotations
 
@@ -87,9 +94,24 @@ def warp_labels(labels: np.ndarray, moving: nib.Nifti1Image, fixed: nib.Nifti1Im
     return np.rint(warped.numpy()).astype(np.uint8)
 
 
-def atlas_hippocampus(scan: nib.Nifti1Image, *, template: str = "mni152_fsl", transform: str = "SyN",
-                      reg_iterations: Sequence[int] = (40, 20, 0), seed: int = 1) -> tuple[nib.Nifti1Image, dict]:
-    """Hippocampus labels on ``scan``'s grid and a record of how they were made."""
+def csf_threshold(values: np.ndarray) -> float:
+    """The CSF / grey-matter intensity boundary of brain voxels: the lower three-class Otsu threshold."""
+    from skimage.filters import threshold_multiotsu
+
+    return float(threshold_multiotsu(np.asarray(values, dtype=np.float32), classes=3)[0])
+
+
+def exclude_csf(labels: np.ndarray, image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, float]:
+    """``labels`` without the voxels at CSF intensity (see csf_threshold), and the threshold used."""
+    threshold = csf_threshold(image[brain])
+    return np.where(image > threshold, labels, 0).astype(labels.dtype), threshold
+
+
+def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = None, template: str = "mni152_fsl",
+                      transform: str = "SyN", reg_iterations: Sequence[int] = (40, 20, 0), seed: int = 1,
+                      drop_csf: bool = True) -> tuple[nib.Nifti1Image, dict]:
+    """Hippocampus labels on ``scan``'s grid and a record of how they were made; ``brain`` (the scan's
+    brain mask, default: its non-zero voxels) gives the intensities the CSF threshold comes from."""
     moving = template_image(template)
     labels = template_labels(moving)
     started = time.perf_counter()
@@ -99,19 +121,33 @@ def atlas_hippocampus(scan: nib.Nifti1Image, *, template: str = "mni152_fsl", tr
         warped = warp_labels(labels, moving, scan, result["fwdtransforms"])
     seconds = time.perf_counter() - started
     warped[~np.isin(warped, (LEFT, RIGHT))] = 0
-    found = {side: int(np.count_nonzero(warped == code)) for side, code in (("left", LEFT), ("right", RIGHT))}
+    warped_voxels = _voxels(warped)
+    threshold = None
+    if drop_csf:
+        image = np.asarray(scan.dataobj, dtype=np.float32)
+        inside = image > 0 if brain is None else np.asanyarray(brain.dataobj) > 0
+        if inside.shape != image.shape:
+            raise cli.PipelineError(f"the brain mask's grid {inside.shape} is not the scan's {image.shape}; pass "
+                                    f"the mask written beside the scan (results/ras/<subject>/<image_id>_mask.nii.gz)")
+        warped, threshold = exclude_csf(warped, image, inside)
+    found = _voxels(warped)
     empty = [side for side, n in found.items() if n == 0]
     if empty:
         raise cli.PipelineError(
-            f"the {' and '.join(empty)} hippocampus fell outside the scan after registering the template "
-            f"({transform}); look at the scan (is it skull-stripped and whole?) and its QC montage")
+            f"the {' and '.join(empty)} hippocampus fell outside the scan's brain tissue after registering the "
+            f"template ({transform}); look at the scan (is it skull-stripped and whole?) and its QC montage")
     provenance = extend_provenance(provenance_of(scan), "hohippocampus")
     image = clean_image(warped, scan.affine, provenance, dtype=np.uint8)
     record = {"template": TEMPLATES[template][-1], "atlas": "Harvard-Oxford subcortical, >= 50% probability",
               "labels": {"1": "left hippocampus", "2": "right hippocampus"}, "transform": transform,
               "reg_iterations": [int(i) for i in reg_iterations], "seed": int(seed),
-              "interpolation": "genericLabel", "voxels": found, "seconds": round(seconds, 2)}
+              "interpolation": "genericLabel", "csf_dropped": drop_csf, "csf_threshold": threshold,
+              "voxels_warped": warped_voxels, "voxels": found, "seconds": round(seconds, 2)}
     return image, record
+
+
+def _voxels(labels: np.ndarray) -> dict[str, int]:
+    return {side: int(np.count_nonzero(labels == code)) for side, code in (("left", LEFT), ("right", RIGHT))}
 
 
 def overlay_figure(scan: nib.Nifti1Image, labels: nib.Nifti1Image, output: str | Path, title: str = "") -> Path:
@@ -147,6 +183,7 @@ def overlay_figure(scan: nib.Nifti1Image, labels: nib.Nifti1Image, output: str |
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="the scan's RAS volume (results/ras/<subject>/<image_id>.nii.gz)")
+    p.add_argument("--mask", help="the scan's brain mask (default: its non-zero voxels), for the CSF threshold")
     p.add_argument("--output", required=True, help="labels NIfTI to write (uint8, 1 = left, 2 = right)")
     p.add_argument("--sidecar", help="JSON record of the registration to write")
     p.add_argument("--figure", help="QC PNG to write: the labels over the scan")
@@ -155,11 +192,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reg-iterations", type=int, nargs="+", default=[40, 20, 0],
                    help="SyN iterations per resolution level, coarse to fine (antspyx default 40 20 0)")
     p.add_argument("--seed", type=int, default=1, help="seed of the registration's random metric sampling")
+    p.add_argument("--keep-csf", action="store_true", help="keep warped label voxels at CSF intensity")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     scan = load_nifti(args.input)
-    labels, record = atlas_hippocampus(scan, template=args.template, transform=args.transform,
-                                       reg_iterations=args.reg_iterations, seed=args.seed)
+    brain = load_nifti(args.mask) if args.mask else None
+    labels, record = atlas_hippocampus(scan, brain=brain, template=args.template, transform=args.transform,
+                                       reg_iterations=args.reg_iterations, seed=args.seed,
+                                       drop_csf=not args.keep_csf)
     save_nifti_atomic(labels, args.output)
     record.update(scan=str(args.input), threads=args.threads)
     if args.sidecar:

@@ -8,7 +8,8 @@ classifier on them (logistic regression), judged like the networks.
         --train results/splits/train.csv --val results/splits/val.csv --out-dir results/models/hippocampal_volumetry
     python -m workflow_scripts.volumetry fit ... --folds-csv results/splits/cv_folds.csv --fold 0 --out-dir ...
     python -m workflow_scripts.volumetry predict --model results/models/hippocampal_volumetry/model.joblib \\
-        --volumes ... --manifest results/splits/test.csv --output results/evaluation/hippocampal_volumetry/test_predictions.csv
+        --volumes ... --manifest results/splits/test.csv \\
+        --output results/evaluation/hippocampal_volumetry/test_predictions.csv
 
 Volumes are voxel counts times the voxel volume of the mask's own header (mm^3), so masks on
 any grid (the atlas labels on the 128^3 model input, U-Net masks, the native-grid brain mask)

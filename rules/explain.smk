@@ -1,0 +1,85 @@
+# Explanations of the video networks on test scans: which test scans (a checkpoint: the rest of
+# the DAG depends on the predictions), then per experiment 3D Grad-CAM and occlusion maps,
+# slice figures, depth profiles, the hippocampal share of attribution and the
+# randomised-weights sanity check (Adebayo et al. 2018).
+
+
+rule explain:
+    input:
+        expand(f"{RESULTS}/explain/{{experiment}}/summary.json", experiment=EXPLAIN_EXPERIMENTS),
+    localrule: True
+
+
+checkpoint explain_scans:
+    input:
+        f"{RESULTS}/evaluation/{{experiment}}/test_predictions.csv",
+    output:
+        f"{RESULTS}/explain/{{experiment}}/scans.csv",
+    params:
+        n_correct=EXPLAIN["n_correct"],
+        n_wrong=EXPLAIN["n_wrong"],
+    log:
+        f"{RESULTS}/logs/explain/{{experiment}}_scans.log",
+    localrule: True
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.explain choose --predictions {input:q} --n-correct {params.n_correct}"
+        " --n-wrong {params.n_wrong} --output {output:q} > {log:q} 2>&1"
+
+
+rule explain_experiment:
+    wildcard_constraints:
+        experiment=name_pattern(EXPLAIN_EXPERIMENTS),
+    input:
+        unpack(explain_inputs),
+    output:
+        summary=f"{RESULTS}/explain/{{experiment}}/summary.json",
+        shares=f"{RESULTS}/explain/{{experiment}}/hippocampal_share.csv",
+        share_summary=f"{RESULTS}/explain/{{experiment}}/hippocampal_share_summary.csv",
+        profiles=f"{RESULTS}/explain/{{experiment}}/depth_profiles.csv",
+        sanity=f"{RESULTS}/explain/{{experiment}}/sanity.csv",
+        share_figure=report(
+            f"{RESULTS}/explain/{{experiment}}/hippocampal_share.png",
+            caption="../report/explain_share.rst",
+            category="Explanations",
+            labels={"experiment": "{experiment}", "figure": "hippocampal share"},
+        ),
+        profiles_figure=report(
+            f"{RESULTS}/explain/{{experiment}}/depth_profiles.png",
+            caption="../report/explain_profiles.rst",
+            category="Explanations",
+            labels={"experiment": "{experiment}", "figure": "depth profiles"},
+        ),
+        page=report(
+            f"{RESULTS}/explain/{{experiment}}/explain.html",
+            caption="../report/explain_tables.rst",
+            category="Explanations",
+            labels={"experiment": "{experiment}", "figure": "tables"},
+        ),
+        scans=report(
+            directory(f"{RESULTS}/explain/{{experiment}}/scans"),
+            patterns=["{subject}/{image_id}.png"],
+            caption="../report/explain_maps.rst",
+            category="Explanations",
+            labels={"experiment": "{experiment}", "figure": "maps {subject} {image_id}"},
+        ),
+    params:
+        checkpoint=selected_checkpoint,
+        flags=explain_flags(),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/explain/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/explain/{{experiment}}.tsv"
+    threads: res("explain", "threads")
+    resources:
+        mem_mb=res("explain", "mem_mb"),
+        runtime=res("explain", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.explain run --threads {threads} --scans {input.scans:q}"
+        " --checkpoint {params.checkpoint:q} --tensors {input.tensors:q} --images {input.images:q}"
+        " --brains {input.brains:q} --hippocampi {input.hippocampi:q} --out-dir {params.out_dir:q}"
+        " --experiment {wildcards.experiment} {params.flags} > {log:q} 2>&1"
