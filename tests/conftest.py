@@ -102,6 +102,8 @@ TINY = {
                                     "n_slices": 4, "slice_spacing": 4,
                                     "train": {"optimizer": "adam", "scheduler": "plateau", "unfreeze_epoch": 2,
                                               "early_stopping": "loss", "selection": "loss"}},
+                    # the hippocampal volumetry baseline on atlas labels warped to each scan
+                    "hippocampal_volumetry": {"kind": "volumetry", "masks": "atlas"},
                     # the volumetry baseline on the segmentation U-Net's masks, beside the atlas one
                     "hippocampal_volumetry_unet": {"kind": "volumetry", "masks": "unet"}},
     "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,6 @@ from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, bui
 from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, msd_items,
                                                 train_transforms, truth_on_grid)
 from workflow_scripts.skullstrip import dice
-from workflow_scripts.split import MANIFEST_COLUMNS
 from conftest import REPO, TINY
 
 # The settings of the tiny runs: the TINY config's U-Net (a 3D U-Net on the whole 32^3 volume).
@@ -226,13 +226,13 @@ def test_dice_rows_score_each_side():
     assert dice_row(swapped, truth, sided=True)["dice"] == 0 and dice_row(swapped, truth, sided=False)["dice"] == 1
 
 
-# ----------------------------------------------------------------------------- training on the tiny demo
+# ----------------------------------------------------------------------------- training on a tiny demo
 
 
 def location_prior_dice(train: pd.DataFrame, held_out: pd.DataFrame, truth_dir) -> float:
     """Mean held-out Dice of the trivial 'atlas' predictor: each voxel gets the side most training
     scans have there (crop and zoom align the brains, so position alone says a lot)."""
-    read = lambda r: np.asanyarray(load_nifti(truth_dir / r.subject / f"{r.image_id}.nii.gz").dataobj)  # noqa
+    read = lambda r: np.asanyarray(load_nifti(Path(truth_dir) / r.subject / f"{r.image_id}.nii.gz").dataobj)  # noqa
     stack = np.stack([read(r) for r in train.itertuples()])
     prior = np.zeros(stack.shape[1:], np.uint8)
     for side in (1, 2):
@@ -240,55 +240,124 @@ def location_prior_dice(train: pd.DataFrame, held_out: pd.DataFrame, truth_dir) 
     return float(np.mean([dice_row(prior, read(r), sided=True)["dice"] for r in held_out.itertuples()]))
 
 
-@pytest.fixture(scope="module")
-def demo(demo_run):
-    results = demo_run / "results"
-    manifests = {p: pd.read_csv(results / "splits" / f"{p}.csv", dtype=str) for p in ("train", "val", "test")}
-    for table in manifests.values():
-        table["path"] = [str(demo_run / p) for p in table["path"]]
-    truth_dir = results / "segmentation" / "truth"
-    held_out = pd.concat([manifests["val"], manifests["test"]])
-    return {"results": results, "manifests": manifests, "truth_dir": truth_dir,
-            "prior": location_prior_dice(manifests["train"], held_out, truth_dir)}
-
-
 def held_out_dice(table: pd.DataFrame) -> float:
     return float(table.loc[table["partition"] != "train", "dice"].mean())
 
 
-def test_workflow_unet3d_beats_the_trivial_predictors_on_held_out_scans(demo):
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """A tiny demo study for training: 20 subjects (10 AD, 10 CN, 3 mm voxels) from the demo generator,
+    brought to the model's 32^3 RAS grid with the pipeline's own functions (dicom2nifti conversion,
+    brain crop and zoom, RAS), the demo's true brain mask standing in for skull stripping, N4 and the
+    1 mm resampling left out (about 20 s in all, against minutes through the workflow); true labels
+    mapped with ``truth_on_grid``; a subject-level split by the project's split module (10 train,
+    2 val, 8 test subjects)."""
+    from nibabel.processing import resample_from_to
+
+    from workflow_scripts.convert import convert_series
+    from workflow_scripts.crop import crop_and_zoom
+    from workflow_scripts.demo import generate_collection
+    from workflow_scripts.ingest import find_image_dir
+    from workflow_scripts.nifti_io import clean_image, save_nifti_atomic
+    from workflow_scripts.reorient import to_ras
+    from workflow_scripts.split import make_split
+
+    root = tmp_path_factory.mktemp("segmentation_study")
+    generate_collection(root, n_subjects=20, seed=5, visits=1, voxel_scale=3.0, n_mci=0, distractors=False)
+    rows = []
+    for row in pd.read_csv(root / "collection.csv", dtype=str).itertuples():
+        subject, image_id = row.Subject, row._1
+        image = convert_series(find_image_dir(root, subject, image_id))
+        truth = root / "truth" / subject
+        brain = np.asanyarray(resample_from_to(load_nifti(truth / f"{image_id}_brainmask.nii.gz"), image,
+                                               order=0).dataobj) > 0
+        stripped = clean_image(np.asarray(image.dataobj, np.float32) * brain, image.affine, "dicom2nifti>truthmask")
+        cropped, mask = crop_and_zoom(stripped, clean_image(brain, image.affine, "truthmask", np.uint8),
+                                      target_shape=(32, 32, 32))
+        ras = to_ras(cropped)
+        save_nifti_atomic(ras, root / "ras" / subject / f"{image_id}.nii.gz")
+        save_nifti_atomic(to_ras(mask), root / "ras" / subject / f"{image_id}_mask.nii.gz")
+        save_nifti_atomic(truth_on_grid(load_nifti(truth / f"{image_id}_hippocampus.nii.gz"), ras),
+                          root / "truth_grid" / subject / f"{image_id}.nii.gz")
+        rows.append({"image_id": image_id, "subject": subject, "group": row.Group})
+    manifests = make_split(pd.DataFrame(rows), path_of=str(root / "ras" / "{subject}" / "{image_id}.nii.gz"),
+                           ratios=(0.5, 0.1, 0.4), folds=2).manifests
+    held_out = pd.concat([manifests["val"], manifests["test"]])
+    return {"root": root, "manifests": manifests, "truth_dir": root / "truth_grid",
+            "items": demo_items(manifests, root / "truth_grid"),
+            "prior": location_prior_dice(manifests["train"], held_out, root / "truth_grid")}
+
+
+# The study's 1,000 steps: at 32^3 about a minute on 2 idle cores.
+STUDY_STEPS = {"steps": 1000, "val_every": 250}
+
+
+@pytest.fixture(scope="module")
+def study_3d(study, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("study_unet3d")
+    summary = fit(settings(**STUDY_STEPS), study["items"], out)
+    return {"out": out, "summary": summary,
+            "dice": pd.read_csv(out / "dice.tsv", sep="\t", dtype={"image_id": str, "subject": str})}
+
+
+def test_unet3d_beats_the_trivial_predictors_on_held_out_subjects(study, study_3d):
     """The Dice floor of every demo variant, on held-out scans (validation and test subjects): an
     empty mask scores 0 and labelling every voxel 0.003 (the hippocampi are about 0.15% of a 32^3
     volume); the strongest trivial predictor, the location prior of the training labels
     (``location_prior_dice``, computed here, not written in), scored about 0.4 on the demo, since
     crop and zoom align the brains. A U-Net that learnt the hippocampus must beat that prior and
-    reach 0.45 (the workflow's 3D U-Net after the TINY config's 300 steps)."""
-    table = pd.read_csv(demo["results"] / "segmentation" / "dice.tsv", sep="\t", dtype={"image_id": str})
-    score = held_out_dice(table)
-    assert score > max(0.45, demo["prior"]), (score, demo["prior"])
+    reach 0.5 (held-out Dice was 0.65-0.70 while this test was written)."""
+    table = study_3d["dice"]
     assert set(table["partition"]) == {"train", "val", "test"}
-
-
-@pytest.mark.parametrize("variant", [
-    {"model": "unet2d", "plane": "coronal", "batch_size": 8},                              # the study's model
-    {"model": "unet2d", "plane": "axial", "batch_size": 8, "norm": "group", "loss": "dice"},
-])
-def test_2d_variants_train_on_the_tiny_demo(demo, tmp_path, variant):
-    """The 2D models, 300 steps each, against the floor of the workflow's 3D U-Net (above)."""
-    items = demo_items(demo["manifests"], demo["truth_dir"])
-    summary = fit(settings(**variant), items, tmp_path)
-    table = pd.read_csv(tmp_path / "dice.tsv", sep="\t", dtype={"image_id": str})
     score = held_out_dice(table)
-    assert score > max(0.45, demo["prior"]), (variant, score, demo["prior"])
-    assert summary["best_volume"]["partition"] in ("val", "test")
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert [row["step"] for row in history] == list(range(50, 301, 50))
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert best["val_dice"] == max(row["val_dice"] for row in history) and best["settings"]["model"] == "unet2d"
+    assert score > max(0.5, study["prior"]), (score, study["prior"])
+    assert study_3d["summary"]["best_volume"]["partition"] in ("val", "test")
+    history = json.loads((study_3d["out"] / "history.json").read_text())
+    assert [row["step"] for row in history] == [250, 500, 750, 1000]
+    best = torch.load(study_3d["out"] / "best.pt", weights_only=True)
+    assert best["val_dice"] == max(row["val_dice"] for row in history)
 
 
-def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midline(demo, tmp_path):
-    """A Task04-shaped folder built from the demo (one 16^3 crop around one hippocampus per scan,
+def test_held_out_volumes_follow_the_planted_volumes_and_atrophy(study, study_3d):
+    """Volumes of the U-Net's masks on the 10 held-out subjects against the demo's planted volumes
+    (truth/volumes.tsv): correlated over their 20 hippocampi (the masks' own truth on this grid
+    correlates about 0.8 with the planted volumes: that is the ceiling at 32^3), and smaller in AD
+    than in CN, raw and divided by the brain mask's volume (the demo plants a 25% loss in AD)."""
+    from workflow_scripts.volumetry import label_volumes, mask_volume
+
+    model, trained = load_segmenter(study_3d["out"] / "best.pt")
+    planted = pd.read_csv(study["root"] / "truth" / "volumes.tsv", sep="\t", dtype={"image_id": str})
+    held_out = pd.concat([study["manifests"]["val"], study["manifests"]["test"]])
+    rows = []
+    for row in held_out.itertuples():
+        image = eval_transforms(with_label=False)({"image": row.path})["image"]
+        brain_img = load_nifti(row.path.replace(".nii.gz", "_mask.nii.gz"))
+        labels = segment(model, image, trained, torch.device("cpu"), np.asanyarray(brain_img.dataobj) > 0)
+        left, right = label_volumes(nib.Nifti1Image(labels, brain_img.affine))
+        rows.append({"image_id": row.image_id, "group": row.group, "left": left, "right": right,
+                     "icv": mask_volume(brain_img)})
+    both = pd.DataFrame(rows).merge(planted, on="image_id", suffixes=("", "_planted"))
+    r, p = stats.pearsonr(np.r_[both["left"], both["right"]],
+                          np.r_[both["hippocampus_left_mm3"], both["hippocampus_right_mm3"]])
+    assert r > 0.4 and p < 0.05, (r, p)
+    total = both["left"] + both["right"]
+    assert total[both["group"] == "AD"].mean() < total[both["group"] == "CN"].mean()
+    share = total / both["icv"]
+    assert share[both["group"] == "AD"].mean() < share[both["group"] == "CN"].mean()
+
+
+def test_the_2d_slice_model_trains_on_the_demo(study, tmp_path):
+    """The study's own model (2D, coronal slices) against the same floor as the 3D U-Net above."""
+    summary = fit(settings(model="unet2d", plane="coronal", batch_size=8, **STUDY_STEPS), study["items"], tmp_path)
+    table = pd.read_csv(tmp_path / "dice.tsv", sep="\t")
+    score = held_out_dice(table)
+    assert score > max(0.5, study["prior"]), (score, study["prior"])
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["settings"]["model"] == "unet2d"
+    assert summary["speed"]["train_steps_per_s"] > 0
+
+
+def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midline(study, tmp_path):
+    """A Task04-shaped folder built from the demo study (one 16^3 crop around one hippocampus per scan,
     stored LAS to prove the RAS reorientation, labels 1 anterior / 2 posterior) is read with MONAI's
     loaders and trained as hippocampus vs background; applied to a whole RAS scan, left and right
     come from the brain mask's midline. The floor is lower than the demo's: each crop holds about 30
@@ -296,10 +365,10 @@ def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midli
     root = tmp_path / "Task04_Hippocampus"
     (root / "imagesTr").mkdir(parents=True), (root / "labelsTr").mkdir()
     entries = []
-    scans = pd.concat(demo["manifests"].values())
+    scans = pd.concat(study["manifests"].values())
     for n, row in enumerate(scans.itertuples()):
-        image = nib.as_closest_canonical(load_nifti(row.path))
-        truth = np.asanyarray(load_nifti(demo["truth_dir"] / row.subject / f"{row.image_id}.nii.gz").dataobj)
+        image = load_nifti(row.path)
+        truth = np.asanyarray(load_nifti(study["truth_dir"] / row.subject / f"{row.image_id}.nii.gz").dataobj)
         side = 1 + n % 2
         centre = np.rint(np.argwhere(truth == side).mean(axis=0)).astype(int)
         lo = np.clip(centre - 8, 0, np.array(truth.shape) - 16)
@@ -315,16 +384,16 @@ def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midli
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     (root / "dataset.json").write_text(json.dumps({"name": "Hippocampus", "labels": {"0": "background",
                                                    "1": "Anterior", "2": "Posterior"}, "training": entries}))
-    items = deal_msd(msd_items(root), 0.34)
+    items = deal_msd(msd_items(root), 0.2)
     loaded = eval_transforms()({"image": items[0]["image"], "label": items[0]["label"]})
     assert loaded["image"].affine[0, 0] > 0  # read back as RAS+
-    small = settings(source="msd", channels=[8, 16, 32], strides=[2, 2], patch_size=[16, 16, 16], steps=200,
-                     norm="group", loss="dicefocal")
+    small = settings(source="msd", channels=[8, 16, 32], strides=[2, 2], patch_size=[16, 16, 16], steps=300,
+                     val_every=100, norm="group", loss="dicefocal")
     summary = fit(small, items, tmp_path / "model")
     table = pd.read_csv(tmp_path / "model" / "dice.tsv", sep="\t")
     assert table["dice_left"].isna().all()  # one hippocampus per crop: no sides
     assert held_out_dice(table) > 0.3, table
-    assert summary["partitions"]["val"]["scans"] == 2 and summary["partitions"]["test"]["scans"] == 0
+    assert summary["partitions"]["val"]["scans"] == 4 and summary["partitions"]["test"]["scans"] == 0
 
     model, trained = load_segmenter(tmp_path / "model" / "best.pt")
     row = scans.iloc[0]
@@ -333,12 +402,21 @@ def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midli
     labels = segment(model, image, trained, torch.device("cpu"), brain)
     midline = np.nonzero(brain)[0].mean()
     assert set(np.unique(labels)) <= {0, 1, 2}
-    for side, on_its_side in ((1, lambda x: x < midline), (2, lambda x: x >= midline)):
-        xs = np.nonzero(labels == side)[0]
-        assert on_its_side(xs).all()
+    assert (np.nonzero(labels == 1)[0] < midline).all() and (np.nonzero(labels == 2)[0] >= midline).all()
 
 
 # ----------------------------------------------------------------------------- the workflow's outputs
+
+
+def test_workflow_unet3d_beats_the_location_prior(demo_run):
+    """The workflow's own U-Net (TINY: 300 steps on the 2 training scans of the shared tiny run)
+    against the floor above, on its 4 held-out scans."""
+    results = demo_run / "results"
+    manifests = {p: pd.read_csv(results / "splits" / f"{p}.csv", dtype=str) for p in ("train", "val", "test")}
+    prior = location_prior_dice(manifests["train"], pd.concat([manifests["val"], manifests["test"]]),
+                                results / "segmentation" / "truth")
+    table = pd.read_csv(results / "segmentation" / "dice.tsv", sep="\t", dtype={"image_id": str})
+    assert held_out_dice(table) > max(0.5, prior), (held_out_dice(table), prior)
 
 
 def test_one_mask_per_scan_on_the_model_input_grid(demo_run):
@@ -381,24 +459,17 @@ def test_training_summary_names_partitions_best_and_worst_and_speed(demo_run):
     assert summary["settings"]["steps"] == TINY["segmentation"]["steps"]
     figure = results / "segmentation" / "best_worst.png"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
-    bench = pd.read_csv(results / "benchmarks" / "segmentation" / "train.tsv", sep="\t")
-    assert bench["s"].iloc[0] > 0
+    assert (results / "benchmarks" / "segmentation" / "train.tsv").is_file()
+    assert len(list((results / "benchmarks" / "hippocampus_unet").glob("*/*.tsv"))) == len(
+        pd.read_csv(results / "scans.tsv", sep="\t"))
 
 
-def test_predicted_volumes_follow_the_planted_volumes_and_atrophy(demo_run):
-    """The U-Net's volumes (rule hippocampal_volumes on its masks) against the demo's planted
-    volumes: correlated over every hemisphere of every scan, and the ICV-normalised volume smaller
-    in AD than in CN (the demo plants 25% hippocampal loss in AD)."""
-    volumes = pd.read_csv(demo_run / "results" / "volumetry" / "unet" / "volumes.tsv", sep="\t", dtype={"image_id": str})
-    planted = pd.read_csv(demo_run / "demo_data" / "truth" / "volumes.tsv", sep="\t", dtype={"image_id": str})
-    both = volumes.merge(planted[["image_id", "hippocampus_left_mm3", "hippocampus_right_mm3"]], on="image_id")
-    assert len(both) == len(volumes) > 0
-    predicted = np.r_[both["left_mm3"], both["right_mm3"]]
-    true = np.r_[both["hippocampus_left_mm3"], both["hippocampus_right_mm3"]]
-    r, p = stats.pearsonr(predicted, true)
-    assert r > 0.5 and p < 0.05, (r, p)
-    share = (both["left_icv"] + both["right_icv"]).groupby(both["group"]).mean()
-    assert share["AD"] < share["CN"], share
+def test_the_unet_volumes_table_covers_every_scan(demo_run):
+    results = demo_run / "results"
+    volumes = pd.read_csv(results / "volumetry" / "unet" / "volumes.tsv", sep="\t", dtype={"image_id": str})
+    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    assert sorted(volumes["image_id"]) == sorted(scans["image_id"])
+    assert (volumes[["left_mm3", "right_mm3"]] > 0).all().all()
 
 
 def test_the_comparison_shows_both_volumetry_baselines(demo_run):

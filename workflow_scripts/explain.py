@@ -56,7 +56,7 @@ from workflow_scripts.nifti_io import clean_image, load_nifti, save_nifti_atomic
 LOG = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "occlusion")
-TARGETS = ("predicted", "AD", "CN", "label")
+TARGETS = ("AD", "CN", "predicted", "label")
 CLASS_NAMES = ("CN", "AD")  # label 0, label 1
 GRADCAM_ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18")  # convolutional video networks
 OCCLUSION_ONLY_ARCHS = ("mvit_v2_s",)  # transformers: no spatial feature map for Grad-CAM
@@ -448,7 +448,7 @@ def explain_page(experiment: str, share_summary: pd.DataFrame, sanity_summary: p
 
 def explain_experiment(scans: pd.DataFrame, checkpoint: str | Path, tensors: Sequence[str], images: Sequence[str],
                        brains: Sequence[str], hippocampi: Sequence[str], out_dir: str | Path, *,
-                       methods: Sequence[str] = METHODS, target: str = "predicted", gradcam_layer: str = "layer4",
+                       methods: Sequence[str] = METHODS, target: str = "AD", gradcam_layer: str = "layer4",
                        occlusion_patch: int = 32, occlusion_stride: int = 32, occlusion_batch: int = 4,
                        hippocampus_masks: str = "atlas", n_boot: int = 2000, seed: int = 0, device: str = "auto",
                        experiment: str = "") -> dict:
@@ -583,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--out-dir", required=True)
     run.add_argument("--experiment", default="")
     run.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    run.add_argument("--target", default="predicted", choices=TARGETS)
+    run.add_argument("--target", default="AD", choices=TARGETS, help="the class whose log-odds are explained")
     run.add_argument("--gradcam-layer", default="layer4")
     run.add_argument("--occlusion-patch", type=int, default=32, help="cube edge in input voxels")
     run.add_argument("--occlusion-stride", type=int, default=32, help="step in input voxels")

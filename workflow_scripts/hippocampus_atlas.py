@@ -112,6 +112,12 @@ def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = 
                       drop_csf: bool = True) -> tuple[nib.Nifti1Image, dict]:
     """Hippocampus labels on ``scan``'s grid and a record of how they were made; ``brain`` (the scan's
     brain mask, default: its non-zero voxels) gives the intensities the CSF threshold comes from."""
+    image = np.asarray(scan.dataobj, dtype=np.float32)
+    if brain is not None and (brain.shape[:3] != image.shape or not np.allclose(brain.affine, scan.affine, atol=1e-3)):
+        raise cli.PipelineError(f"the brain mask's grid ({'x'.join(map(str, brain.shape))}) is not the scan's "
+                                f"({'x'.join(map(str, image.shape))}); pass the mask written beside the scan "
+                                f"(results/ras/<subject>/<image_id>_mask.nii.gz)")
+    inside = image > 0 if brain is None else np.asanyarray(brain.dataobj) > 0
     moving = template_image(template)
     labels = template_labels(moving)
     started = time.perf_counter()
@@ -124,11 +130,6 @@ def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = 
     warped_voxels = _voxels(warped)
     threshold = None
     if drop_csf:
-        image = np.asarray(scan.dataobj, dtype=np.float32)
-        inside = image > 0 if brain is None else np.asanyarray(brain.dataobj) > 0
-        if inside.shape != image.shape:
-            raise cli.PipelineError(f"the brain mask's grid {inside.shape} is not the scan's {image.shape}; pass "
-                                    f"the mask written beside the scan (results/ras/<subject>/<image_id>_mask.nii.gz)")
         warped, threshold = exclude_csf(warped, image, inside)
     found = _voxels(warped)
     empty = [side for side, n in found.items() if n == 0]
@@ -137,13 +138,12 @@ def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = 
             f"the {' and '.join(empty)} hippocampus fell outside the scan's brain tissue after registering the "
             f"template ({transform}); look at the scan (is it skull-stripped and whole?) and its QC montage")
     provenance = extend_provenance(provenance_of(scan), "hohippocampus")
-    image = clean_image(warped, scan.affine, provenance, dtype=np.uint8)
     record = {"template": TEMPLATES[template][-1], "atlas": "Harvard-Oxford subcortical, >= 50% probability",
               "labels": {"1": "left hippocampus", "2": "right hippocampus"}, "transform": transform,
               "reg_iterations": [int(i) for i in reg_iterations], "seed": int(seed),
               "interpolation": "genericLabel", "csf_dropped": drop_csf, "csf_threshold": threshold,
               "voxels_warped": warped_voxels, "voxels": found, "seconds": round(seconds, 2)}
-    return image, record
+    return clean_image(warped, scan.affine, provenance, dtype=np.uint8), record
 
 
 def _voxels(labels: np.ndarray) -> dict[str, int]:

@@ -1,0 +1,168 @@
+"""Explanations: depth profiles, hippocampal share, Grad-CAM and occlusion maps, scan choice, the
+randomisation sanity check; a video network trained here on heads whose only class signal is
+planted hippocampal atrophy must put its attribution on the hippocampi; the workflow's outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from workflow_scripts import cli, explain
+
+SIDE = 32
+
+
+# ----------------------------------------------------------------------------- measures
+
+def test_depth_profiles_sum_to_the_map_total_and_peak_where_the_mass_is():
+    rng = np.random.default_rng(0)
+    attribution = rng.normal(size=(6, 7, 8))
+    for axis in range(3):
+        profile = explain.depth_profile(attribution, axis)
+        assert profile.shape == (attribution.shape[axis],)
+        assert profile.sum() == pytest.approx(attribution.sum())
+    block = np.zeros((6, 7, 8))
+    block[1, 2:4, 5] = 3.0
+    assert [int(np.argmax(explain.depth_profile(block, a))) for a in range(3)] == [1, 2, 5]
+
+
+def test_hippocampal_share_is_one_for_a_uniform_map_and_the_inverse_volume_share_on_the_hippocampi():
+    brain = np.zeros((10, 10, 10), bool)
+    brain[1:9, 1:9, 1:9] = True
+    hippocampus = np.zeros_like(brain)
+    hippocampus[3:5, 3:5, 3:5] = True
+    uniform = np.where(brain, 0.7, 5.0)  # outside the brain does not count
+    assert explain.hippocampal_share(uniform, hippocampus, brain) == pytest.approx(1.0)
+    only_there = np.where(hippocampus, 2.0, -1.0)  # negative attribution elsewhere does not count either
+    assert explain.hippocampal_share(only_there, hippocampus, brain) == pytest.approx(brain.sum() / hippocampus.sum())
+    assert explain.hippocampal_share(np.where(hippocampus, 0.0, 1.0), hippocampus, brain) == 0.0
+    assert np.isnan(explain.hippocampal_share(np.zeros(brain.shape), hippocampus, brain))
+    assert np.isnan(explain.hippocampal_share(uniform, np.zeros_like(brain), brain))
+
+
+def test_rank_correlation_and_bootstrap_mean():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 8, 8))
+    mask = np.ones(a.shape, bool)
+    assert explain.rank_correlation(a, a ** 3, mask) == pytest.approx(1.0)  # monotone: ranks agree
+    assert explain.rank_correlation(a, -a, mask) == pytest.approx(-1.0)
+    assert np.isnan(explain.rank_correlation(a, np.zeros_like(a), mask))
+    mean, low, high = explain.bootstrap_mean([1.0, 3.0, np.nan, 5.0], ["s1", "s1", "s2", "s2"], n_boot=500)
+    assert mean == pytest.approx(3.0)
+    assert low == pytest.approx(2.0) and high == pytest.approx(5.0)  # resamples of {s1: 1, 3} and {s2: 5}
+    assert explain.bootstrap_mean([2.0], ["s"], n_boot=100) == (2.0, 2.0, 2.0)
+    assert explain.bootstrap_mean([np.nan], ["s"]) == (None, None, None)
+
+
+# ----------------------------------------------------------------------------- maps
+
+class RegionModel(nn.Module):
+    """A two-class 'network' whose AD logit is the mean input inside one box and nothing else."""
+
+    def __init__(self, box: tuple[slice, slice, slice]):
+        super().__init__()
+        self.box = box
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = x[(slice(None), 0, *self.box)].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_occlusion_puts_the_attribution_on_the_region_the_model_reads():
+    box = (slice(4, 8), slice(20, 24), slice(8, 12))
+    x = torch.ones(1, 1, SIDE, SIDE, SIDE)
+    attribution = explain.occlusion_map(RegionModel(box), x, target=1, patch=8, stride=4, batch=16)
+    assert attribution.shape == (SIDE,) * 3
+    region = np.zeros(attribution.shape, bool)
+    region[box] = True
+    assert region[explain.hottest_voxel(attribution, np.ones_like(region))]
+    assert attribution[region].min() > 0
+    # voxels no covering cube can reach the box from get nothing; the map's own "share" favours the box
+    assert np.abs(attribution[20:, :, :]).max() == 0
+    assert explain.hippocampal_share(attribution, region, np.ones_like(region)) > 10
+    # explaining CN (the other side of the log-odds) flips the sign
+    cn = explain.occlusion_map(RegionModel(box), x, target=0, patch=8, stride=4, batch=16)
+    np.testing.assert_allclose(cn, -attribution, atol=1e-6)
+
+
+def test_occlusion_rejects_a_patch_larger_than_the_input():
+    with pytest.raises(cli.PipelineError, match="patch"):
+        explain.occlusion_map(RegionModel((slice(0, 2),) * 3), torch.ones(1, 1, 8, 8, 8), 1, patch=16, stride=8)
+
+
+@pytest.fixture(scope="module")
+def random_r3d():
+    from workflow_scripts.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("r3d_18", "none", 2, 1, "layer4").eval()
+
+
+def test_gradcam_map_has_the_input_shape_and_is_not_negative(random_r3d):
+    x = torch.randn(1, 1, 16, SIDE, 24)
+    cam = explain.gradcam_map(random_r3d, x, target=1, layer="layer4")
+    assert cam.shape == (16, SIDE, 24) and cam.dtype == np.float32
+    assert np.isfinite(cam).all() and cam.min() >= 0
+    with pytest.raises(cli.PipelineError, match="no layer 'layer9'"):
+        explain.gradcam_map(random_r3d, x, target=1, layer="layer9")
+
+
+def test_randomised_copy_changes_every_weight_and_leaves_the_model_alone(random_r3d):
+    before = {k: v.clone() for k, v in random_r3d.state_dict().items()}
+    twin = explain.randomised_copy(random_r3d, seed=3)
+    for name, value in random_r3d.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    changed = [name for name, p in twin.named_parameters()
+               if not torch.equal(p, dict(random_r3d.named_parameters())[name])]
+    weights = [name for name, p in twin.named_parameters() if p.dim() > 1]
+    assert set(weights) <= set(changed)
+    assert not twin.training
+
+
+def test_methods_for_each_architecture():
+    assert explain.methods_for("r3d_18", ["gradcam", "occlusion"]) == (["gradcam", "occlusion"], {})
+    kept, skipped = explain.methods_for("mvit_v2_s", ["gradcam", "occlusion"])
+    assert kept == ["occlusion"] and "transformer" in skipped["gradcam"]
+    with pytest.raises(cli.PipelineError, match="transformer"):
+        explain.methods_for("mvit_v2_s", ["gradcam"])
+    with pytest.raises(cli.PipelineError, match="2D slice baseline"):
+        explain.methods_for("resnet50", ["occlusion"])
+
+
+# ----------------------------------------------------------------------------- choosing scans
+
+def _predictions() -> pd.DataFrame:
+    return pd.DataFrame({
+        "image_id": ["I1", "I2", "I3", "I4", "I5", "I6", "I7"],
+        "subject": ["a", "b", "c", "d", "e", "f", "g"],
+        "label": [1, 1, 1, 1, 0, 0, 0],
+        "prob": [0.9, 0.6, 0.2, 0.45, 0.1, 0.3, 0.8],
+        "pred": [1, 1, 0, 0, 0, 0, 1]})
+
+
+def test_choose_scans_takes_the_most_confident_correct_and_wrong_scans_per_class():
+    chosen = explain.choose_scans(_predictions(), n_correct=1, n_wrong=1)
+    assert list(chosen["image_id"]) == ["I1", "I3", "I5", "I7"]
+    assert list(chosen["outcome"]) == ["correct", "wrong"] * 2
+    assert list(chosen["group"]) == ["AD", "AD", "CN", "CN"]
+    assert list(explain.choose_scans(_predictions(), 3, 0)["image_id"]) == ["I1", "I2", "I5", "I6"]
+    with pytest.raises(cli.PipelineError, match="not both 0"):
+        explain.choose_scans(_predictions(), 0, 0)
+
+
+def test_target_class():
+    scan = {"label": 0, "pred": 1}
+    assert [explain.target_class(scan, t) for t in ("AD", "CN", "predicted", "label")] == [1, 0, 1, 0]
+
+
+def test_a_mask_on_another_grid_is_named(tmp_path):
+    path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), path)
+    with pytest.raises(cli.PipelineError, match="mask.nii.gz has shape"):
+        explain.read_mask(path, (8, 8, 8), "brain mask")
