@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--run", action="store_true", help="run `snakemake preprocess` on a demo first")
     p.add_argument("--configfile", type=Path, action="append", default=[])
     p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2, help="ITK threads per registration (the rule's default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="ITK threads per registration (the rule's default: 1)")
     p.add_argument("--scans", type=int, default=4, help="how many scans to label (default 4)")
     p.add_argument("--transforms", nargs="+", default=["SyN"])
     p.add_argument("--json", type=Path, help="also write the tables as JSON")

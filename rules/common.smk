@@ -472,14 +472,13 @@ EXPLAIN_EXPERIMENTS = explain_experiments()
 def explain_inputs(wildcards):
     """The chosen scans' tensors, RAS scans, brain masks and hippocampus labels, in the order of
     scans.csv (known once checkpoint explain_scans has chosen them from the test predictions)."""
-    chosen = pd.read_csv(checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0], dtype=str)
+    chosen = pd.read_csv(checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0],
+                         dtype={"subject": str, "image_id": str})
 
     def files(pattern):
         return expand(pattern, zip, subject=chosen["subject"], image_id=chosen["image_id"])
 
     return {
-        "model": f"{RESULTS}/models/{wildcards.experiment}/summary.json",
-        "scans": checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0],
         "tensors": files(TENSOR_FILE),
         "images": files(stage_file("ras")),
         "brains": files(stage_file("ras", "_mask")),

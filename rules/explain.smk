@@ -33,6 +33,8 @@ rule explain_experiment:
         experiment=name_pattern(EXPLAIN_EXPERIMENTS),
     input:
         unpack(explain_inputs),
+        model=f"{RESULTS}/models/{{experiment}}/summary.json",
+        scans=f"{RESULTS}/explain/{{experiment}}/scans.csv",
     output:
         summary=f"{RESULTS}/explain/{{experiment}}/summary.json",
         shares=f"{RESULTS}/explain/{{experiment}}/hippocampal_share.csv",
@@ -67,6 +69,11 @@ rule explain_experiment:
     params:
         checkpoint=selected_checkpoint,
         flags=explain_flags(),
+        # the chosen scans' files (input, from scans.csv) by the workflow's layout
+        tensor=lambda wildcards: TENSOR_FILE,
+        image=lambda wildcards: stage_file("ras"),
+        brain=lambda wildcards: stage_file("ras", "_mask"),
+        hippocampus=lambda wildcards: HIPPOCAMPUS_MASKS[EXPLAIN["hippocampus_masks"]],
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         f"{RESULTS}/logs/explain/{{experiment}}.log",
@@ -80,6 +87,6 @@ rule explain_experiment:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.explain run --threads {threads} --scans {input.scans:q}"
-        " --checkpoint {params.checkpoint:q} --tensors {input.tensors:q} --images {input.images:q}"
-        " --brains {input.brains:q} --hippocampi {input.hippocampi:q} --out-dir {params.out_dir:q}"
+        " --checkpoint {params.checkpoint:q} --tensor-pattern {params.tensor:q} --image-pattern {params.image:q}"
+        " --brain-pattern {params.brain:q} --hippocampus-pattern {params.hippocampus:q} --out-dir {params.out_dir:q}"
         " --experiment {wildcards.experiment} {params.flags} > {log:q} 2>&1"

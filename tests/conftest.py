@@ -111,6 +111,8 @@ TINY = {
     "segmentation": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "patch_size": [32, 32, 32],
                      "steps": 300, "val_every": 50, "batch_size": 2, "lr": 3.0e-3},
     "evaluate": {"n_boot": 200},
+    # explanations of the two video networks: 8 occlusions of a 16^3 cube per map at 32^3
+    "explain": {"n_correct": 1, "n_wrong": 1, "occlusion_patch": 16, "occlusion_stride": 16, "n_boot": 200},
 }
 
 

@@ -4,8 +4,9 @@ profiles, the hippocampal share of attribution, and the randomisation sanity che
     python -m workflow_scripts.explain choose --predictions results/evaluation/E/test_predictions.csv \\
         --n-correct 2 --n-wrong 1 --output results/explain/E/scans.csv
     python -m workflow_scripts.explain run --scans results/explain/E/scans.csv --checkpoint results/models/E/best_acc.pt \\
-        --tensors T1.npy ... --images R1.nii.gz ... --brains R1_mask.nii.gz ... --hippocampi H1.nii.gz ... \\
-        --out-dir results/explain/E
+        --tensor-pattern 'results/tensors/{subject}/{image_id}.npy' --image-pattern 'results/ras/{subject}/{image_id}.nii.gz' \\
+        --brain-pattern 'results/ras/{subject}/{image_id}_mask.nii.gz' \\
+        --hippocampus-pattern 'results/hippocampus_atlas/{subject}/{image_id}.nii.gz' --out-dir results/explain/E
 
 What a map explains: the log-odds of the target class, log p(target) - log p(other) (the
 difference of the two logits), for the scan's input exactly as prediction sees it (the cached
@@ -294,6 +295,15 @@ def read_scans(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def scan_files(scans: pd.DataFrame, pattern: str) -> list[str]:
+    """Each scan's file by a path pattern with {subject} and {image_id} (the workflow's layout)."""
+    try:
+        return [pattern.format(subject=s, image_id=i) for s, i in zip(scans["subject"], scans["image_id"])]
+    except (KeyError, IndexError, ValueError) as err:
+        raise cli.PipelineError(f"path pattern {pattern!r} must hold {{subject}} and {{image_id}} and no other "
+                                f"field: {err}") from err
+
+
 # --- figures -------------------------------------------------------------------------------
 
 def _pyplot():
@@ -577,9 +587,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--scans", required=True, help="the chosen scans (written by `choose`)")
     run.add_argument("--checkpoint", required=True, help="checkpoint written by training (best_acc.pt, ...)")
-    for name, what in (("tensors", "cached .npy tensors"), ("images", "RAS NIfTI scans (for the affine)"),
-                       ("brains", "RAS brain masks"), ("hippocampi", "hippocampus labels on the RAS grid (1 left, 2 right)")):
-        run.add_argument(f"--{name}", nargs="+", required=True, help=f"{what}, one per chosen scan, in its order")
+    for name, what in (("tensor", "cached .npy tensor"), ("image", "RAS NIfTI scan (for the affine)"),
+                       ("brain", "RAS brain mask"), ("hippocampus", "hippocampus labels on the RAS grid (1 left, 2 right)")):
+        run.add_argument(f"--{name}-pattern", required=True,
+                         help=f"path of each scan's {what}, with {{subject}} and {{image_id}}")
     run.add_argument("--out-dir", required=True)
     run.add_argument("--experiment", default="")
     run.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -602,8 +613,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                               for r in chosen.itertuples()))
         return
     cli.limit_threads(args.threads)
-    explain_experiment(read_scans(args.scans), args.checkpoint, args.tensors, args.images, args.brains,
-                       args.hippocampi, args.out_dir, methods=args.methods, target=args.target,
+    scans = read_scans(args.scans)
+    tensors, images, brains, hippocampi = (scan_files(scans, pattern) for pattern in (
+        args.tensor_pattern, args.image_pattern, args.brain_pattern, args.hippocampus_pattern))
+    explain_experiment(scans, args.checkpoint, tensors, images, brains, hippocampi, args.out_dir, methods=args.methods, target=args.target,
                        gradcam_layer=args.gradcam_layer, occlusion_patch=args.occlusion_patch,
                        occlusion_stride=args.occlusion_stride, occlusion_batch=args.occlusion_batch,
                        hippocampus_masks=args.hippocampus_masks, n_boot=args.n_boot, seed=args.seed,

@@ -69,8 +69,8 @@ def register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, *, transform: str 
              reg_iterations: Sequence[int] = (40, 20, 0), seed: int = 1, workdir: str | Path) -> dict:
     """``ants.registration`` of ``moving`` onto ``fixed``; transforms are written under ``workdir``.
 
-    The seed fixes the random metric sampling of the affine stage, so a re-run with the same
-    threads gives the same labels.
+    The seed fixes the random metric sampling of the affine stage: with one ITK thread a re-run
+    gives the same labels; with more, the multithreaded metric sums differ from run to run.
     """
     import ants
 
