@@ -221,3 +221,41 @@ def planted_heads(root: Path, seed: int = 0) -> pd.DataFrame:
             rows.append({"subject": subject, "image_id": image_id, "group": group, "label": label, "part": part,
                          **{k: str(v) for k, v in paths.items()}})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the workflow's outputs
+
+def test_the_workflow_explains_every_video_experiment_on_its_test_scans(demo_run):
+    results = demo_run / "results"
+    explained = sorted(p.name for p in (results / "explain").iterdir() if p.is_dir())
+    assert explained == ["mc3_18_scratch", "r3d_18_kinetics400"]  # not the 2D baseline, not volumetry
+    test = pd.read_csv(results / "splits" / "test.csv", dtype={"image_id": str, "subject": str})
+    for experiment in explained:
+        out = results / "explain" / experiment
+        scans = pd.read_csv(out / "scans.csv", dtype={"image_id": str, "subject": str})
+        assert set(scans["image_id"]) <= set(test["image_id"]) and len(scans) >= 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["methods"] == ["gradcam", "occlusion"] and summary["settings"]["target"] == "AD"
+        assert summary["settings"]["occlusion_patch"] == 16
+        for scan in scans.itertuples():
+            ras = nib.load(results / "ras" / scan.subject / f"{scan.image_id}.nii.gz")
+            for method in ("gradcam", "occlusion"):
+                img = nib.load(out / "scans" / scan.subject / f"{scan.image_id}_{method}.nii.gz")
+                assert img.shape == (SIDE,) * 3
+                np.testing.assert_allclose(img.affine, nib.as_closest_canonical(ras).affine, atol=1e-4)
+                assert np.isfinite(img.get_fdata()).all()
+            assert (out / "scans" / scan.subject / f"{scan.image_id}.png").stat().st_size > 10_000
+        shares = pd.read_csv(out / "hippocampal_share.csv", dtype={"image_id": str})
+        assert len(shares) == 2 * len(scans) and (shares["hippocampus_voxels"] > 0).all()
+        assert (shares["hippocampus_voxels"] < shares["brain_voxels"]).all()
+        sanity = pd.read_csv(out / "sanity.csv")
+        assert sanity["spearman"].dropna().between(-1, 1).all()
+        profiles = pd.read_csv(out / "depth_profiles.csv")
+        assert set(profiles["axis"]) == {"x", "y", "z"}
+        assert (profiles.groupby(["method", "group", "axis"])["index"].count() == SIDE).all()
+        # each scan's profile along any axis sums to the same total: its map's share of signed attribution
+        totals = profiles.groupby(["method", "group", "axis"])["mean"].sum().unstack("axis")
+        np.testing.assert_allclose(totals["x"], totals["y"], atol=1e-6)
+        np.testing.assert_allclose(totals["x"], totals["z"], atol=1e-6)
+        for name in ("hippocampal_share.png", "depth_profiles.png", "explain.html", "hippocampal_share_summary.csv"):
+            assert (out / name).stat().st_size > 500, name

@@ -61,7 +61,7 @@ TARGETS = ("AD", "CN", "predicted", "label")
 CLASS_NAMES = ("CN", "AD")  # label 0, label 1
 GRADCAM_ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18")  # convolutional video networks
 OCCLUSION_ONLY_ARCHS = ("mvit_v2_s",)  # transformers: no spatial feature map for Grad-CAM
-AXES = (("x", "sagittal slices, left to right (the video networks' time axis)"),
+AXES = (("x", "sagittal slices, left to right: the video networks' time axis"),
         ("y", "coronal slices, posterior to anterior"),
         ("z", "axial slices, inferior to superior"))
 SCAN_COLUMNS = ("image_id", "subject", "label", "group", "prob", "pred", "outcome")
@@ -324,14 +324,14 @@ def plot_scan(volume: np.ndarray, maps: dict[str, np.ndarray], hippocampus: np.n
     fig, axes = plt.subplots(len(maps), 3, figsize=(9.6, 3.3 * len(maps)), squeeze=False)
     for row, (method, attribution) in enumerate(maps.items()):
         centre = hottest_voxel(attribution, brain)
-        top = float(np.clip(attribution, 0, None).max()) or 1.0
+        top = float(np.clip(attribution[brain], 0, None).max(initial=0.0)) or 1.0
         for col, (axis, plane) in enumerate(((2, "axial"), (1, "coronal"), (0, "sagittal"))):
             index = [slice(None)] * 3
             index[axis] = centre[axis]
             ax = axes[row, col]
             ax.imshow(volume[tuple(index)].T, cmap="gray", origin="lower", interpolation="nearest")
-            positive = np.clip(attribution[tuple(index)], 0, None) / top
-            ax.imshow(np.ma.masked_less_equal(positive, 0.05).T, cmap="hot", vmin=0, vmax=1, alpha=0.6,
+            positive = np.where(brain[tuple(index)], np.clip(attribution[tuple(index)], 0, None) / top, 0.0)
+            ax.imshow(np.ma.masked_less_equal(positive, 0.05).T, cmap="hot", vmin=0, vmax=1, alpha=0.55,
                       origin="lower", interpolation="nearest")
             hip = hippocampus[tuple(index)] > 0
             if hip.any():
@@ -370,8 +370,9 @@ def plot_profiles(table: pd.DataFrame, path: str | Path, title: str) -> Path:
                 ax.fill_between(part["position"], part["mean"] - part["sd"], part["mean"] + part["sd"],
                                 color=colours.get(group), alpha=0.2, linewidth=0)
             ax.axhline(0, color="grey", linewidth=0.6)
-            ax.set_title(f"{method}, along {axis}: {description}", fontsize=8)
-            ax.set_xlabel(f"position along {axis} (0-1)", fontsize=8)
+            ax.set_title(f"{method}: {description.split(':')[0]}", fontsize=8)
+            ax.set_xlabel(f"position along {axis} (0-1){' = time for the video network' if axis == 'x' else ''}",
+                          fontsize=8)
             ax.set_ylabel("share of |attribution| per slice", fontsize=8)
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -400,6 +401,8 @@ def plot_shares(shares: pd.DataFrame, summary: pd.DataFrame, path: str | Path, t
                             capsize=4, zorder=3)
         ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=1, label="1 = no preference")
         ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, 0.5), max(high, 2.0))
         ax.set_xticks([0, 1], ["AD", "CN"])
         ax.set_xlim(-0.5, 1.6)
         ax.set_title(method, fontsize=9)
