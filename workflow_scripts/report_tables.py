@@ -23,6 +23,7 @@ import pandas as pd
 
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import write_text_atomic
+from workflow_scripts.skullstrip import sha256_of
 
 LOG = logging.getLogger(__name__)
 
@@ -327,13 +328,6 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def scan_list_hash(scans: pd.DataFrame) -> str:
     """SHA-256 of the sorted 'subject/image_id' lines: the same scans give the same hash, whatever the order."""
@@ -358,8 +352,8 @@ def provenance(config: dict, scans_path: str | Path, split_files: Sequence[str |
         "code_version": code_version, "packages": package_versions(),
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         "scans": {"file": str(scans_path), "n_scans": int(len(scans)), "n_subjects": int(scans["subject"].nunique()),
-                  "scan_list_sha256": scan_list_hash(scans), "file_sha256": file_sha256(scans_path)},
-        "splits": {Path(p).name: file_sha256(p) for p in split_files},
+                  "scan_list_sha256": scan_list_hash(scans), "file_sha256": sha256_of(scans_path)},
+        "splits": {Path(p).name: sha256_of(p) for p in split_files},
         "seeds": seeds, "models": models, "config": config,
     }
 
