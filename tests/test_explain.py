@@ -170,18 +170,21 @@ def test_a_mask_on_another_grid_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------- a model trained for the test
 
-# The demo's MNI head, brain-masked and averaged over blocks of 5 x 6 x 5 mm into 32^3 volumes (the
-# crop, in 1 mm MNI voxels, holds the whole brain). AD heads lose 60-90% of each hippocampus (turned
-# to CSF, boundary first, as the demo plants it), CN heads 0-10%; the ventricles are left alone and
-# every head has the same pose, so the only class signal is in the hippocampi; noise and gain vary.
-CROP = (slice(17, 177), slice(19, 211), slice(82, 242))
-BLOCK = (5, 6, 5)
+# A 96 x 96 x 64 mm block of the demo's MNI head around the medial temporal lobes, brain-masked and
+# averaged over 3 x 3 x 2 mm blocks into 32^3 volumes, so that the hippocampi are 1.6% of the brain in
+# view (of a whole brain at 32^3 they would be 0.4%, a few voxels each, and a network trained from
+# random weights on a CPU needs far longer to find them). AD heads lose 60-90% of each hippocampus
+# (turned to CSF, boundary first, as the demo plants it), CN heads 0-10%; the ventricles are left alone,
+# so the only class signal is in the hippocampi. Position (+-1 mm), gain and noise vary per scan.
+CROP = ((50, 146), (60, 156), (113, 177))  # 1 mm voxels of the head model
+BLOCK = (3, 3, 2)
 SPLIT = {"train": 8, "val": 3, "test": 2}  # scans per class
 
 
-def _blocks(volume: np.ndarray) -> np.ndarray:
-    """Mean over each block of the crop: (160, 192, 160) -> (32, 32, 32)."""
-    v = np.asarray(volume[CROP], dtype=np.float32)
+def _blocks(volume: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Mean over each block of the crop moved by ``shift`` voxels -> (32, 32, 32)."""
+    box = tuple(slice(lo + int(d), hi + int(d)) for (lo, hi), d in zip(CROP, shift))
+    v = np.asarray(volume[box], dtype=np.float32)
     return v.reshape(SIDE, BLOCK[0], SIDE, BLOCK[1], SIDE, BLOCK[2]).mean(axis=(1, 3, 5))
 
 
@@ -193,30 +196,29 @@ def planted_heads(root: Path, seed: int = 0) -> pd.DataFrame:
     from workflow_scripts.tensor_cache import rescale_intensities, save_npy_atomic
 
     model = demo.head_model()
-    brain_fraction = _blocks(model.labels != demo.OUTSIDE)
-    brain = brain_fraction >= 0.5
-    hippocampus = np.zeros(brain.shape, np.uint8)
-    hippocampus[_blocks(model.labels == demo.HIPPOCAMPUS_LEFT) >= 0.5] = 1
-    hippocampus[_blocks(model.labels == demo.HIPPOCAMPUS_RIGHT) >= 0.5] = 2
-    affine = np.diag([*BLOCK, 1.0])
-    affine[:3, 3] = model.affine[:3, :3] @ [c.start for c in CROP] + model.affine[:3, 3]
     rows = []
     for label, group, loss_range in ((1, "AD", (0.6, 0.9)), (0, "CN", (0.0, 0.1))):
         parts = [p for p, n in SPLIT.items() for _ in range(n)]
         for i, part in enumerate(parts):
             rng = np.random.default_rng([seed, label, i])
+            shift = rng.integers(-1, 2, 3)
             intensity, labels, _ = demo.atrophied_head(model, demo.atrophy_order(model, rng),
                                                        rng.uniform(*loss_range), 0.0)
-            volume = _blocks(np.where(labels != demo.OUTSIDE, intensity, 0.0)) * rng.uniform(0.8, 1.2)
-            volume += rng.normal(0.0, 0.03, volume.shape) * (brain_fraction > 0)
-            volume = np.clip(volume, 0.0, None) * (brain_fraction > 0)
+            in_brain = _blocks(model.labels != demo.OUTSIDE, shift)
+            volume = _blocks(np.where(labels != demo.OUTSIDE, intensity, 0.0), shift) * rng.uniform(0.8, 1.2)
+            volume = np.clip(volume + rng.normal(0.0, 0.03, volume.shape), 0.0, None) * (in_brain > 0)
+            hippocampus = np.zeros(volume.shape, np.uint8)  # the labels before atrophy, as an atlas gives them
+            hippocampus[_blocks(model.labels == demo.HIPPOCAMPUS_LEFT, shift) >= 0.5] = 1
+            hippocampus[_blocks(model.labels == demo.HIPPOCAMPUS_RIGHT, shift) >= 0.5] = 2
+            affine = np.diag([*BLOCK, 1.0])
+            affine[:3, 3] = model.affine[:3, :3] @ [lo + d for (lo, _), d in zip(CROP, shift)] + model.affine[:3, 3]
             subject, image_id = f"{label}{i:02d}_S_{100 * label + i:04d}", f"I{1000 * (label + 1) + i}"
             paths = {name: root / folder / subject / f"{image_id}{suffix}" for name, folder, suffix in
                      (("path", "tensors", ".npy"), ("image", "ras", ".nii.gz"), ("brain", "ras", "_mask.nii.gz"),
                       ("hippocampus", "hippocampus_atlas", ".nii.gz"))}
             save_npy_atomic(rescale_intensities(volume).astype(np.float16), paths["path"])
             save_nifti_atomic(clean_image(volume, affine, "test", np.float32), paths["image"])
-            save_nifti_atomic(clean_image(brain, affine, "test", np.uint8), paths["brain"])
+            save_nifti_atomic(clean_image(in_brain >= 0.5, affine, "test", np.uint8), paths["brain"])
             save_nifti_atomic(clean_image(hippocampus, affine, "test", np.uint8), paths["hippocampus"])
             rows.append({"subject": subject, "image_id": image_id, "group": group, "label": label, "part": part,
                          **{k: str(v) for k, v in paths.items()}})
