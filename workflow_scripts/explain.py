@@ -506,8 +506,8 @@ def explain_experiment(scans: pd.DataFrame, checkpoint: str | Path, tensors: Seq
                 "share_randomised": hippocampal_share(randomised, hippocampus > 0, brain),
                 "hippocampus_voxels": int(((hippocampus > 0) & brain).sum()), "brain_voxels": int(brain.sum())})
             sanity_rows.append(info | {"spearman": rank_correlation(trained, randomised, brain)})
-            total = float(np.abs(trained[brain]).sum()) or 1.0
-            for axis, (name, _) in enumerate(AXES):
+            total = float(np.abs(trained[brain]).sum())
+            for axis, (name, _) in enumerate(AXES if total > 0 else ()):  # an empty map has no profile
                 for index, value in enumerate(depth_profile(np.where(brain, trained, 0.0), axis) / total):
                     profile_rows.append({"image_id": scan["image_id"], "subject": scan["subject"],
                                          "group": scan["group"], "method": method, "axis": name, "index": index,
