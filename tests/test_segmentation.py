@@ -17,7 +17,7 @@ import torch
 from scipy import stats
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import load_nifti
+from workflow_scripts.nifti_io import load_nifti, provenance_of
 from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, build_unet, check_settings, dice_row,
                                            fit, keep_largest, load_segmenter, main as segmentation_main, segment)
 from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, msd_items,
@@ -78,7 +78,7 @@ def test_truth_on_grid_puts_each_label_where_it_lies_in_the_world(tmp_path):
     for k in (1, 2):
         assert abs(world_x[k] - native_x[k]) < 1.0
         assert abs((data == k).sum() * 8 - (native == k).sum()) / (native == k).sum() < 0.35
-    assert "truth" in bytes(mapped.header["descrip"]).decode()
+    assert provenance_of(mapped).endswith("truth")
 
 
 def test_msd_folder_missing_or_incomplete_is_a_clear_error(tmp_path):
@@ -431,7 +431,7 @@ def test_one_mask_per_scan_on_the_model_input_grid(demo_run):
         assert set(np.unique(data)) == {0, 1, 2}
         x = {side: (mask.affine @ np.r_[np.argwhere(data == side).mean(axis=0), 1])[0] for side in (1, 2)}
         assert x[1] < x[2]  # left hippocampus at smaller RAS x than the right
-        assert bytes(mask.header["descrip"]).decode().endswith(">ras>unet3d")
+        assert provenance_of(mask).endswith(">ras>unet3d")
 
 
 def test_the_dice_table_is_the_dice_of_the_masks_volumetry_reads(demo_run):

@@ -345,13 +345,16 @@ def plot_scan(volume: np.ndarray, maps: dict[str, np.ndarray], hippocampus: np.n
 
 def profiles_table(profiles: pd.DataFrame) -> pd.DataFrame:
     """Per method, class and axis: the mean and standard deviation over scans of each slice's share."""
+    columns = ["method", "group", "axis", "slices", "index", "position", "mean", "sd", "n_scans"]
+    if profiles.empty:  # every map was empty
+        return pd.DataFrame(columns=columns)
     grouped = profiles.groupby(["method", "group", "axis", "index"], sort=True)["share"]
     table = grouped.agg(mean="mean", sd="std", n_scans="count").reset_index()
     table["sd"] = table["sd"].fillna(0.0)
     sizes = profiles.groupby("axis")["index"].max() + 1
     table["position"] = (table["index"] + 0.5) / table["axis"].map(sizes)
     table["slices"] = table["axis"].map(dict((a, d.split(",")[0]) for a, d in AXES))
-    return table[["method", "group", "axis", "slices", "index", "position", "mean", "sd", "n_scans"]]
+    return table[columns]
 
 
 def plot_profiles(table: pd.DataFrame, path: str | Path, title: str) -> Path:
@@ -360,6 +363,11 @@ def plot_profiles(table: pd.DataFrame, path: str | Path, title: str) -> Path:
 
     plt = _pyplot()
     methods = list(dict.fromkeys(table["method"]))
+    if not methods:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no map had any attribution inside the brain", ha="center", va="center")
+        ax.set_axis_off()
+        return save_figure(fig, Path(path))
     fig, axes = plt.subplots(len(methods), 3, figsize=(11, 2.9 * len(methods)), squeeze=False)
     colours = {"AD": "tab:red", "CN": "tab:blue"}
     for row, method in enumerate(methods):
