@@ -30,17 +30,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.segmentation import (STUDY_STEPS_PER_HOUR_T4, build_loss, build_unet,  # noqa: E402
-                                           segment, train_steps, training_loader)
+from workflow_scripts.segmentation import (STUDY_STEPS_PER_HOUR_T4, add_settings, build_loss,  # noqa: E402
+                                           build_unet, segment, settings_from, train_steps, training_loader)
 from workflow_scripts.segmentation_data import eval_transforms  # noqa: E402
 from workflow_scripts.train import pick_device  # noqa: E402
 
-DEFAULTS = {"plane": "coronal", "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2,
-            "norm": "batch", "norm_groups": 8, "dropout": 0.0, "loss": "dicece", "lr": 1e-3, "weight_decay": 1e-5,
-            "pos_fraction": 0.75, "flip_p": 0.5, "rotate_p": 0.5, "rotate_deg": 10.0, "elastic_p": 0.2,
-            "elastic_3d_sigma": [5.0, 8.0], "elastic_3d_magnitude": [50.0, 150.0], "elastic_2d_spacing": [16, 16],
-            "elastic_2d_magnitude": [1.0, 2.0], "sw_batch_size": 4, "overlap": 0.25, "largest_component": True,
-            "seed": 0, "num_workers": 0}
+def default_settings() -> dict:
+    """The training CLI's defaults (config.yaml's segmentation: section), so the benchmark times what runs."""
+    parser = argparse.ArgumentParser()
+    add_settings(parser)
+    parser.set_defaults(source="demo", val_share=0.2)  # the data source's flags: no bearing on speed
+    return settings_from(parser.parse_args([]))
 
 
 def write_scans(folder: Path, n: int, size: int, seed: int = 0) -> list[dict]:
@@ -69,7 +69,7 @@ def write_scans(folder: Path, n: int, size: int, seed: int = 0) -> list[dict]:
 
 def measure(model_name: str, items: list[dict], args: argparse.Namespace, device: torch.device) -> dict:
     """Training steps per second (after warm-up) and inference seconds per whole scan."""
-    settings = dict(DEFAULTS, model=model_name, patch_size=args.patch_size, batch_size=args.batch_size,
+    settings = dict(default_settings(), model=model_name, patch_size=args.patch_size, batch_size=args.batch_size,
                     steps=args.warmup + args.steps, device=str(device))
     torch.manual_seed(0)
     model = build_unet(settings).to(device)

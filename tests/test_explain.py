@@ -358,5 +358,13 @@ def test_the_workflow_explains_every_video_experiment_on_its_test_scans(demo_run
         totals = profiles.groupby(["method", "group", "axis"])["mean"].sum().unstack("axis")
         np.testing.assert_allclose(totals["x"], totals["y"], atol=1e-6)
         np.testing.assert_allclose(totals["x"], totals["z"], atol=1e-6)
-        for name in ("hippocampal_share.png", "depth_profiles.png", "explain.html", "hippocampal_share_summary.csv"):
+        # the per-class summary is the mean of the per-scan shares; a bootstrap mean stays within their range
+        share_summary = pd.read_csv(out / "hippocampal_share_summary.csv").set_index(["method", "group"])
+        per_scan = shares.groupby(["method", "group"])["share"]
+        np.testing.assert_allclose(share_summary["mean"], per_scan.mean().loc[share_summary.index], rtol=1e-9)
+        assert (share_summary["n_scans"] == per_scan.count().loc[share_summary.index]).all()
+        assert (share_summary["ci_low"] <= share_summary["ci_high"]).all()
+        assert (share_summary["ci_low"] >= per_scan.min().loc[share_summary.index] - 1e-9).all()
+        assert (share_summary["ci_high"] <= per_scan.max().loc[share_summary.index] + 1e-9).all()
+        for name in ("hippocampal_share.png", "depth_profiles.png", "explain.html"):
             assert (out / name).stat().st_size > 500, name
