@@ -105,7 +105,7 @@ TINY = {
                     # the hippocampal volumetry baseline on atlas labels warped to each scan
                     "hippocampal_volumetry": {"kind": "volumetry", "masks": "atlas"},
                     # the volumetry baseline on the segmentation U-Net's masks, beside the atlas one
-                    "hippocampal_volumetry_unet": {"kind": "volumetry", "masks": "unet"}},
+                    "hippocampal_volumetry_unet": {"kind": "volumetry", "masks": "unet", "enabled": True}},
     "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
     # a small 3D U-Net on the whole 32^3 volume: 300 steps take about 10 s on 2 idle cores
     "segmentation": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "patch_size": [32, 32, 32],
