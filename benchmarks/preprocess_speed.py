@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras", "qc"]
 
 
-def collect(results: Path) -> pd.DataFrame:
+def collect(results: Path, stages: list[str] = STAGES) -> pd.DataFrame:
     """One row per (stage, scan) with wall seconds and peak memory from the benchmark TSVs."""
     rows = []
-    for stage in STAGES:
+    for stage in stages:
         for tsv in sorted((results / "benchmarks" / stage).glob("*/*.tsv")):
             bench = pd.read_csv(tsv, sep="\t").iloc[0]
             rows.append({"stage": stage, "subject": tsv.parent.name, "image_id": tsv.stem,

@@ -29,6 +29,9 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.preprocess_speed import collect  # noqa: E402
 
 
 def overlay(args: argparse.Namespace) -> dict:
@@ -60,12 +63,6 @@ def volume_agreement(volumes: pd.DataFrame, planted: pd.DataFrame, dice: pd.Data
     return pd.DataFrame(rows).round(3)
 
 
-def seconds(workdir: Path, pattern: str) -> pd.Series:
-    """Wall seconds of the jobs whose Snakemake benchmark files match ``pattern``."""
-    files = sorted((workdir / "results" / "benchmarks").glob(pattern))
-    return pd.Series([float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in files], dtype=float)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
@@ -91,17 +88,18 @@ def main() -> None:
     planted = planted[["image_id", "brain_ml", "hippocampus_left_mm3", "hippocampus_right_mm3"]]
     by_partition = dice.groupby("partition")[["dice", "dice_left", "dice_right"]].agg(["mean", "min", "max", "count"])
     agreement = volume_agreement(volumes, planted, dice)
-    train_s, predict_s = seconds(args.workdir, "segmentation/train.tsv"), seconds(args.workdir, "hippocampus_unet/*/*.tsv")
+    train_s = float(pd.read_csv(results / "benchmarks" / "segmentation" / "train.tsv", sep="\t")["s"].iloc[0])
+    predict_s = collect(results, ["hippocampus_unet"])["seconds"]
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         print(by_partition.round(3).to_string())
         print(agreement.to_string(index=False))
     print(f"model {args.model}, {summary['settings']['steps']} steps (best at {summary['best_step']}), "
-          f"{summary['parameters']:,} parameters; training job {train_s.sum():.0f} s "
+          f"{summary['parameters']:,} parameters; training job {train_s:.0f} s "
           f"({summary['speed']['train_steps_per_s']:.2f} steps/s), mask job {predict_s.mean():.1f} s/scan "
           f"(mean of {len(predict_s)}); best {summary['best_volume']}, worst {summary['worst_volume']}")
     if args.json:
         args.json.write_text(json.dumps({"overlay": overlay(args), "dice": json.loads(by_partition.to_json()),
-                                         "volumes": agreement.to_dict("records"), "train_s": float(train_s.sum()),
+                                         "volumes": agreement.to_dict("records"), "train_s": train_s,
                                          "mask_s_per_scan": float(predict_s.mean()), "summary": summary}, indent=2))
 
 

@@ -267,9 +267,9 @@ def bootstrap_mean(values: Sequence[float], groups: Sequence, n_boot: int = 2000
 
 def model_input(tensor_path: str | Path, config: dict) -> torch.Tensor:
     """The scan's (1, 1, x, y, z) input exactly as prediction prepares it."""
-    from workflow_scripts.train import _transform, load_volume
+    from workflow_scripts.train import input_transform, load_volume
 
-    return _transform(config, False)(load_volume(Path(tensor_path)))[None]
+    return input_transform(config, False)(load_volume(Path(tensor_path)))[None]
 
 
 def read_mask(path: str | Path, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -328,7 +328,6 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-
 def scan_list_hash(scans: pd.DataFrame) -> str:
     """SHA-256 of the sorted 'subject/image_id' lines: the same scans give the same hash, whatever the order."""
     lines = sorted(f"{s}/{i}" for s, i in zip(scans["subject"], scans["image_id"]))

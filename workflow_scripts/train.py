@@ -701,7 +701,7 @@ def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequenc
                          "label": rows["label"].to_numpy(), "prob": p[:, 1], "pred": p.argmax(axis=1)})
 
 
-def _transform(config: dict[str, Any], train: bool) -> VolumeTransform:
+def input_transform(config: dict[str, Any], train: bool) -> VolumeTransform:
     """The run's transform; the 2D baseline (resnet50) takes [0, 1] intensities and applies ImageNet's
     normalisation itself, so it skips z-normalisation."""
     return VolumeTransform(train, config["gamma_log_range"], config["gamma_p"], config["noise_std_range"],
@@ -962,14 +962,14 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
     drawing = sample_weights(splits.train["label"], config["num_classes"]) if config["sampler"] == "weighted" \
         else None
     loaders = tuple(
-        make_loader(ScanDataset(sources, table["label"], _transform(config, train), seed, table["image_id"]),
+        make_loader(ScanDataset(sources, table["label"], input_transform(config, train), seed, table["image_id"]),
                     config["batch_size"], train, seed, config["num_workers"], pin, drawing if train else None)
         for sources, table, train in ((splits.train_sources, splits.train, True),
                                       (splits.val_sources, splits.val, False)))
     recalibration = None
     if config["recalibrate_bn"]:  # the training scans again, in order and without augmentation
-        recalibration = make_loader(ScanDataset(splits.train_sources, splits.train["label"], _transform(config, False),
-                                                seed, splits.train["image_id"]),
+        recalibration = make_loader(ScanDataset(splits.train_sources, splits.train["label"],
+                                                input_transform(config, False), seed, splits.train["image_id"]),
                                     config["batch_size"], False, seed, config["num_workers"], pin)
     run = start_wandb(config, out_dir, state.wandb_id)
     state.wandb_id = None if run is None else run.id
@@ -1014,7 +1014,7 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
     table = read_manifest(manifest)
     sources = tensor_sources(table, tensor_dir)
     check_shapes(sources, list(table["image_id"]))
-    loader = make_loader(ScanDataset(sources, table["label"], _transform(config, False), config["seed"],
+    loader = make_loader(ScanDataset(sources, table["label"], input_transform(config, False), config["seed"],
                                      table["image_id"]),
                          batch_size, False, config["seed"], num_workers, dev.type == "cuda")
     with capture_embeddings(model) as captured:
