@@ -24,6 +24,16 @@ VENDOR_FAILING = ["failing/slicecount/001", "failing/gantrytilting/001", "failin
                   "failing/sliceincrement/001", "failing/sliceincrement/002", "failing/sliceorientation/001"]
 
 
+def discard_unless_failed(request: pytest.FixtureRequest, folder: Path, failed_before: int) -> None:
+    """Remove a module fixture's folder at teardown unless a test failed while it lived.
+
+    pytest's retention policy clears function folders only; module fixtures that train networks
+    hold gigabytes of checkpoints, which would otherwise stay until the session ends.
+    """
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def collection_row(image_id: str, subject: str, group: str = "CN", description: str = "MPRAGE",
                    visit: str = "sc", acq_date: str = "4/18/2006") -> dict:
     return {"Image Data ID": image_id, "Subject": subject, "Group": group, "Sex": "F", "Age": "74",

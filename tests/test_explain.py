@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import discard_unless_failed
 from workflow_scripts import cli, explain
 
 SIDE = 32
@@ -235,11 +236,12 @@ RECIPE = ["--weights", "none", "--trainable-from", "layer4", "--lr-head", "1e-3"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(tmp_path_factory, request) -> dict:
     """Heads with planted hippocampal atrophy, r3d_18 trained on them with the project's training code,
     its test predictions, and `explain choose` + `explain run` on every test scan (occlusion: 8^3 cubes)."""
     from workflow_scripts.train import build_parser, fit, predict, resolved_config
 
+    failed_before = request.session.testsfailed
     root = tmp_path_factory.mktemp("explain_trained")
     table = planted_heads(root)
     for part in SPLIT:
@@ -260,10 +262,11 @@ def trained(tmp_path_factory) -> dict:
                   "--hippocampus-pattern", f"{root}/hippocampus_atlas/{{subject}}/{{image_id}}.nii.gz",
                   "--out-dir", str(out), "--experiment", "planted", "--occlusion-patch", "8", "--occlusion-stride", "8",
                   "--occlusion-batch", "8", "--n-boot", "500", "--device", "cpu"])
-    return {"root": root, "table": table, "checkpoint": checkpoint, "out": out,
-            "summary": json.loads((out / "summary.json").read_text()),
-            "shares": pd.read_csv(out / "hippocampal_share.csv", dtype={"image_id": str, "subject": str}),
-            "sanity": pd.read_csv(out / "sanity.csv", dtype={"image_id": str})}
+    yield {"root": root, "table": table, "checkpoint": checkpoint, "out": out,
+           "summary": json.loads((out / "summary.json").read_text()),
+           "shares": pd.read_csv(out / "hippocampal_share.csv", dtype={"image_id": str, "subject": str}),
+           "sanity": pd.read_csv(out / "sanity.csv", dtype={"image_id": str})}
+    discard_unless_failed(request, root, failed_before)
 
 
 def test_the_network_trained_on_planted_hippocampal_atrophy_separates_the_classes(trained):

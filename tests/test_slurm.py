@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, write_config
+from conftest import REPO, discard_unless_failed, run_snakemake, write_config
 from slurm_cluster import start_cluster, unavailable_reason
 
 pytestmark = pytest.mark.workflow
@@ -55,8 +55,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
+def runs(cluster, tmp_path_factory, request):
     """The same target run locally and through profiles/slurm, each in its own folder."""
+    failed_before = request.session.testsfailed
     local, slurm = Path(tmp_path_factory.mktemp("local")), Path(tmp_path_factory.mktemp("on_slurm"))
     for folder in (local, slurm):
         write_config(folder / "tiny.yaml", TINY_SLURM)
@@ -66,7 +67,9 @@ def runs(cluster, tmp_path_factory):
     run_snakemake(slurm, "train", "--profile", str(PROFILE), "--slurm-status-command", "squeue",
                   "--slurm-init-seconds-before-status-checks", "2", configfiles=[slurm / "tiny.yaml"],
                   env=cluster.env, timeout=1500)
-    return local, slurm
+    yield local, slurm
+    for folder in (local, slurm):
+        discard_unless_failed(request, folder, failed_before)
 
 
 def test_every_job_ran_as_its_own_slurm_job(cluster, runs):

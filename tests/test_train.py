@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import discard_unless_failed
 from workflow_scripts import cli
 from workflow_scripts.tensor_cache import cache_scan, rescale_intensities
 from workflow_scripts.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, class_weights,
@@ -32,8 +33,10 @@ def _volume(rng: np.random.Generator, label: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """6 training and 4 validation scans (both classes), cached tensors and manifests."""
+def tiny(tmp_path_factory, request) -> dict:
+    """6 training and 4 validation scans (both classes), cached tensors and manifests; the module's
+    training runs write under its root, which is removed afterwards (see discard_unless_failed)."""
+    failed_before = request.session.testsfailed
     root = tmp_path_factory.mktemp("tiny_train")
     rng = np.random.default_rng(0)
     rows = []
@@ -50,7 +53,8 @@ def tiny(tmp_path_factory) -> dict:
     for split in ("train", "val"):
         manifests[split] = root / f"{split}.csv"
         table[table["split"] == split].drop(columns="split").to_csv(manifests[split], index=False)
-    return {"root": root, "train": manifests["train"], "val": manifests["val"], "table": table}
+    yield {"root": root, "train": manifests["train"], "val": manifests["val"], "table": table}
+    discard_unless_failed(request, root, failed_before)
 
 
 def _config(tiny: dict, out_dir: Path, *extra: str) -> dict:
