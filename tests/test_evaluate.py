@@ -13,7 +13,8 @@ import pytest
 from workflow_scripts import cli
 from workflow_scripts.cv_summary import format_metric, main as cv_main, summarise_folds
 from workflow_scripts.evaluate import (METRIC_NAMES, _weighted_metrics, bootstrap_intervals, evaluate_predictions,
-                                       metrics, read_predictions, subject_level, validate_predictions)
+                                       group_codes, metrics, read_predictions, resample_weights, subject_level,
+                                       validate_predictions)
 from conftest import REPO
 
 # tp=3 (0.9, 0.8, 0.7), fn=2 (0.4, 0.3), fp=1 (0.6), tn=4 (0.45, 0.35, 0.2, 0.1)
@@ -140,6 +141,19 @@ def test_cluster_bootstrap_keeps_a_subjects_scans_together():
     for base, naive, cluster in zip(one_scan_each, scans_as_independent, by_subject):
         assert naive < 0.5 * base  # ten copies pass for ten times the evidence
         assert cluster == pytest.approx(base, rel=0.05)  # copies of one subject add nothing
+
+
+def test_resample_weights_draw_whole_subjects_as_often_as_there_are_subjects():
+    subjects = ["b", "a", "b", "c", "a", "b"]  # 3 subjects, 6 scans
+    codes = group_codes(subjects)
+    assert codes.tolist() == [0, 1, 0, 2, 1, 0]
+    weights = resample_weights(codes, 2000, np.random.default_rng(0))
+    assert weights.shape == (2000, 6)
+    draws = weights[:, [0, 1, 3]]  # one scan of each subject: how often that subject was drawn
+    assert (draws.sum(axis=1) == 3).all()
+    for scans in ([0, 2, 5], [1, 4]):  # a subject's scans are drawn together
+        assert (weights[:, scans] == weights[:, scans[:1]]).all()
+    assert draws.mean(axis=0) == pytest.approx([1, 1, 1], abs=0.05)
 
 
 def test_resamples_with_one_class_are_skipped_for_auc():

@@ -306,7 +306,7 @@ def test_unet3d_beats_the_trivial_predictors_on_held_out_subjects(study, study_3
     volume); the strongest trivial predictor, the location prior of the training labels
     (``location_prior_dice``, computed here, not written in), scored about 0.4 on the demo, since
     crop and zoom align the brains. A U-Net that learnt the hippocampus must beat that prior and
-    reach 0.5 (held-out Dice was 0.65-0.70 while this test was written)."""
+    reach 0.5."""
     table = study_3d["dice"]
     assert set(table["partition"]) == {"train", "val", "test"}
     score = held_out_dice(table)

@@ -152,6 +152,19 @@ def _weighted_metrics(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, weight
     return out
 
 
+def group_codes(groups: Sequence) -> np.ndarray:
+    """0-based integer code of each item's group (subject id), in order of first appearance."""
+    return pd.factorize(pd.Series(list(groups), dtype=object))[0]
+
+
+def resample_weights(codes: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, n items) weights of ``size`` bootstrap resamples that draw whole groups with replacement:
+    each item weighs as often as its group was drawn, so a subject's scans stay together."""
+    n_groups = int(codes.max()) + 1
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=size)
+    return counts[:, codes].astype(float)
+
+
 def bootstrap_intervals(labels: Sequence, probs: Sequence, n_boot: int = 2000, seed: int = 0,
                         alpha: float = 0.05, groups: Sequence | None = None,
                         threshold: float = 0.5) -> dict[str, tuple[float | None, float | None]]:
@@ -172,16 +185,14 @@ def bootstrap_intervals(labels: Sequence, probs: Sequence, n_boot: int = 2000, s
     else:
         if len(groups) != len(y):
             raise ValueError(f"groups has {len(groups)} entries for {len(y)} labels")
-        codes = pd.factorize(pd.Series(list(groups), dtype=object))[0]
-    n_groups = int(codes.max()) + 1
+        codes = group_codes(groups)
     rng = np.random.default_rng(seed)
     pred = (p >= threshold).astype(int)
-    chunk = max(1, _BOOT_CELLS // max(len(y), n_groups))
+    chunk = max(1, _BOOT_CELLS // max(len(y), int(codes.max()) + 1))
     draws: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
     for start in range(0, n_boot, chunk):
-        # how often each group is drawn when n_groups are drawn with replacement
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(chunk, n_boot - start))
-        for name, values in _weighted_metrics(y, pred, p, counts[:, codes].astype(float)).items():
+        weights = resample_weights(codes, min(chunk, n_boot - start), rng)
+        for name, values in _weighted_metrics(y, pred, p, weights).items():
             draws[name].append(values)
     low_q, high_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
     intervals = {}

@@ -252,12 +252,11 @@ def bootstrap_mean(values: Sequence[float], groups: Sequence, n_boot: int = 2000
     keep = np.isfinite(v)
     if not keep.any():
         return None, None, None
+    from workflow_scripts.evaluate import group_codes, resample_weights
+
     v = v[keep]
-    codes = pd.factorize(pd.Series(np.asarray(list(groups), dtype=object)[keep]))[0]
-    n_groups = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
-    weights = counts[:, codes].astype(float)
+    weights = resample_weights(group_codes(np.asarray(list(groups), dtype=object)[keep]), n_boot,
+                               np.random.default_rng(seed))
     means = weights @ v / weights.sum(axis=1)
     low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(v.mean()), float(low), float(high)
