@@ -24,7 +24,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.preprocess_speed import collect  # noqa: E402
+from benchmarks.volumetry_speed import planted_correlations  # noqa: E402
 
 
 def overlay(args: argparse.Namespace) -> dict:
@@ -50,11 +50,7 @@ def volume_agreement(volumes: pd.DataFrame, planted: pd.DataFrame, dice: pd.Data
     table = volumes.merge(planted, on="image_id").merge(dice[["image_id", "partition"]], on="image_id")
     rows = []
     for name, part in (("held out", table[table["partition"] != "train"]), ("all", table)):
-        row = {"scans": name, "n": len(part)}
-        for side in ("left", "right"):
-            got, true = part[f"{side}_mm3"], part[f"hippocampus_{side}_mm3"]
-            row[f"r_{side}"] = float(np.corrcoef(got, true)[0, 1])
-            row[f"r_{side}_icv"] = float(np.corrcoef(got / part["icv_mm3"], true / part["brain_ml"])[0, 1])
+        row = {"scans": name, "n": len(part), **planted_correlations(part, "_mm3")}
         ratio = (part["left_mm3"] + part["right_mm3"]) / (part["hippocampus_left_mm3"] + part["hippocampus_right_mm3"])
         for group in ("AD", "CN"):
             row[f"recovered_{group}"] = float(ratio[part["group"] == group].mean())

@@ -61,6 +61,17 @@ def label_scan(workdir: Path, row, transform: str) -> dict:
     return out
 
 
+def planted_correlations(part: pd.DataFrame, suffix: str) -> dict[str, float]:
+    """Pearson r of measured (``left<suffix>``, ``right<suffix>``) and planted hippocampal volumes per
+    side, raw and divided by the measured ICV / the true brain volume (rows merged with the demo truth)."""
+    row = {}
+    for side in ("left", "right"):
+        got, true = part[f"{side}{suffix}"], part[f"hippocampus_{side}_mm3"]
+        row[f"r_{side}"] = float(np.corrcoef(got, true)[0, 1])
+        row[f"r_{side}_icv"] = float(np.corrcoef(got / part["icv_mm3"], true / part["brain_ml"])[0, 1])
+    return row
+
+
 def agreement(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     """Per transform and label version (warped / CSF dropped): r with the planted volumes, group ratios, Dice."""
     table = table.merge(truth, on="image_id")
@@ -70,11 +81,9 @@ def agreement(table: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
         part = table[table["transform"] == transform]
         row = {"transform": transform, "labels": version, "scans": len(part),
                "mean_s": part["seconds"].mean(), "max_s": part["seconds"].max()}
+        row.update(planted_correlations(part, suffix))
         for side in ("left", "right"):
-            got, true = part[f"{side}{suffix}"], part[f"hippocampus_{side}_mm3"]
-            row[f"r_{side}"] = np.corrcoef(got, true)[0, 1]
-            row[f"r_{side}_icv"] = np.corrcoef(got / part["icv_mm3"], true / part["brain_ml"])[0, 1]
-            ratio = got / true
+            ratio = part[f"{side}{suffix}"] / part[f"hippocampus_{side}_mm3"]
             for group in ("AD", "CN"):
                 row[f"{side}_ratio_{group}"] = ratio[part["group"] == group].mean()
         row["dice_mean"] = part[["left_dice", "right_dice"]].to_numpy().mean() if version == "csf dropped" else None
