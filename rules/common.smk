@@ -469,21 +469,23 @@ def explain_experiments():
 EXPLAIN_EXPERIMENTS = explain_experiments()
 
 
+# What `explain run` reads per chosen scan, by path pattern: the rule's inputs expand them, and the
+# command gets them as they are (--tensor-pattern ...), so both name the same files.
+EXPLAIN_FILE_PATTERNS = {
+    "tensor": TENSOR_FILE,
+    "image": stage_file("ras"),
+    "brain": stage_file("ras", "_mask"),
+    "hippocampus": HIPPOCAMPUS_MASKS[EXPLAIN["hippocampus_masks"]],
+}
+
+
 def explain_inputs(wildcards):
     """The chosen scans' tensors, RAS scans, brain masks and hippocampus labels, in the order of
     scans.csv (known once checkpoint explain_scans has chosen them from the test predictions)."""
     chosen = pd.read_csv(checkpoints.explain_scans.get(experiment=wildcards.experiment).output[0],
                          dtype={"subject": str, "image_id": str})
-
-    def files(pattern):
-        return expand(pattern, zip, subject=chosen["subject"], image_id=chosen["image_id"])
-
-    return {
-        "tensors": files(TENSOR_FILE),
-        "images": files(stage_file("ras")),
-        "brains": files(stage_file("ras", "_mask")),
-        "hippocampi": files(HIPPOCAMPUS_MASKS[EXPLAIN["hippocampus_masks"]]),
-    }
+    return {f"{kind}_files": expand(pattern, zip, subject=chosen["subject"], image_id=chosen["image_id"])
+            for kind, pattern in EXPLAIN_FILE_PATTERNS.items()}
 
 
 def explain_flags():

@@ -69,11 +69,12 @@ rule explain_experiment:
     params:
         checkpoint=selected_checkpoint,
         flags=explain_flags(),
-        # the chosen scans' files (input, from scans.csv) by the workflow's layout
-        tensor=lambda wildcards: TENSOR_FILE,
-        image=lambda wildcards: stage_file("ras"),
-        brain=lambda wildcards: stage_file("ras", "_mask"),
-        hippocampus=lambda wildcards: HIPPOCAMPUS_MASKS[EXPLAIN["hippocampus_masks"]],
+        # the patterns the inputs were expanded from (functions, so Snakemake leaves their
+        # {subject} and {image_id} for the script to fill in from scans.csv)
+        tensor=lambda wildcards: EXPLAIN_FILE_PATTERNS["tensor"],
+        image=lambda wildcards: EXPLAIN_FILE_PATTERNS["image"],
+        brain=lambda wildcards: EXPLAIN_FILE_PATTERNS["brain"],
+        hippocampus=lambda wildcards: EXPLAIN_FILE_PATTERNS["hippocampus"],
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         f"{RESULTS}/logs/explain/{{experiment}}.log",

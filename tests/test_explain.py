@@ -226,7 +226,6 @@ def planted_heads(root: Path, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-
 # The recipe: layer4 and fc trained from random weights (AdamW 1e-3, batches of 4, no restart of the
 # learning rate within the 6 epochs, BatchNorm recalibrated), the best-validation-loss checkpoint.
 RECIPE = ["--weights", "none", "--trainable-from", "layer4", "--lr-head", "1e-3", "--lr-backbone", "1e-3",

@@ -626,8 +626,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scans = read_scans(args.scans)
     tensors, images, brains, hippocampi = (scan_files(scans, pattern) for pattern in (
         args.tensor_pattern, args.image_pattern, args.brain_pattern, args.hippocampus_pattern))
-    explain_experiment(scans, args.checkpoint, tensors, images, brains, hippocampi, args.out_dir, methods=args.methods, target=args.target,
-                       gradcam_layer=args.gradcam_layer, occlusion_patch=args.occlusion_patch,
+    explain_experiment(scans, args.checkpoint, tensors, images, brains, hippocampi, args.out_dir,
+                       methods=args.methods, target=args.target, gradcam_layer=args.gradcam_layer, occlusion_patch=args.occlusion_patch,
                        occlusion_stride=args.occlusion_stride, occlusion_batch=args.occlusion_batch,
                        hippocampus_masks=args.hippocampus_masks, n_boot=args.n_boot, seed=args.seed,
                        device=args.device, experiment=args.experiment)
