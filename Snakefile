@@ -44,6 +44,11 @@ include: "rules/explain.smk"
 include: "rules/report.smk"
 
 
+# The last line of every successful run: scans used, dropped and left out, and where the reasons are.
+onsuccess:
+    print(outcome_line(RESULTS))
+
+
 rule all:
     default_target: True
     input:

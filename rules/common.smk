@@ -3,19 +3,32 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 from workflow_scripts.cli import PipelineError
 from workflow_scripts.recipe import merge_recipe
+from workflow_scripts.usable_scans import outcome_line
 
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
-# inside conda environments, whatever else is installed.
+# inside conda environments, whatever else is installed. Without conda environments, `python`
+# is the interpreter running Snakemake (the virtual environment with the project's packages),
+# so `.venv/bin/snakemake` works without activating the environment.
+def job_path_prefix():
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return ""
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+
+
 shell.prefix(
-    f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    "set -euo pipefail; "
+    + job_path_prefix()
+    + f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
 RESULTS = config["results_dir"]
@@ -54,9 +67,34 @@ check_demo_paths()
 
 
 def scans_table():
-    """The ingest checkpoint's table of usable scans (waits for ingest to run)."""
+    """The ingest checkpoint's table of scans to preprocess (waits for ingest to run)."""
     path = checkpoints.ingest.get().output.scans
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if table.empty:
+        raise WorkflowError(f"ingest found no usable scan in {DATA['collection_csv']}; every scan's reason is in "
+                            f"{checkpoints.ingest.get().output.excluded}")
+    return table
+
+
+def usable_table():
+    """The scans that passed every preprocessing stage and the user's exclusions (checkpoint usable_scans)."""
+    outputs = checkpoints.usable_scans.get().output
+    table = pd.read_csv(outputs.usable, sep="\t", dtype=str, keep_default_na=False)
+    if table.empty:
+        raise WorkflowError(f"no scan passed preprocessing: the reasons are in {outputs.dropped} (and ingest's "
+                            f"exclusions in {RESULTS}/excluded.tsv)")
+    return table
+
+
+def user_exclusions_file(wildcards):
+    """data.exclude_scans, checked to exist (a missing table stops the run before any job)."""
+    path = DATA["exclude_scans"]
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise WorkflowError(f"data.exclude_scans={path} does not exist; write a TSV with the columns image_id and "
+                            f"reason, or set it to null")
+    return path
 
 
 def dicom_dir(wildcards):
@@ -68,17 +106,36 @@ def dicom_dir(wildcards):
 
 
 def expand_scans(pattern):
+    """``pattern`` for every scan ingest accepted (the per-scan stages run on these)."""
     table = scans_table()
     return expand(pattern, zip, subject=table["subject"], image_id=table["image_id"])
 
 
+def expand_usable(pattern):
+    """``pattern`` for every scan that passed preprocessing (everything after the stages reads only these)."""
+    table = usable_table()
+    return expand(pattern, zip, subject=table["subject"], image_id=table["image_id"])
+
+
+# One scan's QC metrics (rule qc_metrics), beside its montage.
+QC_METRICS_FILE = f"{RESULTS}/qc/{{subject}}/{{image_id}}.json"
+
+
 def preprocess_targets(wildcards):
-    """Every stage's final file for every usable scan, and its QC montage."""
+    """Every stage's final file for every scan ingest accepted, its QC montage and metrics, and the
+    usable-scans table."""
     return (
         expand_scans(stage_file("ras"))
         + expand_scans(stage_file("ras", "_mask"))
         + expand_scans(f"{RESULTS}/qc/{{subject}}/{{image_id}}.png")
+        + expand_scans(QC_METRICS_FILE)
+        + [f"{RESULTS}/usable.tsv"]
     )
+
+
+def qc_records(wildcards):
+    """The QC metrics of every scan ingest accepted (a dropped scan's file is its failure record)."""
+    return expand_scans(QC_METRICS_FILE)
 
 
 SKULLSTRIP = PRE["skullstrip"]
@@ -103,7 +160,7 @@ def synthstrip_weights(wildcards=None):
 
 def skullstrip_flags():
     s = SKULLSTRIP
-    flags = [f"--method {s['method']}"]
+    flags = [f"--method {s['method']} --brain-volume-ml {' '.join(str(v) for v in s['brain_volume_ml'])}"]
     if s["method"] == "synthstrip":
         flags.append(f"--synthstrip-border {s['synthstrip_border']}")
     else:
@@ -171,7 +228,7 @@ VOLUMETRY_EXPERIMENTS = name_pattern(experiments_of("volumetry"))
 
 def all_tensors(wildcards):
     """The cached tensor of every usable scan (training reads these, never NIfTI)."""
-    return expand_scans(TENSOR_FILE)
+    return expand_usable(TENSOR_FILE)
 
 
 def experiment_weights(wildcards):
@@ -244,12 +301,34 @@ def embedding_figures(wildcards):
     ]
 
 
-def fold_metrics(wildcards):
-    return expand(
-        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/metrics.json",
-        experiment=wildcards.experiment,
-        fold=range(config["cv"]["folds"]),
-    )
+# --- cross-validation -------------------------------------------------------------------
+# Per fold k the split writes three manifests (workflow_scripts.split.fold_manifest_path): train.csv,
+# val.csv (the inner validation split: early stopping and checkpoint choice) and held_out.csv (fold k,
+# only reported on). The fold's model predicts its held-out fold and the test set.
+FOLD_ROLES = ["train", "val", "held_out"]
+FOLD_MANIFEST = f"{SPLITS}/cv/fold{{fold}}/{{role}}.csv"
+
+
+def fold_predicted_manifest(wildcards):
+    """What a fold's model predicts: its held-out fold (wildcard subset held_out) or the test set (test)."""
+    if wildcards.subset == "held_out":
+        return FOLD_MANIFEST.format(fold=wildcards.fold, role="held_out")
+    return f"{SPLITS}/test.csv"
+
+
+def fold_files(name):
+    """An input function: results/cv/<experiment>/fold<k>/``name`` for every fold of the experiment."""
+
+    def files(wildcards):
+        return expand(f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/{name}", experiment=wildcards.experiment,
+                      fold=range(config["cv"]["folds"]))
+
+    return files
+
+
+fold_metrics = fold_files("evaluation/held_out/metrics.json")  # THE cross-validation figure's inputs
+fold_test_metrics = fold_files("evaluation/test/metrics.json")
+fold_summaries = fold_files("summary.json")
 
 
 def comparison_flags(wildcards, input):
@@ -277,12 +356,12 @@ def hippocampus_atlas_flags():
 
 
 def hippocampus_masks(wildcards):
-    return expand_scans(HIPPOCAMPUS_MASKS[wildcards.masks])
+    return expand_usable(HIPPOCAMPUS_MASKS[wildcards.masks])
 
 
 def brain_masks(wildcards):
     """The stage-2 skull-strip mask of every usable scan (native grid): the ICV of each scan."""
-    return expand_scans(stage_file("stripped", "_mask"))
+    return expand_usable(stage_file("stripped", "_mask"))
 
 
 def volumetry_masks(name):
@@ -329,12 +408,7 @@ def bayes_flags():
     return " ".join(flags)
 
 
-def fold_histories(wildcards):
-    return expand(
-        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/history.json",
-        experiment=wildcards.experiment,
-        fold=range(config["cv"]["folds"]),
-    )
+fold_histories = fold_files("history.json")
 
 
 def provenance_models(wildcards, input):
@@ -345,7 +419,7 @@ def provenance_models(wildcards, input):
 def report_targets(wildcards):
     """Every item of the HTML report that the workflow builds itself (the rest are other rules' outputs)."""
     per_experiment = ["test_metrics.html", "cv.html"]
-    targets = [f"{REPORT}/dataset.html", f"{REPORT}/split.html", f"{REPORT}/comparison.html",
+    targets = [f"{REPORT}/dataset.html", f"{REPORT}/qc.html", f"{REPORT}/split.html", f"{REPORT}/comparison.html",
                f"{REPORT}/provenance.html", f"{RESULTS}/clinicians.html"]
     targets += expand(f"{REPORT}/{{experiment}}/{{item}}", experiment=EXPERIMENTS, item=per_experiment)
     targets += expand(f"{RESULTS}/bayes/{{experiment}}/ppv_npv.png", experiment=EXPERIMENTS)
@@ -359,6 +433,11 @@ SEG = config["segmentation"]
 SEGMENTATION = f"{RESULTS}/segmentation"
 SEGMENTATION_TRUTH_DIR = f"{SEGMENTATION}/truth"
 SEGMENTATION_TRUTH = f"{SEGMENTATION_TRUTH_DIR}/{{subject}}/{{image_id}}.nii.gz"
+# Cross-fitting (rules/segmentation.smk): CV fold k's U-Net, the table naming each scan's U-Net, and
+# the sidecar beside each mask saying which U-Net made it.
+SEGMENTATION_FOLD = f"{SEGMENTATION}/cv/fold{{fold}}"
+SEGMENTATION_MASK_MODELS = f"{SEGMENTATION}/mask_models.tsv"
+SEGMENTATION_SIDECAR = f"{RESULTS}/hippocampus/{{subject}}/{{image_id}}.json"
 
 
 def segmentation_in_all():
@@ -366,6 +445,16 @@ def segmentation_in_all():
     if SEG["in_all"] == "auto":
         return DATA["source"] == "demo" and SEG["source"] == "demo"
     return bool(SEG["in_all"])
+
+
+def segmentation_cross_fitted():
+    """Demo labels belong to the classified subjects, so their masks are cross-fitted; an MSD U-Net saw none of them."""
+    return SEG["source"] == "demo"
+
+
+def segmentation_fold_manifest(fold, part):
+    """Fold ``fold``'s train, val (inner validation) or held_out (outer fold) manifest, written by rule split."""
+    return f"{SPLITS}/cv/fold{fold}/{part}.csv"
 
 
 def segmentation_inputs(wildcards):
@@ -380,29 +469,73 @@ def segmentation_inputs(wildcards):
                 f"never downloads it); or set segmentation.source: demo with the demo collection."
             )
         return {"dataset": str(manifest)}
+    return {
+        "train": f"{SPLITS}/train.csv",
+        "val": f"{SPLITS}/val.csv",
+        "test": f"{SPLITS}/test.csv",
+        **segmentation_labelled_scans(),
+    }
+
+
+def segmentation_labelled_scans():
+    """Every usable scan's RAS image, brain mask and mapped true labels (demo source only)."""
     if DATA["source"] != "demo":
         raise WorkflowError(
             "segmentation.source demo trains on the demo collection's true hippocampus labels, which exist only "
             "with data.source demo; with ADNI data set segmentation.source: msd and segmentation.msd_root."
         )
     return {
-        "train": f"{SPLITS}/train.csv",
-        "val": f"{SPLITS}/val.csv",
-        "test": f"{SPLITS}/test.csv",
-        "truth": expand_scans(SEGMENTATION_TRUTH),
-        "images": expand_scans(stage_file("ras")),
-        "masks": expand_scans(stage_file("ras", "_mask")),
+        "truth": expand_usable(SEGMENTATION_TRUTH),
+        "images": expand_usable(stage_file("ras")),
+        "masks": expand_usable(stage_file("ras", "_mask")),
     }
 
 
+def segmentation_fold_inputs(wildcards):
+    """Training inputs of CV fold k's U-Net: fold<k>/train.csv (fitted), val.csv (selection), held_out.csv (scored)."""
+    if not segmentation_cross_fitted():
+        raise WorkflowError(
+            f"there is no U-Net of CV fold {wildcards.fold} with segmentation.source {SEG['source']}: its one "
+            f"U-Net never saw an ADNI subject and segments every scan (results/segmentation/best.pt)"
+        )
+    parts = {part: segmentation_fold_manifest(wildcards.fold, part) for part in ("train", "val", "held_out")}
+    return parts | segmentation_labelled_scans()
+
+
 def segmentation_source_flags(wildcards, input):
-    """Where the training labels come from, as command-line flags."""
+    """Where the training labels come from, as command-line flags (the main split's or a CV fold's manifests)."""
     if SEG["source"] == "msd":
         return f"--source msd --msd-root {shlex.quote(SEG['msd_root'])} --val-share {SEG['val_share']}"
-    return (
-        f"--source demo --train {shlex.quote(input.train)} --val {shlex.quote(input.val)}"
-        f" --test {shlex.quote(input.test)} --truth-dir {shlex.quote(SEGMENTATION_TRUTH_DIR)}"
-    )
+    manifests = " ".join(f"--{name.replace('_', '-')} {shlex.quote(input[name])}"
+                         for name in ("train", "val", "test", "held_out") if name in input.keys())
+    return f"--source demo {manifests} --truth-dir {shlex.quote(SEGMENTATION_TRUTH_DIR)}"
+
+
+def segmentation_mask_models_inputs(wildcards):
+    """What decides each scan's U-Net: the usable scans, the split's manifests and every fold's held_out.csv."""
+    return {
+        "scans": checkpoints.usable_scans.get().output.usable,
+        "train": f"{SPLITS}/train.csv",
+        "val": f"{SPLITS}/val.csv",
+        "test": f"{SPLITS}/test.csv",
+        "held_out": [segmentation_fold_manifest(k, "held_out") for k in range(config["cv"]["folds"])],
+    }
+
+
+def segmentation_model(wildcards):
+    """The checkpoint of the one U-Net that never saw this scan's subject: its CV fold's, or the main one
+    (test scans, scans in no partition, and every scan with segmentation.source msd)."""
+    if not segmentation_cross_fitted():
+        return f"{SEGMENTATION}/best.pt"
+    path = checkpoints.segmentation_mask_models.get().output[0]
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    row = table[table["image_id"] == wildcards.image_id]
+    if row.empty:
+        raise WorkflowError(f"scan {wildcards.image_id} is not in {path}; delete it so that rule "
+                            f"segmentation_mask_models re-runs on the current table of usable scans")
+    model = row["model"].iloc[0]
+    run = SEGMENTATION if model == "main" else SEGMENTATION_FOLD.format(fold=model.removeprefix("fold"))
+    return f"{run}/best.pt"
 
 
 def segmentation_flags():
@@ -433,12 +566,16 @@ def segmentation_flags():
 
 
 def segmentation_outputs(wildcards):
-    """The trained model's summary, Dice table and figure, every scan's mask and their volumes."""
+    """The trained models' summaries, Dice tables and figures (main, and each CV fold's when cross-fitted),
+    every usable scan's mask with its sidecar, and their volumes."""
+    folds = range(config["cv"]["folds"]) if segmentation_cross_fitted() else []
     return [
         f"{SEGMENTATION}/summary.json",
         f"{SEGMENTATION}/dice.tsv",
         f"{SEGMENTATION}/best_worst.png",
-        *expand_scans(stage_file("hippocampus")),
+        *expand(f"{SEGMENTATION_FOLD}/{{name}}", fold=folds, name=["summary.json", "dice.tsv", "best_worst.png"]),
+        *expand_usable(stage_file("hippocampus")),
+        *expand_usable(SEGMENTATION_SIDECAR),
         f"{RESULTS}/volumetry/unet/volumes.tsv",
     ]
 

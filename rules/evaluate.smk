@@ -37,18 +37,21 @@ rule evaluate_test:
         " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
+# A fold model's predictions on its held-out fold (the cross-validation figure) or on the test set.
 rule evaluate_fold:
+    wildcard_constraints:
+        subset="held_out|test",
     input:
-        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/val_predictions.csv",
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/{{subset}}_predictions.csv",
     output:
-        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/metrics.json",
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/{{subset}}/metrics.json",
     params:
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
         alpha=config["evaluate"]["alpha"],
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
-        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_evaluate.log",
+        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_evaluate_{{subset}}.log",
     threads: res("evaluate", "threads")
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -60,12 +63,22 @@ rule evaluate_fold:
         " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
+# Three figures, kept apart: the held-out folds (THE cross-validation figure), the inner validation
+# split at the selected epoch (selection-biased, for comparison only) and the fold models on the test set.
 rule cv_summary:
     input:
-        fold_metrics,
+        held_out=fold_metrics,
+        test=fold_test_metrics,
+        summaries=fold_summaries,
     output:
         summary=f"{RESULTS}/cv/{{experiment}}/summary.json",
-        table=f"{RESULTS}/cv/{{experiment}}/summary.md",  # shown in the report as results/report/<exp>/cv.html
+        table=f"{RESULTS}/cv/{{experiment}}/summary.md",
+        page=report(
+            f"{REPORT}/{{experiment}}/cv.html",
+            caption="../report/cv.rst",
+            category="Cross-validation",
+            labels={"experiment": "{experiment}"},
+        ),
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/summary.log",
     threads: 1
@@ -75,8 +88,9 @@ rule cv_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.cv_summary --fold-metrics {input:q} --output {output.summary:q}"
-        " --table {output.table:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.cv_summary --fold-metrics {input.held_out:q} --test-metrics {input.test:q}"
+        " --fold-summaries {input.summaries:q} --experiment {wildcards.experiment:q} --output {output.summary:q}"
+        " --table {output.table:q} --page {output.page:q} > {log:q} 2>&1"
 
 
 rule train:

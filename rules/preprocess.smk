@@ -175,6 +175,10 @@ rule qc:
     input:
         **{stage: stage_file(stage) for stage in STAGES},
         mask=stage_file("stripped", "_mask"),
+        # each stage's brain mask on that stage's own grid, outlined on its slices
+        resampled_mask=stage_file("resampled", "_mask"),
+        cropped_mask=stage_file("cropped128", "_mask"),
+        ras_mask=stage_file("ras", "_mask"),
     output:
         report(
             f"{RESULTS}/qc/{{subject}}/{{image_id}}.png",
@@ -197,4 +201,67 @@ rule qc:
         " --stage nifti {input.nifti:q} --stage stripped {input.stripped:q}"
         " --stage resampled {input.resampled:q} --stage cropped128 {input.cropped128:q}"
         " --stage n4 {input.n4:q} --stage ras {input.ras:q} --mask {input.mask:q}"
+        " --stage-mask nifti {input.mask:q} --stage-mask stripped {input.mask:q}"
+        " --stage-mask resampled {input.resampled_mask:q} --stage-mask cropped128 {input.cropped_mask:q}"
+        " --stage-mask n4 {input.cropped_mask:q} --stage-mask ras {input.ras_mask:q}"
         " --output {output:q} > {log:q} 2>&1"
+
+
+# Per-scan QC numbers (workflow_scripts/qc_metrics.py): brain volume and share of the field of view
+# from the native skull-strip mask, intensities inside and outside the brain, SNR, geometry, and
+# the model input's brain share, intensity range and white/grey contrast. The QC table and the
+# thresholds of config qc: are applied to all scans' records at once.
+rule qc_metrics:
+    input:
+        nifti=stage_file("nifti"),
+        mask=stage_file("stripped", "_mask"),
+        ras=stage_file("ras"),
+        ras_mask=stage_file("ras", "_mask"),
+    output:
+        QC_METRICS_FILE,
+    log:
+        log_file("qc_metrics"),
+    benchmark:
+        benchmark_file("qc_metrics")
+    threads: res("qc", "threads")
+    resources:
+        mem_mb=res("qc", "mem_mb"),
+        runtime=res("qc", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.qc_metrics --nifti {input.nifti:q} --mask {input.mask:q} --ras {input.ras:q}"
+        " --ras-mask {input.ras_mask:q} --subject {wildcards.subject:q} --image-id {wildcards.image_id:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+# The scans that passed every stage (a scan whose own data made a stage fail carries that stage's
+# failure record instead of its images) and were not excluded by the user: the split and every
+# later rule read only these (results/usable.tsv); the others are listed with their stage and
+# reason code in results/dropped.tsv, beside ingest's excluded.tsv.
+checkpoint usable_scans:
+    input:
+        scans=f"{RESULTS}/scans.tsv",
+        excluded=f"{RESULTS}/excluded.tsv",
+        ras=lambda wildcards: expand_scans(stage_file("ras")),
+        user_exclusions=user_exclusions_file,
+    output:
+        usable=f"{RESULTS}/usable.tsv",
+        dropped=f"{RESULTS}/dropped.tsv",
+    params:
+        ras_pattern=stage_file("ras"),
+        user_exclusions=lambda wildcards, input: f"--user-exclusions {input.user_exclusions}"
+        if input.user_exclusions
+        else "",
+    log:
+        f"{RESULTS}/logs/usable_scans.log",
+    threads: 1
+    resources:
+        mem_mb=res("split", "mem_mb"),
+        runtime=res("split", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.usable_scans --scans {input.scans:q} --excluded {input.excluded:q}"
+        " --ras-pattern {params.ras_pattern:q} {params.user_exclusions} --usable {output.usable:q}"
+        " --dropped {output.dropped:q} > {log:q} 2>&1"

@@ -12,8 +12,9 @@ rule report_items:
 
 rule report_dataset:
     input:
-        scans=f"{RESULTS}/scans.tsv",
+        scans=f"{RESULTS}/usable.tsv",
         excluded=f"{RESULTS}/excluded.tsv",
+        dropped=f"{RESULTS}/dropped.tsv",
     output:
         report(f"{REPORT}/dataset.html", caption="../report/dataset.rst", category="Dataset"),
     log:
@@ -26,7 +27,30 @@ rule report_dataset:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.report_tables dataset --scans {input.scans:q} --excluded {input.excluded:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        " --dropped {input.dropped:q} --output {output:q} > {log:q} 2>&1"
+
+
+# The QC table of every scan (one row each, robust outliers highlighted, the scans QC's thresholds
+# drop) beside the montages. qc: settings are a parameter: changing one rewrites this page only.
+rule report_qc:
+    input:
+        qc_records,
+    output:
+        html=report(f"{REPORT}/qc.html", caption="../report/qc_table.rst", category="Preprocessing QC"),
+        table=f"{REPORT}/qc_table.tsv",
+    params:
+        settings=json.dumps(config["qc"]),
+    log:
+        f"{RESULTS}/logs/report/qc.log",
+    threads: res("report", "threads")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables qc --records {input:q} --settings-json {params.settings:q}"
+        " --table {output.table:q} --output {output.html:q} > {log:q} 2>&1"
 
 
 rule report_split:
@@ -97,27 +121,8 @@ rule report_metrics:
         " --output {output:q} > {log:q} 2>&1"
 
 
-rule report_cv:
-    input:
-        f"{RESULTS}/cv/{{experiment}}/summary.json",
-    output:
-        report(
-            f"{REPORT}/{{experiment}}/cv.html",
-            caption="../report/cv.rst",
-            category="Cross-validation",
-            labels={"experiment": "{experiment}"},
-        ),
-    log:
-        f"{RESULTS}/logs/report/{{experiment}}/cv.log",
-    threads: res("report", "threads")
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m workflow_scripts.report_tables cv --summary {input:q} --experiment {wildcards.experiment:q}"
-        " --output {output:q} > {log:q} 2>&1"
+# The cross-validation page (results/report/<experiment>/cv.html) is written by rule cv_summary
+# (rules/evaluate.smk) with the summary it shows, so its three figures cannot drift apart.
 
 
 rule report_comparison:
@@ -142,7 +147,7 @@ rule report_comparison:
 # rewrites this page.
 rule provenance:
     input:
-        scans=f"{RESULTS}/scans.tsv",
+        scans=f"{RESULTS}/usable.tsv",
         splits=rules.split.output,
         models=expand(f"{RESULTS}/models/{{experiment}}/summary.json", experiment=EXPERIMENTS),
     output:

@@ -2,6 +2,21 @@
 # hippocampus labels (the demo's own truth mapped onto each scan's model grid, or a local copy of the
 # Decathlon's Task04_Hippocampus), then one mask per scan (1 = left, 2 = right, on the grid of
 # results/ras) that volumetry experiments with `masks: unet` measure through rule hippocampal_volumes.
+#
+# Cross-fitted masks (segmentation.source demo): the masks feed a model that is cross-validated on
+# the train+val subjects, so no mask may come from a U-Net that saw its subject. K+1 U-Nets train:
+# the main one on splits/train.csv (selected on val.csv), and one per CV fold k on
+# splits/cv/fold<k>/train.csv (selected on fold<k>/val.csv). Fold k's U-Net segments the scans of
+# fold<k>/held_out.csv; the main one the test scans and scans in no partition (left out by class
+# balancing). Which U-Net segments a scan is decided once, by checkpoint segmentation_mask_models
+# (results/segmentation/mask_models.tsv, read from the manifests): the split rule is not a
+# checkpoint, and this small table is, so each mask job gets exactly the one checkpoint it uses
+# (a retrained fold re-runs only that fold's masks) rather than all K+1 checkpoints and every
+# manifest as inputs with the choice made inside the job. The mask job still refuses a subject its
+# U-Net trained or was selected on (the checkpoint records those subjects), and writes a JSON
+# sidecar beside the mask naming the U-Net's run folder, its subject lists and their SHA-256.
+# With segmentation.source msd the one U-Net learnt from Decathlon images only and never saw an
+# ADNI subject, so it segments every scan and no fold U-Net is trained.
 
 
 rule segmentation:
@@ -68,13 +83,48 @@ rule train_segmentation:
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# The same training for CV fold k: fit on its train.csv, select on its val.csv, score its held_out.csv.
+use rule train_segmentation as train_segmentation_fold with:
+    input:
+        unpack(segmentation_fold_inputs),
+    output:
+        summary=f"{SEGMENTATION_FOLD}/summary.json",
+        history=f"{SEGMENTATION_FOLD}/history.json",
+        dice=f"{SEGMENTATION_FOLD}/dice.tsv",
+        best=f"{SEGMENTATION_FOLD}/best.pt",
+        last=f"{SEGMENTATION_FOLD}/last.pt",
+        figure=f"{SEGMENTATION_FOLD}/best_worst.png",
+    log:
+        f"{RESULTS}/logs/segmentation/cv/fold{{fold}}/train.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segmentation/cv/fold{{fold}}/train.tsv"
+
+
+checkpoint segmentation_mask_models:
+    input:
+        unpack(segmentation_mask_models_inputs),
+    output:
+        SEGMENTATION_MASK_MODELS,
+    params:
+        held_out=lambda wildcards, input: " ".join(shlex.quote(path) for path in input.held_out),
+    log:
+        f"{RESULTS}/logs/segmentation/mask_models.log",
+    localrule: True
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.segmentation assign --scans {input.scans:q} --train {input.train:q}"
+        " --val {input.val:q} --test {input.test:q} --held-out {params.held_out} --output {output:q} > {log:q} 2>&1"
+
+
 rule hippocampus_unet:
     input:
         image=stage_file("ras"),
         mask=stage_file("ras", "_mask"),
-        model=f"{SEGMENTATION}/best.pt",
+        model=segmentation_model,
     output:
-        stage_file("hippocampus"),
+        mask=stage_file("hippocampus"),
+        sidecar=SEGMENTATION_SIDECAR,
     params:
         device=SEG["device"],
     log:
@@ -89,5 +139,5 @@ rule hippocampus_unet:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.segmentation predict --threads {threads} --checkpoint {input.model:q}"
-        " --image {input.image:q} --brain-mask {input.mask:q} --device {params.device}"
-        " --output {output:q} > {log:q} 2>&1"
+        " --image {input.image:q} --brain-mask {input.mask:q} --subject {wildcards.subject:q}"
+        " --device {params.device} --output {output.mask:q} --sidecar {output.sidecar:q} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ rule tensor_cache:
 
 rule split:
     input:
-        scans=f"{RESULTS}/scans.tsv",
+        scans=f"{RESULTS}/usable.tsv",
         tensors=all_tensors,
     output:
         train=f"{SPLITS}/train.csv",
@@ -32,12 +32,15 @@ rule split:
         summary=f"{SPLITS}/summary.json",
         table=f"{SPLITS}/summary.txt",  # shown in the report as results/report/split.html
         audit=f"{SPLITS}/audit.json",
+        # per CV fold: train.csv, val.csv (inner validation: selection) and held_out.csv (reported on)
+        fold_manifests=expand(FOLD_MANIFEST, fold=range(config["cv"]["folds"]), role=FOLD_ROLES),
     params:
         pattern=lambda wildcards: stage_file("ras"),
         classes=DATA["classes"],
         ratios=config["split"]["ratios"],
         folds=config["cv"]["folds"],
         seed=config["split"]["seed"],
+        inner_val_share=config["cv"]["inner_val_share"],
         balance="--balance" if config["split"]["balance"] else "--no-balance",
         stable="--stable" if config["split"]["stable"] else "--no-stable",
         out_dir=lambda wildcards, output: os.path.dirname(output.train),
@@ -54,4 +57,5 @@ rule split:
     shell:
         "python -m workflow_scripts.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
         " --classes {params.classes:q} --ratios {params.ratios} --folds {params.folds} --seed {params.seed}"
-        " {params.balance} {params.stable} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --inner-val-share {params.inner_val_share} {params.balance} {params.stable} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"

@@ -39,6 +39,7 @@ rule train_model:
         flags=train_flags,
         tensor_dir=f"{RESULTS}/tensors",
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        run_name=lambda wildcards: wildcards.experiment,
     log:
         f"{RESULTS}/logs/train/{{experiment}}.log",
     benchmark:
@@ -51,15 +52,17 @@ rule train_model:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.train --threads {threads} --train {input.train:q} --val {input.val:q}"
-        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q} --run-name {wildcards.experiment}"
+        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q} --run-name {params.run_name:q}"
         " {params.flags} > {log:q} 2>&1"
 
 
-rule train_fold:
-    wildcard_constraints:
-        experiment=NETWORK_EXPERIMENTS,
+# One CV fold: the same command on the fold's manifests. Early stopping and the checkpoint choice
+# see only the inner validation split (val.csv, subjects of the other folds); the held-out fold k
+# is predicted afterwards by rule predict_fold and is the only thing reported.
+use rule train_model as train_fold with:
     input:
-        folds=f"{SPLITS}/cv_folds.csv",
+        train=FOLD_MANIFEST.format(fold="{fold}", role="train"),
+        val=FOLD_MANIFEST.format(fold="{fold}", role="val"),
         tensors=all_tensors,
         weights=experiment_weights,
     output:
@@ -67,23 +70,41 @@ rule train_fold:
         history=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/history.json",
         predictions=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/val_predictions.csv",
     params:
-        flags=train_flags,
-        tensor_dir=f"{RESULTS}/tensors",
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        run_name=lambda wildcards: f"{wildcards.experiment}-fold{wildcards.fold}",
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cv/{{experiment}}/fold{{fold}}.tsv"
-    threads: res("train", "threads")
+
+
+# The fold's selected checkpoint (the one selected_checkpoint picks for the main model) on its
+# held-out fold (subset held_out: the cross-validation figure) or on the test set (subset test).
+rule predict_fold:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
+        subset="held_out|test",
+    input:
+        model=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
+        manifest=fold_predicted_manifest,
+        tensors=all_tensors,
+    output:
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/{{subset}}_predictions.csv",
+    params:
+        checkpoint=selected_checkpoint,
+        tensor_dir=f"{RESULTS}/tensors",
+        device=config["train"]["device"],
+    log:
+        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_predict_{{subset}}.log",
+    threads: res("predict", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
+        mem_mb=res("predict", "mem_mb"),
+        runtime=res("predict", "runtime"),
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.train --threads {threads} --folds-csv {input.folds:q} --fold {wildcards.fold}"
-        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q}"
-        " --run-name {wildcards.experiment}-fold{wildcards.fold} {params.flags} > {log:q} 2>&1"
+        "python -m workflow_scripts.train --threads {threads} --predict {input.manifest:q}"
+        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
+        " --predictions-out {output:q} > {log:q} 2>&1"
 
 
 rule predict_test:

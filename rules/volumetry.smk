@@ -47,7 +47,7 @@ rule hippocampal_volumes:
     wildcard_constraints:
         masks="atlas|unet",
     input:
-        scans=f"{RESULTS}/scans.tsv",
+        scans=f"{RESULTS}/usable.tsv",
         masks=hippocampus_masks,
         icv=brain_masks,
     output:
@@ -139,6 +139,7 @@ rule predict_volumetry_test:
         experiment=VOLUMETRY_EXPERIMENTS,
     input:
         model=f"{RESULTS}/models/{{experiment}}/model.joblib",
+        summary=f"{RESULTS}/models/{{experiment}}/summary.json",
         test=f"{SPLITS}/test.csv",
         volumes=volumetry_volumes,
     output:
@@ -153,4 +154,5 @@ rule predict_volumetry_test:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.volumetry --threads {threads} predict --model {input.model:q}"
-        " --volumes {input.volumes:q} --manifest {input.test:q} --output {output:q} > {log:q} 2>&1"
+        " --summary {input.summary:q} --volumes {input.volumes:q} --manifest {input.test:q} --output {output:q}"
+        " > {log:q} 2>&1"

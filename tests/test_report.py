@@ -40,12 +40,16 @@ def test_dataset_page_counts_groups_and_reasons_and_escapes_text():
     assert summary.loc["CN", "age, mean ± SD [range]"] == "77.5 ± 3.5 [75-80]"
     reasons = report_tables.exclusion_summary(excluded).set_index("reason_code")
     assert reasons.loc["not_t1_mprage", "scans"] == 2
-    page = report_tables.dataset_html(scans_table(), excluded)
-    assert "4 usable T1 MPRAGE scans of 3 subjects; 3 scans left out" in page
+    dropped = pd.DataFrame({"image_id": ["I6"], "subject": ["S6"], "group": ["AD"], "visit": ["sc"],
+                            "stage": ["stripped"], "reason_code": ["implausible_brain_mask"],
+                            "reason": ["the brain mask is 12 mL"]})
+    page = report_tables.dataset_html(scans_table(), excluded, dropped)
+    assert "4 usable T1 MPRAGE scans of 3 subjects. 3 scans were left out by ingest and 1 dropped after it" in page
+    assert "implausible_brain_mask" in page and "the brain mask is 12 mL" in page
     assert "&lt;b&gt;Localizer&lt;/b&gt;" in page and "<b>Localizer" not in page
     assert "/data/adni/secret" not in page  # local paths stay out of the report
     with pytest.raises(cli.PipelineError, match="lacks column"):
-        report_tables.dataset_html(scans_table().drop(columns="group"), excluded)
+        report_tables.dataset_html(scans_table().drop(columns="group"), excluded, dropped)
 
 
 def test_metrics_page_shows_both_levels_with_intervals():

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,10 +21,10 @@ from workflow_scripts import cli
 from workflow_scripts.nifti_io import load_nifti, provenance_of
 from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, build_unet, check_settings, dice_row,
                                            fit, keep_largest, load_segmenter, main as segmentation_main, segment)
-from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, msd_items,
-                                                train_transforms, truth_on_grid)
+from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
+                                                msd_items, train_transforms, truth_on_grid)
 from workflow_scripts.skullstrip import dice
-from conftest import REPO, TINY
+from conftest import REPO, TINY, discard_unless_failed
 
 # The settings of the tiny runs: the TINY config's U-Net (a 3D U-Net on the whole 32^3 volume).
 SMALL = {"model": "unet3d", "plane": "coronal", "channels": [8, 16, 32, 64], "strides": [2, 2, 2],
@@ -108,11 +109,36 @@ def test_msd_images_are_dealt_subject_by_subject_with_the_val_share():
 def test_partitions_must_hold_training_and_validation_scans_and_never_share_a_subject():
     item = lambda s, p: {"subject": s, "partition": p}  # noqa: E731
     assert {k: len(v) for k, v in check_partitions([item("a", "train"), item("b", "val")]).items()} == \
-        {"train": 1, "val": 1, "test": 0}
+        {"train": 1, "val": 1, "test": 0, "held_out": 0}
     with pytest.raises(cli.PipelineError, match="no val scans"):
         check_partitions([item("a", "train"), item("b", "test")])
     with pytest.raises(cli.PipelineError, match="a sit in two"):
         check_partitions([item("a", "train"), item("a", "val")])
+    with pytest.raises(cli.PipelineError, match="c sit in two"):
+        check_partitions([item("a", "train"), item("b", "val"), item("c", "val"), item("c", "held_out")])
+
+
+def manifest(*scans: tuple[str, str]) -> pd.DataFrame:
+    return pd.DataFrame([{"path": f"{s}/{i}.nii.gz", "subject": s, "image_id": i, "group": "CN", "label": 0}
+                         for s, i in scans])
+
+
+def test_each_scan_is_segmented_by_the_unet_that_holds_its_subject_out():
+    """Outer-fold scans go to their fold's U-Net; test scans and scans in no partition to the main one;
+    a scan in two outer folds, a test scan in a fold, or a train/val scan in none stops the run."""
+    scans = pd.DataFrame({"image_id": ["I1", "I2", "I3", "I4", "I5"], "subject": ["a", "b", "c", "d", "e"]})
+    main = {"train": manifest(("a", "I1"), ("e", "I5")), "val": manifest(("b", "I2")), "test": manifest(("c", "I3"))}
+    folds = [manifest(("a", "I1"), ("b", "I2")), manifest(("e", "I5"))]
+    table = mask_models(scans, main, folds).set_index("image_id")
+    assert table["model"].to_dict() == {"I1": "fold0", "I2": "fold0", "I3": "main", "I4": "main", "I5": "fold1"}
+    assert table["role"].to_dict() == {"I1": "held_out", "I2": "held_out", "I3": "test", "I4": "unpartitioned",
+                                       "I5": "held_out"}
+    with pytest.raises(cli.PipelineError, match=r"I1 sit in the held_out.csv of two CV folds \(0 and 1\)"):
+        mask_models(scans, main, [folds[0], manifest(("a", "I1"), ("e", "I5"))])
+    with pytest.raises(cli.PipelineError, match="test scan.* I3"):
+        mask_models(scans, main, [folds[0], manifest(("e", "I5"), ("c", "I3"))])
+    with pytest.raises(cli.PipelineError, match="I5 are in no CV fold"):
+        mask_models(scans, main, folds[:1])
 
 
 @pytest.fixture(scope="module")
@@ -280,10 +306,11 @@ def study(tmp_path_factory) -> dict:
         save_nifti_atomic(truth_on_grid(load_nifti(truth / f"{image_id}_hippocampus.nii.gz"), ras),
                           root / "truth_grid" / subject / f"{image_id}.nii.gz")
         rows.append({"image_id": image_id, "subject": subject, "group": row.Group})
-    manifests = make_split(pd.DataFrame(rows), path_of=str(root / "ras" / "{subject}" / "{image_id}.nii.gz"),
-                           ratios=(0.5, 0.1, 0.4), folds=2).manifests
+    split = make_split(pd.DataFrame(rows), path_of=str(root / "ras" / "{subject}" / "{image_id}.nii.gz"),
+                       ratios=(0.5, 0.1, 0.4), folds=2)
+    manifests = split.manifests
     held_out = pd.concat([manifests["val"], manifests["test"]])
-    return {"root": root, "manifests": manifests, "truth_dir": root / "truth_grid",
+    return {"root": root, "manifests": manifests, "cv_folds": split.cv_folds, "truth_dir": root / "truth_grid",
             "items": demo_items(manifests, root / "truth_grid"),
             "prior": location_prior_dice(manifests["train"], held_out, root / "truth_grid")}
 
@@ -405,6 +432,126 @@ def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midli
     assert (np.nonzero(labels == 1)[0] < midline).all() and (np.nonzero(labels == 2)[0] >= midline).all()
 
 
+# ----------------------------------------------------------------------------- cross-fitted masks
+
+
+def write_fold_manifests(cv_folds: pd.DataFrame, out: Path) -> dict[int, dict[str, Path]]:
+    """A tiny stand-in for rule split's per-fold manifests (cv/fold<k>/{train,val,held_out}.csv): fold k's
+    outer fold is held out; of the other train+val subjects every third (sorted) validates, the rest train."""
+    paths = {}
+    for fold in sorted(cv_folds["fold"].unique()):
+        rest = cv_folds[cv_folds["fold"] != fold]
+        inner_val = sorted(rest["subject"].unique())[::3]
+        parts = {"train": rest[~rest["subject"].isin(inner_val)], "val": rest[rest["subject"].isin(inner_val)],
+                 "held_out": cv_folds[cv_folds["fold"] == fold]}
+        (out / f"fold{fold}").mkdir(parents=True)
+        paths[int(fold)] = {}
+        for name, table in parts.items():
+            paths[int(fold)][name] = out / f"fold{fold}" / f"{name}.csv"
+            table.drop(columns="fold").to_csv(paths[int(fold)][name], index=False)
+    return paths
+
+
+def tiny_flags() -> list[str]:
+    """The TINY config's U-Net (32^3, 300 steps) as the train command's flags; the rest are config.yaml's."""
+    flags = []
+    for key, value in TINY["segmentation"].items():
+        flags += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return flags + ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cross_fit(study, study_3d, tmp_path_factory, request) -> dict:
+    """The workflow's cross-fitting on the study: one U-Net per CV fold trained by the train command on
+    its fold's manifests (TINY settings), study_3d's U-Net as the main one (split train/val), the
+    assign command's table of which U-Net segments each scan, and each scan segmented by that U-Net
+    with the predict command (mask and sidecar), as rules train_segmentation_fold,
+    segmentation_mask_models and hippocampus_unet do."""
+    failed_before = request.session.testsfailed
+    root = tmp_path_factory.mktemp("cross_fit")
+    main_paths = {}
+    for name, table in study["manifests"].items():
+        main_paths[name] = root / f"{name}.csv"
+        table.to_csv(main_paths[name], index=False)
+    folds = write_fold_manifests(study["cv_folds"], root / "cv")
+    runs, seconds = {"main": study_3d["out"]}, {}
+    for fold, paths in folds.items():
+        runs[f"fold{fold}"] = root / "segmentation" / "cv" / f"fold{fold}"
+        tick = time.perf_counter()
+        assert cli.run(segmentation_main, ["train", "--source", "demo", "--train", str(paths["train"]),
+                                           "--val", str(paths["val"]), "--held-out", str(paths["held_out"]),
+                                           "--truth-dir", str(study["truth_dir"]),
+                                           "--out-dir", str(runs[f"fold{fold}"]), *tiny_flags()]) == 0
+        seconds[fold] = time.perf_counter() - tick
+    scans = pd.concat(study["manifests"].values())[["image_id", "subject", "group"]]
+    scans.to_csv(root / "usable.tsv", sep="\t", index=False)
+    assert cli.run(segmentation_main, ["assign", "--scans", str(root / "usable.tsv"),
+                                       *[f"--{n}={main_paths[n]}" for n in ("train", "val", "test")], "--held-out",
+                                       *[str(folds[k]["held_out"]) for k in sorted(folds)],
+                                       "--output", str(root / "mask_models.tsv")]) == 0
+    chosen = pd.read_csv(root / "mask_models.tsv", sep="\t", dtype=str)
+    paths = pd.concat(study["manifests"].values()).set_index("image_id")["path"]
+    for row in chosen.itertuples():
+        image = paths[row.image_id]
+        assert cli.run(segmentation_main, [
+            "predict", "--checkpoint", str(runs[row.model] / "best.pt"), "--image", image,
+            "--brain-mask", image.replace(".nii.gz", "_mask.nii.gz"), "--subject", row.subject, "--device", "cpu",
+            "--output", str(root / "hippocampus" / row.subject / f"{row.image_id}.nii.gz"),
+            "--sidecar", str(root / "hippocampus" / row.subject / f"{row.image_id}.json")]) == 0
+    yield {"root": root, "folds": folds, "runs": runs, "seconds": seconds, "chosen": chosen}
+    discard_unless_failed(request, root, failed_before)
+
+
+def test_no_evaluated_scan_has_a_mask_from_a_unet_that_saw_its_subject(study, cross_fit):
+    """Every scan of fold k's held_out.csv is segmented by fold k's U-Net and every test scan by the main
+    one; in each case the sidecar's U-Net (the same as its summary's, by the subjects' hash) was
+    neither trained nor selected on the scan's subject."""
+    root, runs = cross_fit["root"], cross_fit["runs"]
+    evaluated = [(f"fold{k}", pd.read_csv(paths["held_out"], dtype=str)) for k, paths in cross_fit["folds"].items()]
+    evaluated.append(("main", study["manifests"]["test"]))
+    checked = set()
+    for run, table in evaluated:
+        summary = json.loads((runs[run] / "summary.json").read_text())
+        for row in table.itertuples():
+            sidecar = json.loads((root / "hippocampus" / row.subject / f"{row.image_id}.json").read_text())
+            assert sidecar["model_dir"] == str(runs[run]) and sidecar["subject"] == row.subject
+            assert row.subject not in sidecar["train_subjects"] + sidecar["val_subjects"], (row.image_id, run)
+            assert sidecar["subjects_sha256"] == summary["subjects_sha256"]
+            assert (root / "hippocampus" / row.subject / f"{row.image_id}.nii.gz").is_file()
+            checked.add(row.image_id)
+    assert checked == set(pd.concat(study["manifests"].values())["image_id"])  # every scan of the study
+
+
+def test_each_fold_unet_trains_only_on_its_folds_training_subjects(cross_fit):
+    """Fold k's U-Net records (checkpoint and summary) and scores as training exactly the scans of its
+    fold's train.csv, is selected on its val.csv, and treats held_out.csv as scored only."""
+    for fold, paths in cross_fit["folds"].items():
+        run = cross_fit["runs"][f"fold{fold}"]
+        parts = {name: pd.read_csv(path, dtype=str) for name, path in paths.items()}
+        seen = torch.load(run / "best.pt", weights_only=True)["subjects"]
+        assert seen == {name: sorted(set(parts[name]["subject"])) for name in ("train", "val")}
+        summary = json.loads((run / "summary.json").read_text())
+        assert {p: set(v["subjects"]) for p, v in summary["partitions"].items() if v["scans"]} == \
+            {name: set(table["subject"]) for name, table in parts.items()}
+        table = pd.read_csv(run / "dice.tsv", sep="\t", dtype=str)
+        for name, manifest_table in parts.items():
+            assert sorted(table.loc[table["partition"] == name, "image_id"]) == sorted(manifest_table["image_id"])
+        assert summary["settings"]["steps"] == TINY["segmentation"]["steps"]
+
+
+def test_predict_refuses_a_subject_its_unet_trained_or_selected_on(study, cross_fit, tmp_path):
+    """The mask job's guard: the main U-Net asked to segment a training or validation scan stops, names
+    the subject, and writes neither mask nor sidecar."""
+    for partition in ("train", "val"):
+        row = study["manifests"][partition].iloc[0]
+        argv = ["predict", "--checkpoint", str(cross_fit["runs"]["main"] / "best.pt"), "--image", row["path"],
+                "--brain-mask", row["path"].replace(".nii.gz", "_mask.nii.gz"), "--subject", row["subject"],
+                "--device", "cpu", "--output", str(tmp_path / "mask.nii.gz"), "--sidecar", str(tmp_path / "m.json")]
+        with pytest.raises(cli.PipelineError, match=f"subject {row['subject']} is among the {partition} subjects"):
+            segmentation_main(argv)
+        assert not (tmp_path / "mask.nii.gz").exists() and not (tmp_path / "m.json").exists()
+
+
 # ----------------------------------------------------------------------------- the workflow's outputs
 
 
@@ -435,9 +582,16 @@ def test_one_mask_per_scan_on_the_model_input_grid(demo_run):
 
 
 def test_the_dice_table_is_the_dice_of_the_masks_volumetry_reads(demo_run):
-    """dice.tsv is computed with the inference rule's own function: the rule's masks give the same Dice."""
+    """dice.tsv is computed with the inference rule's own function: each mask has the Dice that the
+    dice.tsv of the U-Net that made it (its sidecar's run folder) gives its scan."""
     results = demo_run / "results"
-    table = pd.read_csv(results / "segmentation" / "dice.tsv", sep="\t", dtype={"image_id": str, "subject": str})
+    rows = []
+    for sidecar in (results / "hippocampus").glob("*/*.json"):
+        run = demo_run / json.loads(sidecar.read_text())["model_dir"]
+        table = pd.read_csv(run / "dice.tsv", sep="\t", dtype={"image_id": str, "subject": str})
+        rows.append(table[table["image_id"] == sidecar.stem])  # none for a scan in no partition
+    table = pd.concat(rows)
+    assert len(table) and set(table["partition"]) <= {"test", "held_out"}  # never a scan its U-Net learnt from
     for row in table.itertuples():
         predicted = np.asanyarray(load_nifti(results / "hippocampus" / row.subject / f"{row.image_id}.nii.gz").dataobj)
         truth = np.asanyarray(load_nifti(results / "segmentation" / "truth" / row.subject /
@@ -446,11 +600,31 @@ def test_the_dice_table_is_the_dice_of_the_masks_volumetry_reads(demo_run):
         assert dice(predicted == 2, truth == 2) == pytest.approx(row.dice_right, abs=1e-4)
 
 
+def test_workflow_masks_are_cross_fitted(demo_run):
+    """In the workflow's own run: each scan of fold k's held_out.csv has a mask from fold k's U-Net and each
+    test scan one from the main U-Net, neither trained nor selected on its subject; fold k's U-Net was
+    trained on the subjects of its fold's train.csv and selected on its val.csv."""
+    results = demo_run / "results"
+    evaluated = {"results/segmentation": pd.read_csv(results / "splits" / "test.csv", dtype=str)}
+    for fold in range(TINY["cv"]["folds"]):
+        folder = results / "splits" / "cv" / f"fold{fold}"
+        parts = {name: pd.read_csv(folder / f"{name}.csv", dtype=str) for name in ("train", "val", "held_out")}
+        run = f"results/segmentation/cv/fold{fold}"
+        seen = torch.load(demo_run / run / "best.pt", weights_only=True)["subjects"]
+        assert seen == {name: sorted(set(parts[name]["subject"])) for name in ("train", "val")}
+        evaluated[run] = parts["held_out"]
+    for run, table in evaluated.items():
+        for row in table.itertuples():
+            sidecar = json.loads((results / "hippocampus" / row.subject / f"{row.image_id}.json").read_text())
+            assert sidecar["model_dir"] == run
+            assert row.subject not in sidecar["train_subjects"] + sidecar["val_subjects"]
+
+
 def test_training_summary_names_partitions_best_and_worst_and_speed(demo_run):
     results = demo_run / "results"
     summary = json.loads((results / "segmentation" / "summary.json").read_text())
     split = {p: set(pd.read_csv(results / "splits" / f"{p}.csv", dtype=str)["subject"]) for p in ("train", "val", "test")}
-    assert {p: set(v["subjects"]) for p, v in summary["partitions"].items()} == split
+    assert {p: set(v["subjects"]) for p, v in summary["partitions"].items() if v["scans"]} == split
     assert summary["best_volume"]["dice"] >= summary["worst_volume"]["dice"]
     assert {summary["best_volume"]["partition"], summary["worst_volume"]["partition"]} <= {"val", "test"}
     speed = summary["speed"]
@@ -490,7 +664,8 @@ def test_predict_refuses_an_image_that_is_not_ras(demo_run, tmp_path):
                                                     [0, 0, 0, 1]])), flipped)
     argv = ["predict", "--checkpoint", str(results / "segmentation" / "best.pt"), "--image", str(flipped),
             "--brain-mask", str(demo_run / row["path"].replace(".nii.gz", "_mask.nii.gz")),
-            "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu"]
+            "--subject", row["subject"], "--output", str(tmp_path / "out.nii.gz"),
+            "--sidecar", str(tmp_path / "out.json"), "--device", "cpu"]
     assert cli.run(segmentation_main, argv) == 1
     assert not (tmp_path / "out.nii.gz").exists()
 

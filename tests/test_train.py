@@ -2,10 +2,14 @@
 the NaN guard, W&B offline, and a tiny end-to-end CLI run (16^3 volumes, random weights)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -17,8 +21,8 @@ from conftest import discard_unless_failed
 from workflow_scripts import cli
 from workflow_scripts.tensor_cache import cache_scan, rescale_intensities
 from workflow_scripts.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, class_weights,
-                                    fit, fold_manifests, load_checkpoint, load_volume, main, resolved_config,
-                                    restore_rng_states, rng_states, tensor_sources)
+                                    fit, fold_manifests, load_checkpoint, load_volume, main, predict,
+                                    resolved_config, restore_rng_states, rng_states, tensor_sources)
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 16
@@ -241,6 +245,15 @@ def test_cli_run_writes_history_summary_predictions_and_checkpoints(full_run, ti
     assert summary["splits"]["val"]["scans"] == 4 and summary["device"] == "cpu"
     assert summary["config"]["lr_head"] == 1e-3 and summary["code_version"]
     assert set(summary["versions"]) >= {"torch", "torchvision", "torchio", "numpy"}
+    # the data record: subjects and scans of each role, each tensor's SHA-256, one hash, in the checkpoints too
+    train_table = pd.read_csv(tiny["train"], dtype=str)
+    record = summary["data"]
+    assert record["train"]["subjects"] == sorted(train_table["subject"])
+    assert [scan["image_id"] for scan in record["train"]["scans"]] == list(train_table["image_id"])
+    assert record["val"]["subjects"] == sorted(pd.read_csv(tiny["val"], dtype=str)["subject"])
+    first = record["train"]["scans"][0]
+    assert first["sha256"] == hashlib.sha256(Path(train_table["path"][0]).read_bytes()).hexdigest()
+    assert load_checkpoint(full_run / "best_acc.pt")["data"] == record
     best = summary["best"]["accuracy"]
     assert best["val_accuracy"] == max(row["val_accuracy"] for row in history)
     best_ckpt = load_checkpoint(full_run / "best_acc.pt")
@@ -283,13 +296,124 @@ def test_changed_settings_stop_or_restart_instead_of_resuming(full_run, tiny):
 
 
 def test_predict_mode_reproduces_validation_predictions(full_run, tiny):
+    """The validation tensors under other subjects' names (a test set the model never saw by subject)."""
+    renamed = pd.read_csv(tiny["val"], dtype=str)
+    renamed["subject"] = renamed["subject"].str.replace("va_", "te_")
+    renamed.to_csv(tiny["root"] / "renamed_val.csv", index=False)
     out = tiny["root"] / "predicted.csv"
-    main(["--predict", str(tiny["val"]), "--checkpoint", str(full_run / "best_acc.pt"), "--predictions-out",
-          str(out), "--num-workers", "0"])
+    main(["--predict", str(tiny["root"] / "renamed_val.csv"), "--checkpoint", str(full_run / "best_acc.pt"),
+          "--predictions-out", str(out), "--num-workers", "0"])
     expected = pd.read_csv(full_run / "val_predictions.csv")
     got = pd.read_csv(out)
     assert list(got.columns) == list(expected.columns)
     np.testing.assert_allclose(got["prob"], expected["prob"], rtol=1e-5)
+
+
+def test_predict_refuses_a_manifest_sharing_a_subject_with_training_or_validation(full_run, tiny, capsys):
+    test = pd.read_csv(tiny["val"], dtype=str)
+    test["subject"] = test["subject"].str.replace("va_", "te_")
+    test.loc[2, "subject"] = "va_S_0002"  # one validation subject
+    test.to_csv(tiny["root"] / "leaky_test.csv", index=False)
+    out = tiny["root"] / "leaky_predictions.csv"
+    checkpoint = full_run / "best_acc.pt"
+    args = ["--predict", str(tiny["root"] / "leaky_test.csv"), "--checkpoint", str(checkpoint), "--predictions-out",
+            str(out), "--num-workers", "0"]
+    assert cli.run(main, args) == 1
+    message = capsys.readouterr().err
+    assert f"holds 1 subject(s) that model {checkpoint} used as validation data: va_S_0002" in message
+    assert not out.exists()
+    args[1] = str(tiny["train"])  # the training manifest itself
+    assert cli.run(main, args) == 1
+    assert "holds 6 subject(s) that model" in (message := capsys.readouterr().err)
+    assert "used as training data: tr_S_0000, tr_S_0001" in message and not out.exists()
+
+
+# ----------------------------------------------------------------------------- resuming only on the same scans
+
+def _manifest(tiny: dict, path: Path, split: str, rows: Sequence[int] | None = None) -> Path:
+    """A copy of a tiny manifest (``rows`` of it) at ``path``, rewritten in place between runs."""
+    table = pd.read_csv(tiny[split], dtype=str)
+    (table if rows is None else table.iloc[list(rows)]).to_csv(path, index=False)
+    return path
+
+
+def _history_rows(rows: list[dict]) -> list[dict]:
+    """History rows without timings (which differ between runs)."""
+    drop = {"seconds", "train_data_wait_share", "val_data_wait_share"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in json.loads(json.dumps(rows).replace("NaN", "null"))]
+
+
+def test_a_grown_training_manifest_restarts_the_run_from_epoch_1(full_run, tiny, tmp_path, caplog):
+    """The reviewer's case: a run interrupted on 4 training scans, the manifest grown (6 scans) in place."""
+    train = _manifest(tiny, tmp_path / "train.csv", "train", range(4))
+    out = tmp_path / "run"
+    assert fit(_config(tiny, out, "--train", str(train), "--stop-after-epoch", "1")) is None
+    old_hash = load_checkpoint(out / "last.pt")["data"]["hash"]
+    _manifest(tiny, train, "train")
+    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    summary = fit(_config(tiny, out, "--train", str(train), "--on-changed-settings", "restart"))  # as the workflow
+    assert f"training manifest {train}: 2 scan(s) added (It4, It5)" in caplog.text
+    assert "starting afresh" in caplog.text and "resuming" not in caplog.text
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2] and summary["epochs_run"] == 2
+    # trained from epoch 1 on the 6 scans: exactly the uninterrupted run on tiny's own (identical) manifest
+    assert _history_rows(history) == _history_rows(json.loads((full_run / "history.json").read_text()))
+    assert summary["splits"]["train"]["scans"] == 6
+    new_hash = load_checkpoint(full_run / "last.pt")["data"]["hash"]
+    assert summary["data"]["hash"] == new_hash != old_hash
+    assert load_checkpoint(out / "last.pt")["data"]["hash"] == new_hash
+
+
+def test_changed_tensor_contents_alone_stop_or_restart_the_run(tiny, tmp_path, caplog):
+    tensors = tmp_path / "tensors"
+    shutil.copytree(tiny["root"] / "tensors", tensors)
+    pd.read_csv(tiny["train"], dtype=str).assign(path="unused.nii.gz").to_csv(tmp_path / "train.csv", index=False)
+    pd.read_csv(tiny["val"], dtype=str).assign(path="unused.nii.gz").to_csv(tmp_path / "val.csv", index=False)
+    out = tmp_path / "run"
+    config = _config(tiny, out, "--train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"),
+                     "--tensor-dir", str(tensors), "--max-epochs", "1")
+    fit(config)
+    before = load_checkpoint(out / "last.pt")
+    changed = tensors / "tr_S_0002" / "It2.npy"
+    np.save(changed, (np.load(changed) * 0.5).astype(np.float16))  # same name, shape and manifest row
+    with pytest.raises(cli.PipelineError, match=r"training manifest .*: tensor contents changed \(It2\)"):
+        fit({**config, "on_changed_settings": "error"})
+    assert load_checkpoint(out / "last.pt")["data"] == before["data"]  # untouched
+    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    fit({**config, "on_changed_settings": "restart"})
+    assert "tensor contents changed (It2)" in caplog.text and "resuming" not in caplog.text
+    after = load_checkpoint(out / "last.pt")
+    assert after["data"]["train"]["scans"][2]["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert after["epoch"] == 1 and len(after["history"]) == 1
+    assert any(not torch.equal(value, after["model"][key]) for key, value in before["model"].items())
+
+
+def test_a_re_split_reuses_no_checkpoint_of_the_old_run(tiny, tmp_path, caplog):
+    """Swap a training and a validation subject (same label): every checkpoint is the new run's, and the
+    new model refuses the old validation manifest, which now holds one of its training subjects."""
+    train, val = _manifest(tiny, tmp_path / "train.csv", "train"), _manifest(tiny, tmp_path / "val.csv", "val")
+    out = tmp_path / "run"
+    config = _config(tiny, out, "--train", str(train), "--val", str(val), "--max-epochs", "1",
+                     "--on-changed-settings", "restart")
+    fit(config)
+    old_val = _manifest(tiny, tmp_path / "old_val.csv", "val")
+    old_hash = load_checkpoint(out / "best_acc.pt")["data"]["hash"]
+    rows_train, rows_val = pd.read_csv(train, dtype=str), pd.read_csv(val, dtype=str)
+    pd.concat([rows_val.iloc[[0]], rows_train.iloc[1:]]).to_csv(train, index=False)
+    pd.concat([rows_train.iloc[[0]], rows_val.iloc[1:]]).to_csv(val, index=False)
+    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    summary = fit(config)
+    assert f"training manifest {train}: 1 scan(s) added (Iv0), 1 scan(s) removed (It0)" in caplog.text
+    assert f"validation manifest {val}: 1 scan(s) added (It0), 1 scan(s) removed (Iv0)" in caplog.text
+    assert "resuming" not in caplog.text
+    new_hash = summary["data"]["hash"]
+    assert new_hash != old_hash and "tr_S_0000" in summary["data"]["val"]["subjects"]
+    checkpoints = sorted(out.glob("*.pt"))
+    assert len(checkpoints) == 4  # last, best_acc, best_loss, best_hierarchy
+    for checkpoint in checkpoints:
+        assert load_checkpoint(checkpoint)["data"]["hash"] == new_hash, checkpoint
+    with pytest.raises(cli.PipelineError, match=r"used as training data: va_S_0000"):
+        predict(out / "best_acc.pt", old_val, tmp_path / "predictions.csv", device="cpu", num_workers=0)
 
 
 def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, tmp_path):

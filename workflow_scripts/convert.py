@@ -15,15 +15,21 @@ import numpy as np
 
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import clean_image, save_nifti_atomic
+from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
 PROVENANCE = "dicom2nifti"
+# Raised by pydicom and dicom2nifti on a damaged series (truncated pixel data, missing or
+# malformed attributes); inside the converter call they describe the scan's data, not a bug here.
+CONVERTER_DATA_ERRORS = (ValueError, IndexError, KeyError, AttributeError, EOFError)
 
 
 def convert_series(dicom_dir: str | Path) -> nib.Nifti1Image:
     """Convert a DICOM series with dicom2nifti (``reorient_nifti=True``) into a clean image."""
     import dicom2nifti
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
+
+    from pydicom.errors import InvalidDicomError
 
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
@@ -32,15 +38,20 @@ def convert_series(dicom_dir: str | Path) -> nib.Nifti1Image:
         out = Path(tmp) / "series.nii.gz"
         try:
             dicom2nifti.dicom_series_to_nifti(str(dicom_dir), str(out), reorient_nifti=True)
-        except (ConversionValidationError, ConversionError) as err:
-            raise cli.PipelineError(f"dicom2nifti cannot convert {dicom_dir}: {err}; the series should have "
-                                    f"been excluded at ingest - please report it") from err
+        except (ConversionValidationError, ConversionError, InvalidDicomError) as err:
+            raise ScanDataError("conversion_failed", f"dicom2nifti cannot convert {dicom_dir}: {err}") from err
+        except CONVERTER_DATA_ERRORS as err:  # what pydicom/dicom2nifti raise on damaged files and headers
+            LOG.exception("dicom2nifti failed on %s", dicom_dir)
+            raise ScanDataError("conversion_failed", f"dicom2nifti cannot convert {dicom_dir}: "
+                                                     f"{type(err).__name__}: {err}") from err
         converted = nib.load(out)
         data = np.asanyarray(converted.dataobj)
         affine = converted.affine
     if data.ndim != 3:
-        raise cli.PipelineError(f"{dicom_dir} converts to a {data.ndim}-D image of shape {data.shape}; a T1 "
-                                f"MPRAGE series must give one 3-D volume")
+        raise ScanDataError("not_3d", f"{dicom_dir} converts to a {data.ndim}-D image of shape {data.shape}; "
+                                      f"a T1 MPRAGE series must give one 3-D volume")
+    if not np.isfinite(data).all():
+        raise ScanDataError("non_finite_values", f"{dicom_dir} converts to an image with NaN or infinite voxels")
     dtype = data.dtype if np.issubdtype(data.dtype, np.integer) else np.float32
     return clean_image(data, affine, PROVENANCE, dtype=dtype)
 
@@ -50,10 +61,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dicom-dir", required=True)
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    img = convert_series(args.dicom_dir)
-    save_nifti_atomic(img, args.output)
-    LOG.info("wrote %s: shape %s, voxel size %s mm", args.output, img.shape,
-             tuple(round(float(z), 3) for z in img.header.get_zooms()))
+
+    def work() -> None:
+        img = convert_series(args.dicom_dir)
+        save_nifti_atomic(img, args.output)
+        LOG.info("wrote %s: shape %s, voxel size %s mm", args.output, img.shape,
+                 tuple(round(float(z), 3) for z in img.header.get_zooms()))
+
+    run_stage("nifti", [], [args.output], work)
 
 
 if __name__ == "__main__":

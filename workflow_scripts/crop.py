@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
+from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def bounding_box(mask: np.ndarray, margin: int = 3, cube: bool = False) -> tuple
     """
     coords = np.argwhere(mask)
     if coords.size == 0:
-        raise ValueError("the brain mask is empty: nothing to crop to")
+        raise ScanDataError("empty_brain_mask", "the brain mask is empty: nothing to crop to")
     start = coords.min(axis=0) - margin
     stop = coords.max(axis=0) + 1 + margin
     if cube:
@@ -92,12 +93,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--order", type=int, default=3, help="spline order of the zoom (3 = cubic)")
     p.add_argument("--keep-aspect", action="store_true")
     args = p.parse_args(argv)
-    img, mask = crop_and_zoom(load_nifti(args.input), load_nifti(args.input_mask), margin=args.margin,
-                              target_shape=args.target_shape, order=args.order, keep_aspect=args.keep_aspect)
-    save_nifti_atomic(mask, args.output_mask)
-    save_nifti_atomic(img, args.output)
-    LOG.info("cropped and zoomed to %s (voxel size %s mm)", img.shape,
-             tuple(round(float(z), 3) for z in img.header.get_zooms()))
+
+    def work() -> None:
+        img, mask = crop_and_zoom(load_nifti(args.input), load_nifti(args.input_mask), margin=args.margin,
+                                  target_shape=args.target_shape, order=args.order, keep_aspect=args.keep_aspect)
+        save_nifti_atomic(mask, args.output_mask)
+        save_nifti_atomic(img, args.output)
+        LOG.info("cropped and zoomed to %s (voxel size %s mm)", img.shape,
+                 tuple(round(float(z), 3) for z in img.header.get_zooms()))
+
+    run_stage("cropped128", [args.input, args.input_mask], [args.output, args.output_mask], work)
 
 
 if __name__ == "__main__":

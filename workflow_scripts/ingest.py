@@ -1,19 +1,27 @@
 """Ingest: the ADNI collection CSV and DICOM tree -> ``scans.tsv`` and ``excluded.tsv``.
 
 One row per usable T1 MPRAGE scan, and every scan left out with a reason a person
-understands. The DICOM checks are dicom2nifti's own validators run on the headers only,
-so a series the converter would reject is excluded here with the converter's reason
-instead of failing its conversion job later.
+understands. Every file of every series is read completely (pydicom): a file that does not
+parse, or whose pixel data is shorter than its header says, excludes its scan here instead
+of failing a conversion job later, or worse, converting into a volume with missing slices.
+dicom2nifti's own validators then run on the headers, so a series the converter would
+reject is excluded with the converter's reason. Series far shorter than the others of their
+protocol, or too small to hold a head, are left out too.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import re
-from dataclasses import dataclass
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from workflow_scripts import cli
@@ -42,7 +50,13 @@ CONVERTER_REASONS = {
     "INSTANCE_NUMBER_INCONSISTENT": "inconsistent instance numbers",
     "NON_IMAGING_DICOM_FILES": "no imaging DICOM files",
 }
+# Raise whenever check_series changes what it finds: a cached verdict of another version is
+# never reused (version 1 read headers only; 2 reads every file completely).
+CHECK_VERSION = 2
+# Excel on Windows saves "CSV" in the ANSI code page; IDA and everything else write UTF-8.
+FALLBACK_ENCODING = "cp1252"
 _SUBJECT_RE = re.compile(r"^\d{3}_S_(\d{4})$")
+_EXTENT_AXES = ("columns", "rows", "slices")
 
 
 def normalise_description(text: str) -> str:
@@ -62,10 +76,34 @@ def phase_of(subject: str, ranges: Sequence[Sequence] = DEFAULT_PHASE_RID_RANGES
     return "unknown"
 
 
-def read_collection_csv(path: str | Path) -> pd.DataFrame:
-    """Read an IDA collection CSV, failing with the missing column names if it is not one."""
+# --------------------------------------------------------------------------- the collection CSV
+
+def read_collection_text(path: str | Path) -> str:
+    """The CSV's text: UTF-8 (with or without BOM), else Windows-1252 as Excel on Windows writes it."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise cli.PipelineError(f"cannot read the collection CSV {path}: {err}") from err
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        utf8_error = err
+    try:
+        text = raw.decode(FALLBACK_ENCODING)
+    except UnicodeDecodeError as err:
+        raise cli.PipelineError(f"{path} is neither UTF-8 ({utf8_error}) nor Windows-1252 ({err}); save it "
+                                f"again as 'CSV UTF-8'") from err
+    LOG.warning("%s is not UTF-8 (%s); read it as Windows-1252, the encoding Excel on Windows saves CSV "
+                "in. Check the non-ASCII text in the tables, or save it again as 'CSV UTF-8'", path, utf8_error)
+    return text
+
+
+def read_collection_csv(path: str | Path) -> pd.DataFrame:
+    """Read an IDA collection CSV (blank rows dropped), failing with the missing column names if it is not one."""
+    try:
+        table = pd.read_csv(io.StringIO(read_collection_text(path)), dtype=str, keep_default_na=False)
+    except cli.PipelineError:
+        raise
     except Exception as err:
         raise cli.PipelineError(f"cannot read the collection CSV {path}: {err}") from err
     table.columns = [c.strip() for c in table.columns]
@@ -77,7 +115,29 @@ def read_collection_csv(path: str | Path) -> pd.DataFrame:
     for column in COLLECTION_COLUMNS:
         if column not in table.columns:
             table[column] = ""
-    return table.apply(lambda col: col.str.strip())
+    table = table.apply(lambda col: col.str.strip())
+    # Excel leaves rows of empty cells (",,,,") after the data; they list no image.
+    return table[table.ne("").any(axis=1)]
+
+
+def groups_in(collection_csv: str | Path) -> list[str]:
+    """The distinct groups the collection CSV lists (trimmed, as written), for messages."""
+    return sorted(set(read_collection_csv(collection_csv)["Group"]) - {""})
+
+
+def classes_without_rows(collection_csv: str | Path, classes: Iterable[str]) -> list[str]:
+    """The configured classes no row of the CSV belongs to (groups compared trimmed and case-folded).
+
+    Called at parse time, so a misspelt data.classes stops the run before any job.
+    """
+    present = {group.casefold() for group in groups_in(collection_csv)}
+    return [str(c) for c in classes if str(c).strip().casefold() not in present]
+
+
+def canonical_group(group: str, classes: Sequence[str]) -> str:
+    """The configured spelling of a group that matches a class after trimming and case folding."""
+    folded = str(group).strip().casefold()
+    return next((c for c in classes if c.strip().casefold() == folded), str(group).strip())
 
 
 def iso_date(text: str) -> str:
@@ -90,49 +150,178 @@ def iso_date(text: str) -> str:
     return ""
 
 
+def find_image_dirs(adni_root: Path, subject: str, image_id: str) -> list[Path]:
+    """Every DICOM folder ``ADNI/<subject>/<description>/<date-time>/<image id>`` (sorted)."""
+    return sorted(p for p in (Path(adni_root) / "ADNI" / subject).glob(f"*/*/{image_id}") if p.is_dir())
+
+
 def find_image_dir(adni_root: Path, subject: str, image_id: str) -> Path | None:
-    """The DICOM folder ``ADNI/<subject>/<description>/<date-time>/<image id>``, if present."""
-    hits = sorted(p for p in (adni_root / "ADNI" / subject).glob(f"*/*/{image_id}") if p.is_dir())
+    """The first DICOM folder of an image, if present."""
+    hits = find_image_dirs(adni_root, subject, image_id)
     return hits[0] if hits else None
 
 
+# --------------------------------------------------------------------------- one series
+
 @dataclass(frozen=True)
 class SeriesCheck:
-    """What the header check of one DICOM series found."""
+    """What reading one DICOM series completely found (a JSON-able record for the cache)."""
     ok: bool
     reason: str = ""
+    code: str = ""                  # the reason code when not ok
     series_uid: str = ""
     manufacturer: str = ""
     n_slices: int = 0
+    extent_mm: tuple[float, ...] = ()   # field of view along columns, rows, slices
+    instances: str = ""             # digest of the sorted SOPInstanceUIDs: tells identical copies apart
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The files of a series folder, subfolders included as dicom2nifti reads them; hidden files skipped."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _series_fingerprint(folder: Path) -> str:
     """Changes whenever a file in the series is added, removed or rewritten."""
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()]
+    stats = []
+    for path in series_files(folder):
+        stat = path.stat()
+        stats.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
     return json.dumps(stats)
 
 
-def check_series(folder: Path) -> SeriesCheck:
-    """Validate a DICOM series with dicom2nifti's validators, reading headers only."""
-    import warnings
+def pixel_data_problem(ds, path: Path) -> tuple[str, str] | None:
+    """(code, reason) when a file's pixel data is not what its header declares, else None.
 
-    from dicom2nifti import common
-    from dicom2nifti.exceptions import ConversionError, ConversionValidationError
+    Native transfer syntaxes: the byte count must be rows x columns x frames x samples x bits
+    allocated / 8 (plus one pad byte when that is odd). Compressed (encapsulated) ones: the
+    fragments must parse into NumberOfFrames non-empty frames; pixels are not decoded.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels.utils import get_expected_length
+
+    if "PixelData" not in ds:
+        return ("truncated_pixel_data", f"{path} has no pixel data: the file ends after {path.stat().st_size} "
+                                        f"bytes (an interrupted download?); download the image again")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        try:
+            sizes = [len(f) for f in generate_frames(ds.PixelData, number_of_frames=frames)]
+        except Exception as err:  # pydicom raises ValueError/struct errors on broken item tags
+            return ("truncated_pixel_data", f"{path}: the compressed pixel data does not parse "
+                                            f"({type(err).__name__}: {err}); download the image again")
+        if len(sizes) != frames or not all(sizes):
+            return ("truncated_pixel_data", f"{path}: the compressed pixel data holds {len(sizes)} frame(s) "
+                                            f"({sum(1 for s in sizes if not s)} empty), the header says "
+                                            f"{frames}; download the image again")
+        return None
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        return ("unreadable_dicom", f"{path} lacks the image attributes its pixel data needs "
+                                    f"({type(err).__name__}: {err}); download the image again")
+    actual = len(ds.PixelData)
+    shape = (f"{ds.Rows} rows x {ds.Columns} columns x {frames} frame(s) x {ds.SamplesPerPixel} sample(s) x "
+             f"{ds.BitsAllocated} bits / 8 = {expected} bytes")
+    if actual < expected:
+        return ("truncated_pixel_data", f"{path}: pixel data has {actual} bytes where the header declares "
+                                        f"{shape}; the file is cut short, download the image again")
+    if actual > expected + expected % 2:
+        return ("pixel_data_mismatch", f"{path}: pixel data has {actual} bytes, more than the header declares "
+                                       f"({shape}); the file is damaged, download the image again")
+    return None
+
+
+def read_dicom_file(path: Path):
+    """Read one file completely; returns (dataset, None) or (None, (code, reason))."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            headers = common.read_dicom_directory(str(folder), stop_before_pixels=True)
-    except Exception as err:  # pydicom raises many types for damaged files
-        return SeriesCheck(False, f"unreadable DICOM: {err}")
+            ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        return None, ("unreadable_dicom", f"{path} is not a readable DICOM file ({type(err).__name__}: {err}); "
+                                          f"download the image again, or remove the file if it is not part "
+                                          f"of the series")
+    problem = pixel_data_problem(ds, path)
+    return (None, problem) if problem else (ds, None)
+
+
+def _pixel_spacing_mm(ds) -> tuple[float, float]:
+    """(row spacing, column spacing) in mm of a classic header, or of an enhanced multi-frame one."""
+    for group in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        items = ds.get(group) or []
+        if items and "PixelMeasuresSequence" in items[0]:
+            spacing = items[0].PixelMeasuresSequence[0].PixelSpacing
+            return float(spacing[0]), float(spacing[1])
+    return float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])
+
+
+def field_of_view_mm(headers: Sequence, multiframe: bool) -> tuple[float, float, float]:
+    """Extent along columns, rows and slices: columns x column spacing, rows x row spacing, and the
+    span of the slice positions along the slice normal plus one slice spacing."""
+    from dicom2nifti import common
+
+    first = headers[0]
+    if multiframe:
+        n_positions = len(first.PerFrameFunctionalGroupsSequence)
+        positions = np.array([common._multiframe_get_image_position(first, k) for k in range(n_positions)], float)
+        row_cosine, column_cosine = (np.asarray(v, float) for v in common._multiframe_get_image_orientations(first))
+    else:
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+        orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+        row_cosine, column_cosine = orientation[:3], orientation[3:]
+    along_normal = positions @ np.cross(row_cosine, column_cosine)
+    span = float(along_normal.max() - along_normal.min())
+    if len(positions) > 1:
+        step = span / (len(positions) - 1)
+    else:
+        step = float(first.get("SliceThickness") or 0.0)
+    row_spacing, column_spacing = _pixel_spacing_mm(first)
+    return (round(int(first.Columns) * column_spacing, 3), round(int(first.Rows) * row_spacing, 3),
+            round(span + step, 3))
+
+
+def _mixed_series_reason(folder: Path, uids: Counter) -> str:
+    """Name every SeriesInstanceUID of a folder with its file count."""
+    listed = ", ".join(f"{uid} ({n} files)" for uid, n in uids.most_common())
+    return (f"{folder} holds files of {len(uids)} DICOM series (SeriesInstanceUID {listed}); one image folder "
+            f"must hold one series: download the image again, or move the other series' files out")
+
+
+def check_series(folder: Path) -> SeriesCheck:
+    """Read every file of a series completely, then validate it with dicom2nifti's validators."""
+    from dicom2nifti import common
+    from dicom2nifti.exceptions import ConversionError, ConversionValidationError
+
+    folder = Path(folder)
+    files = series_files(folder)
+    if not files:
+        return SeriesCheck(False, f"not a volume: {folder} holds no files", "not_a_volume")
+    headers = []
+    for path in files:
+        ds, problem = read_dicom_file(path)
+        if problem:
+            return SeriesCheck(False, problem[1], problem[0])
+        headers.append(ds)
+    uids = Counter(str(h.SeriesInstanceUID) for h in headers if "SeriesInstanceUID" in h)
+    if len(uids) > 1:
+        return SeriesCheck(False, _mixed_series_reason(folder, uids), "mixed_series")
     headers = [h for h in headers if common.is_valid_imaging_dicom(h)]
     if not headers:
-        return SeriesCheck(False, "unreadable or not a volume: no imaging DICOM files in the folder")
+        return SeriesCheck(False, "not a volume: dicom2nifti rejects the series (NON_IMAGING_DICOM_FILES: "
+                                  "no imaging DICOM files)", "not_a_volume")
     first = headers[0]
     info = dict(series_uid=str(getattr(first, "SeriesInstanceUID", "")),
-                manufacturer=str(getattr(first, "Manufacturer", "")))
+                manufacturer=str(getattr(first, "Manufacturer", "")),
+                instances=hashlib.sha1("\n".join(sorted(str(h.get("SOPInstanceUID", "")) for h in headers))
+                                       .encode()).hexdigest())
     try:
-        if common.is_multiframe_dicom(headers):
+        multiframe = common.is_multiframe_dicom(headers)
+        if multiframe:
             common.multiframe_validate_slicecount(headers)
             common.multiframe_validate_orientation(headers)
             common.multiframe_validate_orthogonal(headers)
@@ -145,87 +334,167 @@ def check_series(folder: Path) -> SeriesCheck:
             common.validate_orthogonal(headers)
             common.validate_slice_increment(headers)
             n_slices = len(headers)
+        extent = field_of_view_mm(headers, multiframe)
     except (ConversionValidationError, ConversionError) as err:
         code = str(err.args[0]) if err.args else type(err).__name__
         words = CONVERTER_REASONS.get(code, code)
-        return SeriesCheck(False, f"not a volume: dicom2nifti rejects the series ({code}: {words})", **info)
+        return SeriesCheck(False, f"not a volume: dicom2nifti rejects the series ({code}: {words})",
+                           "not_a_volume", **info)
     except Exception as err:
-        return SeriesCheck(False, f"unreadable DICOM headers: {type(err).__name__}: {err}", **info)
-    return SeriesCheck(True, "", n_slices=n_slices, **info)
+        return SeriesCheck(False, f"unreadable DICOM headers in {folder}: {type(err).__name__}: {err}",
+                           "unreadable_dicom", **info)
+    return SeriesCheck(True, n_slices=n_slices, extent_mm=extent, **info)
 
 
 def _cached_check(folder: Path, cache: dict) -> SeriesCheck:
-    """Header checks are the slow part of ingest; re-check only series that changed."""
+    """Reading every file is the slow part of ingest: re-check only series that changed, and never
+    trust a verdict of another version of the checks."""
     key = str(folder)
     fingerprint = _series_fingerprint(folder)
     hit = cache.get(key)
-    if hit and hit["fingerprint"] == fingerprint:
-        return SeriesCheck(**hit["check"])
+    if hit and hit.get("version") == CHECK_VERSION and hit.get("fingerprint") == fingerprint:
+        record = dict(hit["check"])
+        return SeriesCheck(**{**record, "extent_mm": tuple(record.get("extent_mm", ()))})
     result = check_series(folder)
-    cache[key] = {"fingerprint": fingerprint, "check": result.__dict__}
+    cache[key] = {"version": CHECK_VERSION, "fingerprint": fingerprint, "check": asdict(result)}
     return result
+
+
+def ambiguous_copies(folders: Sequence[Path], cache: dict) -> str:
+    """Why the folders of one image id cannot be told apart ('' for one folder or identical copies).
+
+    Identical copies (same SeriesInstanceUID and SOPInstanceUIDs) are one image: the first
+    (sorted) is used, and the log says so.
+    """
+    if len(folders) < 2:
+        return ""
+    checks = [_cached_check(folder, cache) for folder in folders]
+    first = checks[0]
+    if first.series_uid and first.instances and all(
+            (c.series_uid, c.instances) == (first.series_uid, first.instances) for c in checks[1:]):
+        LOG.info("image folders %s are identical copies (same SeriesInstanceUID and SOPInstanceUIDs); using %s",
+                 ", ".join(map(str, folders)), folders[0])
+        return ""
+    described = "; ".join(f"{folder} (SeriesInstanceUID {c.series_uid or 'unreadable: ' + c.code})"
+                          for folder, c in zip(folders, checks))
+    return (f"ambiguous image id: {len(folders)} folders hold different series for it: {described}; keep the "
+            f"folder that belongs to this image id and remove the other(s)")
+
+
+# --------------------------------------------------------------------------- the tables
+
+def _median_of_others(counts: dict[str, int], key: str) -> float | None:
+    """Median slice count of a protocol's other series (None when it has no other)."""
+    others = [n for k, n in counts.items() if k != key]
+    return float(np.median(others)) if others else None
 
 
 def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: Iterable[str],
                  descriptions: Iterable[str], types: Iterable[str] = ("Original",),
                  phase_ranges: Sequence[Sequence] = DEFAULT_PHASE_RID_RANGES,
+                 min_slice_share: float | None = None, min_extent_mm: float | None = None,
                  check_cache: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the collection into usable scans and excluded scans (first applicable reason)."""
+    """Split the collection into usable scans and excluded scans (first applicable reason).
+
+    ``min_slice_share`` and ``min_extent_mm`` are data.min_slice_share and data.min_extent_mm
+    (the command line always passes them); None leaves that check out.
+    """
     adni_root = Path(adni_root).resolve()
     classes = [str(c) for c in classes]
     accepted = {normalise_description(d) for d in descriptions}
     accepted_types = {t.lower() for t in types}
     cache = {} if check_cache is None else check_cache
+    collection = collection.assign(Group=[canonical_group(g, classes) for g in collection["Group"]])
     groups_by_subject = collection.groupby("Subject")["Group"].agg(lambda g: sorted(set(g) - {""}))
 
-    scans, excluded = [], []
+    scans, excluded, checked = [], [], []
     seen_ids: dict[str, int] = {}
     seen_series: dict[str, str] = {}
 
-    def exclude(row, code: str, reason: str) -> None:
-        excluded.append({"image_id": row["Image Data ID"], "subject": row["Subject"], "group": row["Group"],
-                         "visit": row["Visit"], "description": row["Description"],
+    def exclude(index, row, code: str, reason: str) -> None:
+        excluded.append({"row": index, "image_id": row["Image Data ID"], "subject": row["Subject"],
+                         "group": row["Group"], "visit": row["Visit"], "description": row["Description"],
                          "reason_code": code, "reason": reason})
 
+    # Per row: the CSV's own reasons, then the series on disk read completely.
     for index, row in collection.iterrows():
         image_id, subject, group = row["Image Data ID"], row["Subject"], row["Group"]
         if image_id in seen_ids:
-            exclude(row, "duplicate_row", f"duplicate: image {image_id} is listed again in the collection "
-                                          f"CSV (first on data row {seen_ids[image_id] + 1})")
+            exclude(index, row, "duplicate_row", f"duplicate: image {image_id} is listed again in the "
+                                                 f"collection CSV (first on data row {seen_ids[image_id] + 1})")
             continue
         seen_ids[image_id] = index
         if row["Modality"] and row["Modality"].upper() != "MRI":
-            exclude(row, "not_mri", f"not MRI (modality '{row['Modality']}')")
+            exclude(index, row, "not_mri", f"not MRI (modality '{row['Modality']}')")
         elif normalise_description(row["Description"]) not in accepted:
-            exclude(row, "not_t1_mprage", f"not T1 MPRAGE: description '{row['Description']}' is not "
-                                          f"one of data.descriptions")
+            exclude(index, row, "not_t1_mprage", f"not T1 MPRAGE: description '{row['Description']}' is not "
+                                                 f"one of data.descriptions")
         elif row["Type"] and row["Type"].lower() not in accepted_types:
-            exclude(row, "not_original", f"not a raw scan: type '{row['Type']}' is not one of data.types")
+            exclude(index, row, "not_original", f"not a raw scan: type '{row['Type']}' is not one of data.types")
         elif group not in classes:
-            exclude(row, "group_not_in_classes",
+            exclude(index, row, "group_not_in_classes",
                     f"group '{group}' is not one of the configured classes ({', '.join(classes)})")
         elif len(groups_by_subject[subject]) > 1:
-            exclude(row, "conflicting_group", f"subject {subject} has conflicting group labels in the "
-                                              f"collection CSV ({', '.join(groups_by_subject[subject])})")
-        elif (folder := find_image_dir(adni_root, subject, image_id)) is None:
-            exclude(row, "missing_on_disk", f"missing on disk: no folder ADNI/{subject}/*/*/{image_id} "
-                                            f"under {adni_root}")
-        elif not (check := _cached_check(folder, cache)).ok:
-            exclude(row, "not_a_volume", check.reason)
+            exclude(index, row, "conflicting_group", f"subject {subject} has conflicting group labels in the "
+                                                     f"collection CSV ({', '.join(groups_by_subject[subject])})")
+        elif not (folders := find_image_dirs(adni_root, subject, image_id)):
+            exclude(index, row, "missing_on_disk", f"missing on disk: no folder ADNI/{subject}/*/*/{image_id} "
+                                                   f"under {adni_root}")
+        elif ambiguity := ambiguous_copies(folders, cache):
+            exclude(index, row, "ambiguous_image_id", ambiguity)
+        elif not (check := _cached_check(folders[0], cache)).ok:
+            exclude(index, row, check.code or "not_a_volume", check.reason)
+        else:
+            checked.append((index, row, folders[0], check))
+
+    # Across series: slice counts against the same protocol's others, field of view, duplicates.
+    slices_by_protocol: dict[str, dict[str, int]] = {}
+    for _, row, folder, check in checked:
+        slices_by_protocol.setdefault(normalise_description(row["Description"]), {})[str(folder)] = check.n_slices
+    for index, row, folder, check in checked:
+        image_id, subject = row["Image Data ID"], row["Subject"]
+        protocol = normalise_description(row["Description"])
+        median = _median_of_others(slices_by_protocol[protocol], str(folder))
+        short_axes = [f"{axis} {mm:g} mm" for axis, mm in zip(_EXTENT_AXES, check.extent_mm)
+                      if min_extent_mm is not None and mm < min_extent_mm]
+        if min_slice_share is not None and median is not None and check.n_slices < min_slice_share * median:
+            exclude(index, row, "partial_series",
+                    f"partial series: {check.n_slices} slices where the other "
+                    f"{len(slices_by_protocol[protocol]) - 1} series of protocol '{row['Description']}' have a "
+                    f"median of {median:g} (fewer than data.min_slice_share={min_slice_share:g} of it): an "
+                    f"incomplete download? download the image again")
+        elif short_axes:
+            exclude(index, row, "too_small_extent",
+                    f"field of view {' x '.join(f'{mm:g}' for mm in check.extent_mm)} mm (columns x rows x "
+                    f"slices) is below data.min_extent_mm={min_extent_mm:g} along {', '.join(short_axes)}: "
+                    f"not a whole-head scan (a slab or an incomplete series?)")
         elif check.series_uid and check.series_uid in seen_series:
-            exclude(row, "duplicate_series", f"duplicate: same DICOM series (SeriesInstanceUID) as "
-                                             f"image {seen_series[check.series_uid]}")
+            exclude(index, row, "duplicate_series", f"duplicate: same DICOM series (SeriesInstanceUID) as "
+                                                    f"image {seen_series[check.series_uid]}")
         else:
             if check.series_uid:
                 seen_series[check.series_uid] = image_id
-            scans.append({"image_id": image_id, "subject": subject, "group": group, "sex": row["Sex"],
+            scans.append({"image_id": image_id, "subject": subject, "group": row["Group"], "sex": row["Sex"],
                           "age": row["Age"], "visit": row["Visit"], "acq_date": iso_date(row["Acq Date"]),
                           "description": row["Description"], "phase": phase_of(subject, phase_ranges),
                           "manufacturer": check.manufacturer, "n_slices": check.n_slices,
                           "dicom_dir": str(folder)})
     scans_df = pd.DataFrame(scans, columns=list(SCAN_COLUMNS))
-    excluded_df = pd.DataFrame(excluded, columns=list(EXCLUDED_COLUMNS))
+    excluded_df = (pd.DataFrame(excluded, columns=["row", *EXCLUDED_COLUMNS]).sort_values("row", kind="stable")
+                   .drop(columns="row").reset_index(drop=True))
     return scans_df.sort_values(["subject", "acq_date", "image_id"], ignore_index=True), excluded_df
+
+
+def load_check_cache(path: Path | None) -> dict:
+    """The per-series check cache ({} when absent or unreadable: every series is read again)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        LOG.warning("ignoring the unreadable check cache %s (%s); every series is read again", path, err)
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -237,7 +506,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--types", nargs="+", default=["Original"])
     p.add_argument("--phase-ranges", default=json.dumps(DEFAULT_PHASE_RID_RANGES),
                    help="JSON list of [phase, first RID, last RID]")
-    p.add_argument("--check-cache", help="JSON file caching per-series header checks between runs")
+    p.add_argument("--min-slice-share", type=float, required=True,
+                   help="data.min_slice_share: least share of the protocol's median slice count")
+    p.add_argument("--min-extent-mm", type=float, required=True,
+                   help="data.min_extent_mm: least field of view along every axis")
+    p.add_argument("--check-cache", help="JSON file caching per-series checks between runs")
     p.add_argument("--scans", required=True)
     p.add_argument("--excluded", required=True)
     args = p.parse_args(argv)
@@ -246,10 +519,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.PipelineError(f"no ADNI/ folder under data.adni_root={args.adni_root}; point data.adni_root "
                                 f"at the folder that holds the unzipped ADNI download")
     cache_path = Path(args.check_cache) if args.check_cache else None
-    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
+    cache = load_check_cache(cache_path)
     scans, excluded = build_tables(read_collection_csv(args.collection_csv), args.adni_root,
                                    classes=args.classes, descriptions=args.descriptions, types=args.types,
-                                   phase_ranges=json.loads(args.phase_ranges), check_cache=cache)
+                                   phase_ranges=json.loads(args.phase_ranges), min_slice_share=args.min_slice_share,
+                                   min_extent_mm=args.min_extent_mm, check_cache=cache)
     if cache_path:
         write_text_atomic(json.dumps(cache), cache_path)
     write_text_atomic(excluded.to_csv(sep="\t", index=False), args.excluded)
@@ -257,7 +531,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     LOG.info("%d usable scans of %d subjects; %d excluded (%s)", len(scans), scans["subject"].nunique(),
              len(excluded), excluded["reason_code"].value_counts().to_dict())
     if scans.empty:
-        raise cli.PipelineError(f"no usable scans in {args.collection_csv}; see {args.excluded} for the reasons")
+        # Exit 0 so Snakemake keeps excluded.tsv (it deletes a failed job's outputs); the workflow
+        # stops at the ingest checkpoint on the empty scans table.
+        LOG.error("no usable scans in %s: every one of its %d image rows is excluded; see %s for the reasons",
+                  args.collection_csv, len(excluded), args.excluded)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 from workflow_scripts import cli
 from workflow_scripts.ants_bridge import to_ants
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
+from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -34,8 +35,17 @@ def n4_correct(img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, *, shr
     corrected = ants.n4_bias_field_correction(to_ants(img, data), mask=ants_mask, **kwargs).numpy()
     if mask_data is not None:
         corrected = np.where(mask_data, corrected, 0)
+    check_finite(corrected)
     provenance = extend_provenance(provenance_of(img), "n4")
     return clean_image(corrected.astype(np.float32), img.affine, provenance, dtype=np.float32)
+
+
+def check_finite(corrected: np.ndarray) -> None:
+    """N4 on a degenerate volume (a flat or near-empty brain) can return NaN or infinity: drop the scan."""
+    bad = np.count_nonzero(~np.isfinite(corrected))
+    if bad:
+        raise ScanDataError("non_finite_after_n4", f"N4 bias-field correction returned {bad} non-finite voxels "
+                                                   f"of {corrected.size}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,11 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--spline-param", type=float, help="B-spline mesh/distance (antspyx default if unset)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    mask = load_nifti(args.mask) if args.mask else None
-    out = n4_correct(load_nifti(args.input), mask, shrink_factor=args.shrink_factor, iterations=args.iterations,
-                     tolerance=args.tolerance, spline_param=args.spline_param)
-    save_nifti_atomic(out, args.output)
-    LOG.info("N4 done: %s", args.output)
+
+    def work() -> None:
+        mask = load_nifti(args.mask) if args.mask else None
+        out = n4_correct(load_nifti(args.input), mask, shrink_factor=args.shrink_factor, iterations=args.iterations,
+                         tolerance=args.tolerance, spline_param=args.spline_param)
+        save_nifti_atomic(out, args.output)
+        LOG.info("N4 done: %s", args.output)
+
+    run_stage("n4", [args.input] + ([args.mask] if args.mask else []), [args.output], work)
 
 
 if __name__ == "__main__":

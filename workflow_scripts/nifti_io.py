@@ -7,6 +7,7 @@ header extensions.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -30,7 +31,18 @@ def _publish(tmp: str, path: Path) -> None:
 
 
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
-    """Load a NIfTI image, naming the file in the error a person sees."""
+    """Load a NIfTI image, naming the file in the error a person sees.
+
+    A dropped scan's failure record (see ``scan_failure``) is refused by name, so it can never
+    be read as a brain.
+    """
+    from workflow_scripts.scan_failure import read_failure
+
+    record = read_failure(path)
+    if record is not None:
+        raise OSError(f"{path} is the failure record of a scan dropped at stage {record['stage']} "
+                      f"({record['reason_code']}: {record['reason']}), not an image; only scans listed in "
+                      f"usable.tsv may be read")
     try:
         return nib.load(os.fspath(path))
     except Exception as err:  # nibabel raises several types for a broken file
@@ -69,6 +81,23 @@ def clean_image(data: np.ndarray, affine: np.ndarray, provenance: str,
     return img
 
 
+def partial_prefix(path: Path) -> str:
+    """The name every partial (not yet renamed) file of ``path`` starts with: hidden, beside it."""
+    return f".{path.name}.partial-"
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove partial files of ``path`` left by a writer killed mid-write (kill -9, node failure).
+
+    Only the one job that makes ``path`` writes it, so any partial file of it is stale by the time
+    that job writes again.
+    """
+    stale = sorted(path.parent.glob(glob.escape(partial_prefix(path)) + "*"))
+    for partial in stale:
+        partial.unlink(missing_ok=True)
+    return stale
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
@@ -77,7 +106,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=partial_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

@@ -9,6 +9,7 @@ import numpy as np
 
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
+from workflow_scripts.scan_failure import run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -28,10 +29,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--output-mask", required=True)
     args = p.parse_args(argv)
-    img = to_ras(load_nifti(args.input))
-    save_nifti_atomic(to_ras(load_nifti(args.input_mask)), args.output_mask)
-    save_nifti_atomic(img, args.output)
-    LOG.info("orientation %s, shape %s", "".join(nib.aff2axcodes(img.affine)), img.shape)
+
+    def work() -> None:
+        img = to_ras(load_nifti(args.input))
+        save_nifti_atomic(to_ras(load_nifti(args.input_mask)), args.output_mask)
+        save_nifti_atomic(img, args.output)
+        LOG.info("orientation %s, shape %s", "".join(nib.aff2axcodes(img.affine)), img.shape)
+
+    run_stage("ras", [args.input, args.input_mask], [args.output, args.output_mask], work)
 
 
 if __name__ == "__main__":

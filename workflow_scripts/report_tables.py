@@ -136,20 +136,29 @@ SCAN_COLUMNS = ("image_id", "subject", "group", "sex", "age", "visit", "acq_date
 EXCLUDED_COLUMNS = ("image_id", "subject", "group", "visit", "description", "reason_code", "reason")
 
 
-def dataset_html(scans: pd.DataFrame, excluded: pd.DataFrame) -> str:
-    """The usable scans and every scan left out with its reason (local paths left out)."""
+DROPPED_COLUMNS = ("image_id", "subject", "group", "visit", "stage", "reason_code", "reason")
+
+
+def dataset_html(scans: pd.DataFrame, excluded: pd.DataFrame, dropped: pd.DataFrame) -> str:
+    """The usable scans, every scan ingest left out and every scan dropped after it, each with its reason
+    (local paths left out)."""
     missing = [c for c in ("image_id", "subject", "group") if c not in scans.columns]
     if missing:
-        raise cli.PipelineError(f"the scans table lacks column(s) {', '.join(missing)}; expected results/scans.tsv "
-                                f"written by workflow_scripts.ingest")
+        raise cli.PipelineError(f"the scans table lacks column(s) {', '.join(missing)}; expected results/usable.tsv "
+                                f"written by workflow_scripts.usable_scans")
     scans_shown = scans[[c for c in SCAN_COLUMNS if c in scans.columns]]
     excluded_shown = excluded[[c for c in EXCLUDED_COLUMNS if c in excluded.columns]]
+    dropped_shown = dropped[[c for c in DROPPED_COLUMNS if c in dropped.columns]]
     return html_page("Dataset: usable scans and exclusions", [
-        paragraph(f"{len(scans)} usable T1 MPRAGE scans of {scans['subject'].nunique()} subjects; {len(excluded)} "
-                  f"scans left out, each with its reason (ingest). Every later stage uses only the usable scans."),
+        paragraph(f"{len(scans)} usable T1 MPRAGE scans of {scans['subject'].nunique()} subjects. {len(excluded)} "
+                  f"scans were left out by ingest and {len(dropped)} dropped after it (a preprocessing stage failed "
+                  f"on the scan's own data, or the user excluded it), each with its reason. Every later stage "
+                  f"uses only the usable scans."),
         heading("Usable scans by group"), html_table(dataset_summary(scans)),
-        heading("Scans left out, by reason"), html_table(exclusion_summary(excluded)),
-        heading("Every scan left out"), html_table(excluded_shown),
+        heading("Scans left out by ingest, by reason"), html_table(exclusion_summary(excluded)),
+        heading("Scans dropped after ingest, by reason"), html_table(exclusion_summary(dropped)),
+        heading("Every scan dropped after ingest (results/dropped.tsv)"), html_table(dropped_shown),
+        heading("Every scan left out by ingest (results/excluded.tsv)"), html_table(excluded_shown),
         heading("Every usable scan"), html_table(scans_shown),
     ])
 
@@ -261,6 +270,80 @@ def comparison_html(table: pd.DataFrame) -> str:
                   "against the main model. Both paired tests treat scans as independent: with several scans per "
                   "subject their p-values are optimistic."),
         html_table(shown)])
+
+
+# --- preprocessing QC ------------------------------------------------------------------------
+
+# Columns of the QC page, in order, with their headers and number formats (the TSV keeps them all).
+QC_COLUMNS = {"brain_volume_ml": ("brain mL", "{:.0f}"), "brain_fov_share": ("brain share of FOV", "{:.3f}"),
+              "snr": ("SNR (Dietrich)", "{:.1f}"), "wm_gm_contrast": ("WM/GM contrast", "{:.3f}"),
+              "ras_brain_share": ("model input brain share", "{:.3f}"), "brain_median": ("brain median", "{:.4g}"),
+              "brain_iqr": ("brain IQR", "{:.4g}"), "outside_median": ("outside median", "{:.4g}"),
+              "n_slices": ("slices", "{:.0f}"), "ras_min": ("input min", "{:.4g}"), "ras_max": ("input max", "{:.4g}")}
+QC_OUTLIER_CSS = "background-color: #fff3bf"    # a robust outlier: for a person to look at
+QC_DROPPED_CSS = "background-color: #ffc9c9"    # outside an absolute threshold: dropped
+
+
+def _bounds_text(bounds: Sequence[float | None]) -> str:
+    low, high = bounds
+    return f"at least {low:g}" if high is None else f"at most {high:g}" if low is None else f"{low:g}-{high:g}"
+
+
+def qc_page_table(table: pd.DataFrame, drops: pd.DataFrame, settings: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shown, css): the QC table as display text, one row per scan, and the highlight of every cell."""
+    from workflow_scripts.qc_metrics import qc_drops
+
+    metrics = [m for m in dict.fromkeys([*QC_COLUMNS, *settings["outlier_metrics"], *settings["thresholds"]])
+               if m in table.columns]
+    shown: dict[str, pd.Series] = {"subject": table["subject"], "image_id": table["image_id"]}
+    css: dict[str, pd.Series] = {}
+    for metric in metrics:
+        label, fmt = QC_COLUMNS.get(metric, (metric, "{:.4g}"))
+        text = pd.to_numeric(table[metric], errors="coerce").map(lambda v: "-" if pd.isna(v) else fmt.format(v))
+        style = pd.Series("", index=table.index)
+        if f"{metric}_outlier" in table:
+            flagged = table[f"{metric}_outlier"].astype(bool)
+            text = text.where(~flagged, text + " (z " + table[f"{metric}_z"].map("{:+.1f}".format) + ")")
+            style[flagged] = QC_OUTLIER_CSS
+        if metric in settings["thresholds"]:
+            outside = qc_drops(table[["subject", "image_id", metric]], {metric: settings["thresholds"][metric]}, False)
+            style[table["image_id"].isin(outside["image_id"])] = QC_DROPPED_CSS
+        shown[label], css[label] = text, style
+    for label, prefix in (("voxel mm", "voxel_mm"), ("FOV mm", "fov_mm")):
+        columns = [f"{prefix}_{axis}" for axis in "xyz"]
+        if all(c in table for c in columns):
+            shown[label] = pd.Series([" x ".join(f"{v:g}" for v in row) for row in table[columns].to_numpy()],
+                                     index=table.index)
+    shown["outliers"] = table["outliers"] if "outliers" in table else pd.Series("", index=table.index)
+    shown["dropped"] = table["image_id"].map(dict(zip(drops["image_id"], drops["reason_code"]))).fillna("")
+    css["dropped"] = shown["dropped"].map(lambda code: QC_DROPPED_CSS if code else "")
+    frame = pd.DataFrame(shown)
+    return frame, pd.DataFrame(css, index=frame.index).reindex(columns=frame.columns).fillna("")
+
+
+def qc_html(table: pd.DataFrame, drops: pd.DataFrame, settings: dict) -> str:
+    """The QC table of every scan, robust outliers and threshold failures highlighted, and what QC drops."""
+    shown, css = qc_page_table(table, drops, settings)
+    styled = (shown.style.hide(axis="index").format(escape="html", na_rep="-")
+              .apply(lambda _: css, axis=None).to_html())
+    bounds = "; ".join(f"{m} {_bounds_text(b)}" for m, b in settings["thresholds"].items()) or "none"
+    n_flagged = int((table.get("outliers", pd.Series(dtype=str)).fillna("") != "").sum())
+    return html_page("Preprocessing QC: every scan's metrics", [
+        paragraph(f"{len(table)} scans measured (scans a preprocessing stage dropped have no metrics; see the "
+                  f"Dataset page). Robust outliers: |0.6745 (x - median) / MAD| > {settings['outlier_z']:g} "
+                  f"(Iglewicz and Hoaglin) on {', '.join(settings['outlier_metrics']) or 'no metric'}: "
+                  f"{n_flagged} scans flagged, which QC "
+                  f"{'drops' if settings['drop_outliers'] else 'does not drop (qc.drop_outliers: false)'}. "
+                  f"Absolute thresholds (qc.thresholds), a scan outside any is dropped: {bounds}; "
+                  f"{len(drops)} scans dropped."),
+        paragraph("Yellow: a robust outlier among these scans (its z in brackets), worth a look at its montage. "
+                  "Red: outside an absolute threshold. To leave a scan out after looking, list it in "
+                  "data.exclude_scans. SNR: 0.655 x mean brain signal / SD of the air (Dietrich et al. 2007); "
+                  "WM/GM contrast: (WM - GM) / (WM + GM) of the medians of a three-class Otsu of the "
+                  "bias-corrected brain.", note=True),
+        heading("Scans QC drops"), html_table(drops) if len(drops) else paragraph("None."),
+        heading("Every scan"), styled,
+    ])
 
 
 # --- training curves -------------------------------------------------------------------------
@@ -393,6 +476,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     c = sub.add_parser("dataset", help="usable scans and exclusions")
     c.add_argument("--scans", required=True)
     c.add_argument("--excluded", required=True)
+    c.add_argument("--dropped", required=True)
+    c.add_argument("--output", required=True)
+    c = sub.add_parser("qc", help="the QC table of every scan (per-scan QC records, config qc:)")
+    c.add_argument("--records", nargs="+", required=True, help="every scan's results/qc/<subject>/<image_id>.json")
+    c.add_argument("--settings-json", required=True, help="the config's qc: section as JSON")
+    c.add_argument("--table", required=True, help="the QC table with each scan's drop reason (TSV)")
     c.add_argument("--output", required=True)
     c = sub.add_parser("split", help="the split summary and leakage audit")
     c.add_argument("--summary", required=True)
@@ -424,7 +513,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.command == "dataset":
-        page = dataset_html(read_tsv(args.scans, "scans table"), read_tsv(args.excluded, "excluded table"))
+        page = dataset_html(read_tsv(args.scans, "scans table"), read_tsv(args.excluded, "excluded table"),
+                            read_tsv(args.dropped, "dropped table"))
+    elif args.command == "qc":
+        from workflow_scripts.qc_metrics import apply_qc, read_records
+
+        settings = json.loads(args.settings_json)
+        table, drops = apply_qc(read_records(args.records), settings)
+        merged = table.merge(drops, on=["subject", "image_id"], how="left")
+        write_text_atomic(merged.to_csv(sep="\t", index=False), args.table)
+        page = qc_html(table, drops, settings)
     elif args.command == "split":
         page = split_html(read_json(args.summary, "split summary"), read_json(args.audit, "split audit"))
     elif args.command == "metrics":
@@ -449,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_text_atomic(json.dumps(record, indent=2, default=str) + "\n", args.json)
         page = provenance_html(record)
     else:
-        p.error("choose a command: dataset, split, metrics, cv, comparison, curves or provenance")
+        p.error("choose a command: dataset, qc, split, metrics, cv, comparison, curves or provenance")
     write_text_atomic(page, args.output)
     LOG.info("wrote %s", args.output)
 

@@ -14,6 +14,7 @@ import numpy as np
 from workflow_scripts import cli
 from workflow_scripts.ants_bridge import ants_affine, to_ants
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
+from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def resample_to_spacing(img: nib.Nifti1Image, mask: nib.Nifti1Image, spacing: Se
                                     interp_type=INTERPOLATORS[interpolation])
     resampled_mask = ants.resample_image_to_target(to_ants(mask), resampled, interp_type="nearestNeighbor")
     mask_data = resampled_mask.numpy() > 0.5
+    if not mask_data.any():
+        raise ScanDataError("empty_brain_mask", f"the brain mask is empty after resampling to {spacing} mm "
+                                                f"(a mask thinner than one voxel of the new grid)")
     data = np.where(mask_data, np.clip(resampled.numpy(), 0, None), 0).astype(np.float32)
     affine = ants_affine(resampled)
     step = "bspline" if interpolation == "bspline" else interpolation
@@ -55,11 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--interpolation", choices=sorted(INTERPOLATORS), default="bspline")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    img, mask = resample_to_spacing(load_nifti(args.input), load_nifti(args.input_mask),
-                                    args.spacing, args.interpolation)
-    save_nifti_atomic(mask, args.output_mask)
-    save_nifti_atomic(img, args.output)
-    LOG.info("resampled to %s mm: shape %s", args.spacing, img.shape)
+
+    def work() -> None:
+        img, mask = resample_to_spacing(load_nifti(args.input), load_nifti(args.input_mask),
+                                        args.spacing, args.interpolation)
+        save_nifti_atomic(mask, args.output_mask)
+        save_nifti_atomic(img, args.output)
+        LOG.info("resampled to %s mm: shape %s", args.spacing, img.shape)
+
+    run_stage("resampled", [args.input, args.input_mask], [args.output, args.output_mask], work)
 
 
 if __name__ == "__main__":

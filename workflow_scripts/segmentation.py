@@ -4,9 +4,17 @@ mask per scan (1 = left, 2 = right hippocampus) on the model-input grid for volu
     python -m workflow_scripts.segmentation train --source demo --train results/splits/train.csv \\
         --val results/splits/val.csv --test results/splits/test.csv --truth-dir results/segmentation/truth \\
         --out-dir results/segmentation
+    python -m workflow_scripts.segmentation train --source demo --train results/splits/cv/fold0/train.csv \\
+        --val results/splits/cv/fold0/val.csv --held-out results/splits/cv/fold0/held_out.csv \\
+        --truth-dir results/segmentation/truth --out-dir results/segmentation/cv/fold0
     python -m workflow_scripts.segmentation train --source msd --msd-root /data/Task04_Hippocampus --out-dir ...
+    python -m workflow_scripts.segmentation assign --scans results/scans.tsv --train results/splits/train.csv \\
+        --val results/splits/val.csv --test results/splits/test.csv \\
+        --held-out results/splits/cv/fold0/held_out.csv results/splits/cv/fold1/held_out.csv \\
+        --output results/segmentation/mask_models.tsv
     python -m workflow_scripts.segmentation predict --checkpoint results/segmentation/best.pt \\
-        --image results/ras/S/I1.nii.gz --brain-mask results/ras/S/I1_mask.nii.gz --output results/hippocampus/S/I1.nii.gz
+        --image results/ras/S/I1.nii.gz --brain-mask results/ras/S/I1_mask.nii.gz --subject S \\
+        --output results/hippocampus/S/I1.nii.gz --sidecar results/hippocampus/S/I1.json
 
 The design follows a hippocampus segmentation study (a modified 2D U-Net in PyTorch/MONAI trained
 slice by slice with a Dice loss, about 1 hour for 1,000 steps on a T4) and its recommendations:
@@ -26,11 +34,20 @@ Training runs a fixed number of optimiser steps (batches drawn with replacement 
 training scans); every ``val_every`` steps the mean Dice over the validation scans (raw
 foreground, before the clean-up) picks ``best.pt``. At the end the best checkpoint segments
 every scan of every partition and ``dice.tsv`` records left, right and mean Dice per scan;
-the test partition (demo source) holds subjects used neither for training nor for selection.
+the test partition (demo source) holds subjects used neither for training nor for selection,
+and so does ``held_out`` (a CV fold's outer fold, for the U-Net of that fold).
+
+Masks that feed a model are cross-fitted (demo source): a CV fold's U-Net segments that fold's
+held-out scans, the main U-Net the test scans and scans in no partition (``assign``, from
+segmentation_data.mask_models). Each checkpoint records the subjects it was trained and selected
+on; ``predict`` refuses a scan of one of them and writes a JSON sidecar beside the mask naming
+the U-Net's run folder, those subject lists and their SHA-256.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -47,8 +64,8 @@ from torch import nn
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic,
                                        write_atomic, write_text_atomic)
-from workflow_scripts.segmentation_data import (PLANES, check_partitions, deal_msd, demo_items, eval_transforms,
-                                                msd_items, train_transforms)
+from workflow_scripts.segmentation_data import (MASK_MODEL_COLUMNS, PLANES, check_partitions, deal_msd, demo_items,
+                                                eval_transforms, mask_models, msd_items, train_transforms)
 from workflow_scripts.skullstrip import dice
 from workflow_scripts.split import MANIFEST_COLUMNS
 
@@ -59,6 +76,7 @@ NORMS = ("batch", "group", "instance")
 LOSSES = ("dice", "dicece", "dicefocal", "focal")
 LEFT, RIGHT = 1, 2
 DICE_COLUMNS = ("image_id", "subject", "group", "partition", "dice", "dice_left", "dice_right")
+SEEN_PARTITIONS = ("train", "val")  # the partitions a U-Net learns from or is selected on
 # The study's reference speed: about 1,000 training steps in an hour on an NVIDIA T4.
 STUDY_STEPS_PER_HOUR_T4 = 1000
 
@@ -205,24 +223,51 @@ def load_brain_mask(path: str | Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- training
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    settings: Mapping[str, Any], val_dice: float) -> None:
-    """A torchvision-style checkpoint (model, optimiser, step, settings), written atomically."""
+                    settings: Mapping[str, Any], val_dice: float, subjects: Mapping[str, list[str]]) -> None:
+    """A torchvision-style checkpoint (model, optimiser, step, settings, and the subjects it was trained
+    and selected on, so every mask can say which brains its model saw), written atomically."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "settings": dict(settings), "val_dice": val_dice, "labels": {"0": "background", "1": "hippocampus"}}
+             "settings": dict(settings), "val_dice": val_dice, "labels": {"0": "background", "1": "hippocampus"},
+             "subjects": {name: list(subjects[name]) for name in SEEN_PARTITIONS}}
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_segmenter(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained U-Net in eval mode and the settings it was trained with."""
+def seen_subjects(items: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The subjects a U-Net trains on and is selected on, sorted, by partition."""
+    return {name: sorted({i["subject"] for i in items if i["partition"] == name}) for name in SEEN_PARTITIONS}
+
+
+def subjects_digest(subjects: Mapping[str, Sequence[str]]) -> str:
+    """SHA-256 of the training and validation subject lists: one short key to compare two U-Nets by."""
+    text = json.dumps({name: sorted(subjects[name]) for name in SEEN_PARTITIONS}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_segmenter_state(checkpoint: str | Path) -> dict[str, Any]:
+    """A segmentation checkpoint's contents, checked to hold its settings and the subjects it saw."""
     from workflow_scripts.train import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     if "settings" not in state:
         raise cli.PipelineError(f"{checkpoint} is not a segmentation checkpoint (no settings); pass "
                                 f"results/segmentation/best.pt")
+    if "subjects" not in state:
+        raise cli.PipelineError(f"{checkpoint} does not record the subjects it was trained and selected on (made "
+                                f"before masks were cross-fitted); delete its folder and re-run the segmentation rule")
+    return state
+
+
+def load_segmenter(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained U-Net in eval mode and the settings it was trained with."""
+    state = read_segmenter_state(checkpoint)
+    return segmenter_from_state(state, device), state["settings"]
+
+
+def segmenter_from_state(state: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:
+    """The U-Net of a checkpoint's contents, in eval mode on ``device``."""
     model = build_unet(state["settings"])
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["settings"]
+    return model.to(device).eval()
 
 
 def validation_dice(model: nn.Module, dataset, settings: Mapping[str, Any], device: torch.device) -> float:
@@ -271,6 +316,7 @@ def fit(settings: dict[str, Any], items: Sequence[dict[str, Any]], out_dir: str 
     check_settings(settings)
     out = Path(out_dir)
     parts = check_partitions(items)
+    subjects = seen_subjects(items)
     set_determinism(seed=settings["seed"])
     device = pick_device(settings["device"])
     model = build_unet(settings).to(device)
@@ -294,10 +340,10 @@ def fit(settings: dict[str, Any], items: Sequence[dict[str, Any]], out_dir: str 
         history.append({"step": step, "train_loss": float(np.mean(pending)), "val_dice": val,
                         "seconds": round(time.perf_counter() - started, 2)})
         LOG.info("step %d: training loss %.4f, validation Dice %.4f", step, history[-1]["train_loss"], val)
-        save_checkpoint(out / "last.pt", model, optimizer, step, settings, val)
+        save_checkpoint(out / "last.pt", model, optimizer, step, settings, val, subjects)
         if val > best or best < 0:
             best = val
-            save_checkpoint(out / "best.pt", model, optimizer, step, settings, val)
+            save_checkpoint(out / "best.pt", model, optimizer, step, settings, val, subjects)
     write_json_atomic(history, out / "history.json")
 
     model, _ = load_segmenter(out / "best.pt", device)
@@ -352,6 +398,7 @@ def run_summary(settings: Mapping[str, Any], parts: Mapping[str, list], history:
     return {
         "settings": dict(settings),
         "partitions": {p: {"scans": len(v), "subjects": sorted({i["subject"] for i in v})} for p, v in parts.items()},
+        "subjects_sha256": subjects_digest({p: [i["subject"] for i in parts[p]] for p in SEEN_PARTITIONS}),
         "best_step": best_step,
         "dice": {p: {col: dice_stats(table.loc[table["partition"] == p, col])
                      for col in ("dice", "dice_left", "dice_right")} for p in parts},
@@ -468,7 +515,7 @@ def read_manifests(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     """The project's split manifests by partition (test optional)."""
     from workflow_scripts.train import read_manifest
 
-    paths = {"train": args.train, "val": args.val, "test": args.test}
+    paths = {"train": args.train, "val": args.val, "test": args.test, "held_out": args.held_out}
     missing = [name for name in ("train", "val") if not paths[name]]
     if missing:
         raise cli.PipelineError(f"--source demo needs --{' and --'.join(missing)} (the split's manifests)")
@@ -481,6 +528,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--train", help="demo: the split's train.csv")
     p.add_argument("--val", help="demo: the split's val.csv (checkpoint selection)")
     p.add_argument("--test", help="demo: the split's test.csv (scored only, never trained on or selected by)")
+    p.add_argument("--held-out", help="demo: a CV fold's held_out.csv (scored only), with that fold's train/val.csv")
     p.add_argument("--truth-dir", help="demo: the labels on the model grid, <truth-dir>/<subject>/<image_id>.nii.gz")
     p.add_argument("--msd-root", help="msd: the Task04_Hippocampus folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--val-share", type=float, default=0.2, help="msd: share of the images that validate")
@@ -502,19 +550,43 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             LOG.info("%s: mean Dice %.3f over %d scans", partition, block["dice"]["mean"], block["dice"]["n"])
 
 
+def check_unseen(subject: str, subjects: Mapping[str, Sequence[str]], checkpoint: str | Path) -> None:
+    """Refuse to segment a subject the U-Net was trained or selected on: its mask would be in-sample."""
+    seen = [name for name in SEEN_PARTITIONS if subject in subjects[name]]
+    if seen:
+        raise cli.PipelineError(f"subject {subject} is among the {' and '.join(seen)} subjects of the U-Net "
+                                f"{checkpoint}, so its mask would be in-sample; segment it with the U-Net of the CV "
+                                f"fold that holds it out (see results/segmentation/mask_models.tsv, rule "
+                                f"segmentation_mask_models)")
+
+
+def mask_sidecar(image: str | Path, subject: str, checkpoint: str | Path, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Which U-Net made a mask: its run folder, checkpoint step and the subjects it trained and was selected on."""
+    subjects = state["subjects"]
+    return {"image": str(image), "subject": subject, "model_dir": str(Path(checkpoint).parent),
+            "checkpoint": str(checkpoint), "step": int(state["step"]), "val_dice": float(state["val_dice"]),
+            "source": state["settings"]["source"], "train_subjects": list(subjects["train"]),
+            "val_subjects": list(subjects["val"]), "subjects_sha256": subjects_digest(subjects)}
+
+
 def predict_main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser("Segment the hippocampi of one scan: uint8 labels 1 = left, 2 = right on the scan's grid.")
     p.add_argument("--checkpoint", required=True, help="results/segmentation/best.pt")
     p.add_argument("--image", required=True, help="results/ras/<subject>/<image_id>.nii.gz")
     p.add_argument("--brain-mask", required=True, help="results/ras/<subject>/<image_id>_mask.nii.gz (the midline)")
+    p.add_argument("--subject", required=True, help="the scan's subject (refused if the U-Net trained or was "
+                                                    "selected on it)")
     p.add_argument("--output", required=True)
+    p.add_argument("--sidecar", required=True, help="results/hippocampus/<subject>/<image_id>.json: the mask's U-Net")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    from workflow_scripts.train import pick_device
+    from workflow_scripts.train import pick_device, write_json_atomic
 
+    state = read_segmenter_state(args.checkpoint)
+    check_unseen(args.subject, state["subjects"], args.checkpoint)
     device = pick_device(args.device)
-    model, settings = load_segmenter(args.checkpoint, device)
+    model, settings = segmenter_from_state(state, device), state["settings"]
     image = eval_transforms(with_label=False)({"image": args.image})["image"]
     reference = load_nifti(args.image)
     if not np.allclose(image.affine.numpy(), reference.affine, atol=1e-4):
@@ -524,16 +596,37 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
     labels = segment(model, image, settings, device, load_brain_mask(args.brain_mask))
     provenance = extend_provenance(provenance_of(reference), settings["model"])
     save_nifti_atomic(clean_image(labels, reference.affine, provenance, np.uint8), args.output)
+    write_json_atomic(mask_sidecar(args.image, args.subject, args.checkpoint, state), Path(args.sidecar))
     LOG.info("%s: left %d, right %d voxels in %.2f s on %s", args.output, np.count_nonzero(labels == LEFT),
              np.count_nonzero(labels == RIGHT), time.perf_counter() - tick, device)
 
 
+def assign_main(argv: Sequence[str] | None = None) -> None:
+    p = cli.parser("Name the U-Net that segments each scan: its CV fold's (held-out scans) or the main one.")
+    p.add_argument("--scans", required=True, help="results/scans.tsv (every usable scan gets a mask)")
+    p.add_argument("--train", required=True, help="results/splits/train.csv")
+    p.add_argument("--val", required=True, help="results/splits/val.csv")
+    p.add_argument("--test", required=True, help="results/splits/test.csv")
+    p.add_argument("--held-out", nargs="+", required=True,
+                   help="results/splits/cv/fold<k>/held_out.csv of every fold, in fold order")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    from workflow_scripts.train import read_manifest
+
+    scans = pd.read_csv(args.scans, sep="\t", dtype=str, keep_default_na=False)
+    main = {name: read_manifest(getattr(args, name)) for name in ("train", "val", "test")}
+    table = mask_models(scans, main, [read_manifest(path) for path in args.held_out])
+    write_text_atomic(table.to_csv(sep="\t", index=False, columns=list(MASK_MODEL_COLUMNS)), args.output)
+    LOG.info("%s: %s", args.output, ", ".join(f"{n} scans by {m}" for m, n in table["model"].value_counts().items()))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``train ...`` or ``predict ...``."""
+    """``train ...``, ``assign ...`` or ``predict ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "predict": predict_main}
+    commands = {"train": train_main, "assign": assign_main, "predict": predict_main}
     if not argv or argv[0] not in commands:
-        raise cli.PipelineError("usage: python -m workflow_scripts.segmentation {train|predict} ... (see --help)")
+        raise cli.PipelineError("usage: python -m workflow_scripts.segmentation {train|assign|predict} ... "
+                                "(see --help)")
     commands[argv[0]](argv[1:])
 
 

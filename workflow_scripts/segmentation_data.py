@@ -9,9 +9,11 @@ Two training sources (config ``segmentation.source``):
 - ``demo``: the demo collection's planted labels (1 = left, 2 = right hippocampus, on the native
   scanner grid) mapped onto the grid of ``results/ras/<subject>/<image_id>.nii.gz`` with
   nibabel's ``resample_from_to`` (nearest neighbour), so they lie exactly where the model's input
-  voxels lie. Partitions are the project's own split (results/splits): the segmenter trains on
-  the classifiers' training scans, picks its checkpoint on their validation scans, and never
-  sees a test subject, so the volumetry baseline's test volumes come from unseen brains.
+  voxels lie. Partitions are the project's own split (results/splits), cross-fitted: the main
+  U-Net trains on train.csv, picks its checkpoint on val.csv and segments the test scans (and
+  scans in no partition); the U-Net of CV fold k trains on cv/fold<k>/train.csv, picks on
+  cv/fold<k>/val.csv and segments the scans of cv/fold<k>/held_out.csv (``mask_models``). Every
+  scan's mask therefore comes from a U-Net that never saw its subject.
 - ``msd``: a local copy of the Decathlon's Task04_Hippocampus (``dataset.json``, ``imagesTr/``,
   ``labelsTr/``; labels 1 = anterior, 2 = posterior hippocampus), read with MONAI's own
   ``load_decathlon_datalist`` and ``LoadImaged``. Each image is one subject, dealt to train or
@@ -46,7 +48,8 @@ from workflow_scripts.tensor_cache import rescale_intensities
 LOG = logging.getLogger(__name__)
 
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane's slices are stacked along
-PARTITION_NAMES = ("train", "val", "test")
+# train and val fit and select a U-Net; test (the split's) and held_out (a CV fold's outer fold) are scored only
+PARTITION_NAMES = ("train", "val", "test", "held_out")
 MSD_TASK = "Task04_Hippocampus"
 MSD_HELP = (f"download {MSD_TASK}.tar from the Medical Segmentation Decathlon (http://medicaldecathlon.com) and "
             f"unpack it so that the folder holds dataset.json, imagesTr/ and labelsTr/, then set "
@@ -136,12 +139,53 @@ def check_partitions(items: Sequence[dict[str, Any]]) -> dict[str, list[dict[str
             raise cli.PipelineError(f"no {name} scans for the segmentation model ({len(items)} scans in all); "
                                     f"add subjects, or change split.ratios / segmentation.val_share")
     subjects = {p: {i["subject"] for i in group} for p, group in by_partition.items()}
-    shared = sorted((subjects["train"] & subjects["val"]) | (subjects["train"] & subjects["test"])
-                    | (subjects["val"] & subjects["test"]))
+    shared = sorted(set().union(*(subjects[a] & subjects[b] for n, a in enumerate(PARTITION_NAMES)
+                                  for b in PARTITION_NAMES[n + 1:])))
     if shared:
         raise cli.PipelineError(f"subject(s) {', '.join(shared[:5])} sit in two segmentation partitions; "
                                 f"the split must be subject-level (re-run the split rule)")
     return by_partition
+
+
+MASK_MODEL_COLUMNS = ("image_id", "subject", "model", "role")
+
+
+def mask_models(scans: pd.DataFrame, main: Mapping[str, pd.DataFrame],
+                held_out: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Which U-Net segments each scan: ``fold<k>`` for the scans of fold k's held_out.csv, ``main``
+    for test scans and scans in no partition; so no scan meets a U-Net trained or selected on it.
+
+    ``main`` holds the split's train, val and test manifests; ``held_out[k]`` is fold k's outer fold.
+    Stops if a scan sits in two outer folds or in an outer fold and the test set, or if a train/val
+    scan is in no outer fold (the main U-Net, which saw it, would segment it).
+    """
+    fold_of: dict[str, int] = {}
+    for fold, table in enumerate(held_out):
+        twice = sorted(set(table["image_id"]) & set(fold_of))
+        if twice:
+            raise cli.PipelineError(f"scan(s) {', '.join(twice[:5])} sit in the held_out.csv of two CV folds "
+                                    f"({fold_of[twice[0]]} and {fold}); re-run the split rule")
+        fold_of.update(dict.fromkeys(table["image_id"], fold))
+    in_test = sorted(set(main["test"]["image_id"]) & set(fold_of))
+    if in_test:
+        raise cli.PipelineError(f"test scan(s) {', '.join(in_test[:5])} sit in a CV fold's held_out.csv; the folds "
+                                f"must cover train+val only (re-run the split rule)")
+    trainval = pd.concat([main["train"], main["val"]])
+    uncovered = sorted(set(trainval["image_id"]) - set(fold_of))
+    if uncovered:
+        raise cli.PipelineError(f"train/val scan(s) {', '.join(uncovered[:5])} are in no CV fold's held_out.csv, so "
+                                f"only the main U-Net, which trained or was selected on them, could segment them; "
+                                f"the folds must cover train+val (re-run the split rule)")
+    test = set(main["test"]["image_id"])
+    rows = []
+    for row in scans.itertuples(index=False):
+        image_id = str(row.image_id)
+        if image_id in fold_of:
+            model, role = f"fold{fold_of[image_id]}", "held_out"
+        else:
+            model, role = "main", "test" if image_id in test else "unpartitioned"
+        rows.append({"image_id": image_id, "subject": str(row.subject), "model": model, "role": role})
+    return pd.DataFrame(rows, columns=list(MASK_MODEL_COLUMNS))
 
 
 # ----------------------------------------------------------------------------- transforms

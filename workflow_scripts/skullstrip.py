@@ -6,6 +6,7 @@ configured path. deepbet ships its weights inside its wheel, so it works offline
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import numpy as np
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
+from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ METHODS = ("synthstrip", "deepbet")
 SYNTHSTRIP_FILENAME = "synthstrip.1.pt"
 SYNTHSTRIP_BYTES = 30_851_709
 SYNTHSTRIP_SHA256 = "37417f802196186441aae3e7f385d94f8a98c64a88acaeaa2723af995c653e33"
+# What the nipreps SynthStrip command prints when no voxel lies inside the brain border (its
+# largest-component step takes the argmax of an empty count): the scan's failure, not a bug.
+SYNTHSTRIP_NO_BRAIN = "argmax of an empty sequence"
 SYNTHSTRIP_URLS = (
     "https://surfer.nmr.mgh.harvard.edu/docs/synthstrip/requirements/synthstrip.1.pt",
     "https://surfer.nmr.mgh.harvard.edu/pub/dist/freesurfer/synthstrip/models/synthstrip.1.pt",
@@ -110,6 +115,9 @@ def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int =
         cmd = [sys.executable, "-m", "nipreps.synthstrip", "-i", str(src), "-m", str(mask_path),
                "--model", str(weights), "-b", str(border), "-n", str(threads)] + (["-g"] if gpu else [])
         result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 and SYNTHSTRIP_NO_BRAIN in result.stderr:
+            raise ScanDataError("empty_brain_mask", "SynthStrip found no brain in the image (no voxel inside its "
+                                                    "distance border)")
         if result.returncode != 0:
             raise cli.PipelineError(f"SynthStrip failed (exit {result.returncode}) with weights {weights}: "
                                     f"{result.stderr.strip()[-2000:]}")
@@ -127,11 +135,31 @@ def deepbet_mask(img: nib.Nifti1Image, *, threshold: float = 0.5, n_dilate: int 
     return np.asanyarray(mask.dataobj) > 0
 
 
+def brain_volume_ml(mask: np.ndarray, img: nib.Nifti1Image) -> float:
+    """Volume of a mask on ``img``'s grid in millilitres."""
+    return float(np.count_nonzero(mask) * np.prod(img.header.get_zooms()[:3]) / 1000)
+
+
+def check_mask(mask: np.ndarray, img: nib.Nifti1Image, method: str,
+               volume_bounds_ml: Sequence[float] | None = None) -> float:
+    """The mask's volume in mL; an empty mask, or one outside the plausible volume of a human brain, is the
+    scan's failure (a series that is not a head, or a failed stripping), not a bug."""
+    if mask.shape != img.shape[:3]:
+        raise cli.PipelineError(f"{method} returned a mask of shape {mask.shape} for an image of shape {img.shape}")
+    if not mask.any():
+        raise ScanDataError("empty_brain_mask", f"{method} found no brain in the image (empty mask)")
+    volume = brain_volume_ml(mask, img)
+    if volume_bounds_ml is not None:
+        low, high = volume_bounds_ml
+        if not low <= volume <= high:
+            raise ScanDataError("implausible_brain_mask",
+                                f"{method}'s brain mask is {volume:.0f} mL, outside the plausible {low:g}-{high:g} mL "
+                                f"(preprocess.skullstrip.brain_volume_ml): not a head, or a failed stripping")
+    return volume
+
+
 def strip(img: nib.Nifti1Image, mask: np.ndarray, method: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """The brain image (zero outside the mask) and the mask, both tagged with the method."""
-    if mask.shape != img.shape or not mask.any():
-        raise cli.PipelineError(f"{method} returned an empty or misshapen mask {mask.shape} for an image of "
-                                f"shape {img.shape}")
     provenance = extend_provenance(provenance_of(img), method)
     data = np.asanyarray(img.dataobj)
     brain = np.where(mask, data, 0).astype(data.dtype)
@@ -158,9 +186,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--deepbet-threshold", type=float, default=0.5)
     p.add_argument("--deepbet-dilate", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--brain-volume-ml", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="a mask outside this volume drops the scan (implausible_brain_mask)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
+    run_stage("stripped", [args.input], [args.output, args.mask, args.sidecar], lambda: strip_scan(args))
 
+
+def strip_scan(args: argparse.Namespace) -> None:
+    """Skull-strip one scan as the command line asks; writes the image, mask and sidecar."""
     record = {"method": args.method}
     if args.method == "synthstrip":
         weights = Path(args.synthstrip_weights or "")
@@ -183,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         mask = deepbet_mask(img, threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate, gpu=args.gpu)
         record.update(threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate,
                       deepbet_version=getattr(deepbet, "__version__", _dist_version("deepbet")))
+    record["brain_volume_ml"] = round(check_mask(mask, img, args.method, args.brain_volume_ml), 2)
     brain, mask_img = strip(img, mask, args.method)
-    record["brain_volume_ml"] = round(float(mask.sum() * np.prod(img.header.get_zooms()[:3]) / 1000), 2)
     save_nifti_atomic(mask_img, args.mask)
     save_nifti_atomic(brain, args.output)
     write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)

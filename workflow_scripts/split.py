@@ -16,9 +16,10 @@ Rules, in order:
    reached its target (target = ratio x class scans, rounded half up); once all targets are
    reached the rest go to train. test and val therefore overshoot their targets by less
    than one subject's scans, and train absorbs the difference.
-3. CV folds over train+val (test held out), per class: subjects, fewest scans first, each go
-   to the fold holding the fewest scans of their class so far (ties: lowest fold), which is
-   plain round-robin when scan counts are equal and keeps folds balanced in scans otherwise.
+3. CV folds over train+val (test held out), per class: subjects, most scans first, each go
+   to the fold holding the fewest subjects of their class so far (ties: fewest scans of the
+   class, then lowest fold), so the folds of a class differ by at most one subject (when the
+   subjects kept from the ledger did) and their scan counts stay close.
 4. Stable growth (``split.stable``): ``subject_assignments.tsv`` in the output folder records
    each subject's group, partition and fold. A subject in it keeps its partition and fold
    (and a subject chosen by balancing stays chosen) when scans, subjects or phases are
@@ -26,6 +27,11 @@ Rules, in order:
    furthest below its target (relative to the target) and skipping partitions at target.
 5. Audit: no subject in two partitions or two folds, no test subject in a fold, no scan
    twice, the folds cover exactly train+val; a failure names the subjects.
+6. Per-fold manifests (``--inner-val-share``, config cv.inner_val_share): for each CV fold k,
+   ``cv/fold<k>/held_out.csv`` is fold k (reported on, never selected on); the other folds'
+   subjects are split per class into ``val.csv`` (the inner validation split: early stopping
+   and checkpoint choice) and ``train.csv``, by a seeded hash of the subject id. The audit
+   checks that the three are subject-disjoint and that held_out.csv is fold k.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
-from workflow_scripts import cli
+from workflow_scripts import cli, labels
 from workflow_scripts.nifti_io import write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -110,28 +116,51 @@ def check_settings(classes: Sequence[str], ratios: Sequence[float], folds: int) 
     return dict(zip(PARTITIONS, map(float, ratios)))
 
 
-def prepare_scans(scans: pd.DataFrame, classes: Sequence[str], path_of: PathOf) -> tuple[pd.DataFrame, dict]:
-    """The scans of the two classes with path and label; subjects labelled with both classes are set aside.
+def first_scans(table: pd.DataFrame) -> pd.DataFrame:
+    """Each subject's first scan (earliest acq_date, then visit code, then image id), indexed by subject."""
+    table = table.reset_index(drop=True)
+    order = pd.DataFrame({
+        "subject": table["subject"], "image_id": table["image_id"],
+        "date": pd.to_datetime(table["acq_date"], errors="coerce") if "acq_date" in table else pd.NaT,
+        "month": table["visit"].map(labels.visit_month) if "visit" in table else 0.0}, index=table.index)
+    order = order.sort_values(["subject", "date", "month", "image_id"], na_position="last", kind="stable")
+    return table.loc[order.drop_duplicates("subject").index].set_index("subject")
 
-    A subject with scans of both classes cannot sit in one partition under one label; it is
-    left out and named in the summary rather than guessed.
+
+def prepare_scans(scans: pd.DataFrame, classes: Sequence[str], path_of: PathOf,
+                  label_policy: str = labels.DEFAULT_POLICY) -> tuple[pd.DataFrame, dict]:
+    """The scans of the two classes with path, each scan's own label, and its subject's ``stratum``.
+
+    Under ``visit_diagnosis`` a subject may have scans of both classes (a converter): each scan keeps
+    its label, and the subject is balanced, dealt and folded as one, by its first visit's label
+    (``stratum``; see first_scans). Under the other policies ingest excludes such subjects, so one
+    reaching the split is an error naming them, never a silent drop.
     """
     table = scans[scans["group"].isin(classes)].copy()
     ignored = scans.loc[~scans["group"].isin(classes), "group"].value_counts().to_dict()
     n_groups = table.groupby("subject")["group"].nunique()
     mixed = sorted(n_groups.index[n_groups > 1])
+    if mixed and label_policy != "visit_diagnosis":
+        raise cli.PipelineError(
+            f"subject(s) {', '.join(mixed[:20])} have scans of both classes ({classes[0]} and {classes[1]}) in the "
+            f"scans table, but data.label_policy is {label_policy}, under which ingest excludes such subjects "
+            f"(reason codes converter / unstable_diagnosis). Re-run ingest (the scans table may predate the policy), "
+            f"or set data.label_policy: visit_diagnosis to keep each scan under its own visit's diagnosis")
     if mixed:
-        LOG.warning("left out %d subject(s) with scans of both classes: %s", len(mixed), ", ".join(mixed))
-        table = table[~table["subject"].isin(mixed)]
+        LOG.info("%d subject(s) with scans of both classes, each kept in one partition: %s", len(mixed),
+                 ", ".join(mixed))
+    table["stratum"] = table["subject"].map(first_scans(table)["group"])
     table["path"] = scan_paths(table, path_of)
     table["label"] = (table["group"] == classes[0]).astype(int)
     table = table.sort_values(["subject", "image_id"], kind="stable").reset_index(drop=True)
-    return table, {"ignored_groups": {str(k): int(v) for k, v in ignored.items()}, "mixed_class_subjects": mixed}
+    return table, {"ignored_groups": {str(k): int(v) for k, v in ignored.items()}, "mixed_class_subjects": mixed,
+                   "label_policy": label_policy}
 
 
 def subject_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per subject: its group and scan count, indexed by subject id."""
-    return table.groupby("subject").agg(group=("group", "first"), n_scans=("image_id", "size"))
+    """One row per subject: its group (the stratum, its first visit's label) and scan count, indexed by subject id."""
+    column = "stratum" if "stratum" in table.columns else "group"
+    return table.groupby("subject").agg(group=(column, "first"), n_scans=("image_id", "size"))
 
 
 # ---------------------------------------------------------------- ledger
@@ -253,22 +282,26 @@ def deal_partitions(n_scans: pd.Series, targets: Mapping[str, int],
 
 
 def assign_folds(subjects: pd.DataFrame, folds: int, placed: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Per class, each subject not yet placed (fewest scans first) joins the fold with fewest scans of its class.
+    """Per class, each subject not yet placed (most scans first) joins the fold with fewest subjects of its class.
 
-    ``subjects`` has columns group and n_scans (train+val subjects only); ``placed`` subjects keep their fold.
+    Ties go to the fold with fewest scans of the class, then the lowest fold; so a class's folds differ
+    by at most one subject when the ``placed`` ones (which keep their fold) did. ``subjects`` has
+    columns group and n_scans (train+val subjects only).
     """
     placed = placed or {}
     result = {s: int(placed[s]) for s in subjects.index if s in placed}
     for group in sorted(subjects["group"].unique()):
         members = subjects[subjects["group"] == group]
-        load = [0] * folds
+        count, load = [0] * folds, [0] * folds
         for subject in members.index:
             if subject in result:
+                count[result[subject]] += 1
                 load[result[subject]] += int(members.at[subject, "n_scans"])
-        new = sorted((s for s in members.index if s not in result), key=lambda s: (members.at[s, "n_scans"], s))
+        new = sorted((s for s in members.index if s not in result), key=lambda s: (-members.at[s, "n_scans"], s))
         for subject in new:
-            fold = min(range(folds), key=lambda f: (load[f], f))
+            fold = min(range(folds), key=lambda f: (count[f], load[f], f))
             result[subject] = fold
+            count[fold] += 1
             load[fold] += int(members.at[subject, "n_scans"])
     return result
 
@@ -307,11 +340,16 @@ def _ledger_state(ledger: pd.DataFrame | None, subjects: pd.DataFrame, folds: in
 def make_split(scans: pd.DataFrame, *, classes: Sequence[str] = DEFAULT_CLASSES,
                path_of: PathOf = DEFAULT_PATH_PATTERN, ratios: Sequence[float] = DEFAULT_RATIOS,
                folds: int = 3, seed: int = 42, balance: bool = True,
-               ledger: pd.DataFrame | None = None) -> Split:
-    """Balance the classes, deal subjects into partitions and CV folds, keeping what ``ledger`` fixed."""
+               ledger: pd.DataFrame | None = None, label_policy: str = labels.DEFAULT_POLICY,
+               excluded: pd.DataFrame | None = None) -> Split:
+    """Balance the classes, deal subjects into partitions and CV folds, keeping what ``ledger`` fixed.
+
+    ``excluded`` (ingest's excluded.tsv) lets the summary count the subjects the label policy dropped,
+    under the partition the ledger had them in.
+    """
     classes = list(classes)
     ratio_of = check_settings(classes, ratios, folds)
-    table, input_info = prepare_scans(scans, classes, path_of)
+    table, input_info = prepare_scans(scans, classes, path_of, label_policy)
     subjects = subject_table(table)
     for group in classes:
         if not (subjects["group"] == group).any():
@@ -355,8 +393,12 @@ def make_split(scans: pd.DataFrame, *, classes: Sequence[str] = DEFAULT_CLASSES,
 
     if ledger is not None:
         ledger_info["new_subjects"] = sorted(set(partition_of) - set(placed_before))
+    had = {} if ledger is None else dict(zip(ledger["subject"], ledger["partition"]))
+    label_info = {"policy": label_policy,
+                  "dropped": labels.dropped_by_partition(excluded, had | partition_of, set(subjects.index))}
     summary = build_summary(table, chosen, targets, fold_of, classes=classes, ratios=ratio_of, folds=folds,
-                            seed=seed, balance_info=balance_info, input_info=input_info, ledger_info=ledger_info)
+                            seed=seed, balance_info=balance_info, input_info=input_info, ledger_info=ledger_info,
+                            label_info=label_info)
     return Split(manifests=manifests, cv_folds=cv, ledger=new_ledger, summary=summary)
 
 
@@ -471,6 +513,94 @@ def audit_split(manifests: Mapping[str, pd.DataFrame], cv_folds: pd.DataFrame) -
     }
 
 
+# ---------------------------------------------------------------- per-fold manifests (inner validation)
+
+# Per outer CV fold k, under OUT_DIR/cv/fold<k>/: the scans it trains on, the inner validation split
+# that early-stops it and picks its checkpoint, and the held-out fold k that it is reported on (only).
+FOLD_ROLES = ("train", "val", "held_out")
+
+
+def fold_manifest_path(out_dir: str | Path, fold: int, role: str) -> Path:
+    """Where one CV fold's manifest lives, beside cv_folds.csv: OUT_DIR/cv/fold<k>/<role>.csv."""
+    return Path(out_dir) / "cv" / f"fold{fold}" / f"{role}.csv"
+
+
+def inner_validation_subjects(candidates: pd.DataFrame, share: float, seed: int, fold: int) -> set[str]:
+    """The subjects of one fold's training folds that validate it, so selection never sees the reported fold.
+
+    ``candidates`` has a row per scan (subject, group). Per class: ``share`` x its subjects rounded half up,
+    at least one and never all, first in the order of a seeded hash of (fold, subject id); a subject added
+    later therefore displaces at most one chosen subject of its class.
+    """
+    subjects = candidates.groupby("subject")["group"].first()
+    chosen: set[str] = set()
+    for group in sorted(subjects.unique()):
+        members = sorted(subjects.index[subjects == group], key=lambda s: subject_rank(f"fold{fold}:{s}", seed))
+        if len(members) < 2:
+            raise cli.PipelineError(
+                f"CV fold {fold}: the other folds hold {len(members)} {group} subject(s), but the inner validation "
+                f"split needs one {group} subject and training at least one more; add subjects, or lower cv.folds")
+        chosen.update(members[:min(len(members) - 1, max(1, round_half_up(share * len(members))))])
+    return chosen
+
+
+def cv_fold_manifests(cv_folds: pd.DataFrame, folds: int, share: float, seed: int) -> dict[int, dict[str, pd.DataFrame]]:
+    """Per outer fold k: train (the other folds less the inner validation subjects), val (those subjects)
+    and held_out (fold k), each with MANIFEST_COLUMNS in cv_folds' row order."""
+    if not 0 < share < 1:
+        raise cli.PipelineError(f"cv.inner_val_share must lie strictly between 0 and 1, got {share}")
+    fold_of_scan = cv_folds["fold"].astype(int)
+    result = {}
+    for fold in range(int(folds)):
+        held, rest = cv_folds[fold_of_scan == fold], cv_folds[fold_of_scan != fold]
+        if held.empty:
+            raise cli.PipelineError(f"CV fold {fold} holds no scans ({cv_folds['subject'].nunique()} train+val "
+                                    f"subjects for cv.folds={folds}); lower cv.folds or add subjects")
+        is_val = rest["subject"].isin(inner_validation_subjects(rest, share, seed, fold))
+        result[fold] = {role: part[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+                        for role, part in zip(FOLD_ROLES, (rest[~is_val], rest[is_val], held))}
+    return result
+
+
+def audit_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]], cv_folds: pd.DataFrame) -> dict:
+    """Per fold: train, val and held_out subject-disjoint, held_out exactly fold k of cv_folds, train+val exactly
+    the other folds, both classes in train and val; ``passed`` is False with the offending subjects named."""
+    per_fold, offending = {}, set()
+    fold_of_scan = cv_folds["fold"].astype(int)
+    subject_of = dict(zip(cv_folds["image_id"], cv_folds["subject"]))
+    for fold, parts in fold_manifests.items():
+        subjects = {role: set(parts[role]["subject"]) for role in FOLD_ROLES}
+        shared = sorted((subjects["train"] & subjects["val"]) | (subjects["train"] & subjects["held_out"])
+                        | (subjects["val"] & subjects["held_out"]))
+        held_ids, fold_ids = set(parts["held_out"]["image_id"]), set(cv_folds.loc[fold_of_scan == fold, "image_id"])
+        trained = set(parts["train"]["image_id"]) | set(parts["val"]["image_id"])
+        rest_ids = set(cv_folds.loc[fold_of_scan != fold, "image_id"])
+        mismatched = sorted((held_ids ^ fold_ids) | (trained ^ rest_ids))
+        missing = {role: sorted({0, 1} - set(parts[role]["label"].astype(int))) for role in ("train", "val")}
+        offending |= set(shared) | {subject_of.get(i, i) for i in mismatched}
+        per_fold[str(fold)] = {
+            "scans": {role: int(len(parts[role])) for role in FOLD_ROLES},
+            "subjects": {role: len(subjects[role]) for role in FOLD_ROLES},
+            "subjects_in_two_roles": shared, "scans_not_matching_cv_folds": mismatched,
+            "held_out_is_fold": held_ids == fold_ids, "labels_missing": missing,
+        }
+    passed = not offending and all(not m for f in per_fold.values() for m in f["labels_missing"].values())
+    return {"passed": passed, "folds": per_fold, "offending_subjects": sorted(offending)}
+
+
+def with_fold_audit(audit: dict, fold_audit: dict) -> dict:
+    """The split's audit with the per-fold manifests' one folded in (``passed`` only if both passed)."""
+    return audit | {"passed": audit["passed"] and fold_audit["passed"], "cv_fold_manifests": fold_audit,
+                    "offending_subjects": sorted(set(audit["offending_subjects"]) | set(fold_audit["offending_subjects"]))}
+
+
+def write_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]], out_dir: str | Path) -> None:
+    """OUT_DIR/cv/fold<k>/train.csv, val.csv and held_out.csv for every fold."""
+    for fold, parts in fold_manifests.items():
+        for role in FOLD_ROLES:
+            write_text_atomic(parts[role].to_csv(index=False), fold_manifest_path(out_dir, fold, role))
+
+
 # ---------------------------------------------------------------- files and command line
 
 def write_split(split: Split, out_dir: str | Path) -> None:
@@ -499,6 +629,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stable", action=argparse.BooleanOptionalAction, default=True,
                    help="keep earlier subjects' partitions and folds from the ledger (default on)")
     p.add_argument("--ledger", help=f"the persistent subject ledger (default OUT_DIR/{LEDGER_NAME})")
+    p.add_argument("--inner-val-share", type=float,
+                   help="share of each class's subjects in a CV fold's other folds that validate it (cv.inner_val_share); "
+                        "writes OUT_DIR/cv/fold<k>/{train,val,held_out}.csv (without it, none are written)")
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
 
@@ -508,12 +641,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     split = make_split(read_scans(args.scans), classes=args.classes, path_of=args.path_pattern,
                        ratios=args.ratios, folds=args.folds, seed=args.seed, balance=args.balance, ledger=ledger)
     audit = audit_split(split.manifests, split.cv_folds)
+    per_fold = None if args.inner_val_share is None else cv_fold_manifests(split.cv_folds, args.folds,
+                                                                            args.inner_val_share, args.seed)
+    if per_fold is not None:
+        audit = with_fold_audit(audit, audit_fold_manifests(per_fold, split.cv_folds))
     write_text_atomic(json.dumps(audit, indent=2) + "\n", out / "audit.json")
     if not audit["passed"]:
         raise cli.PipelineError(
             f"leakage audit failed for subject(s) {', '.join(audit['offending_subjects'])} (details in "
             f"{out / 'audit.json'}); look in {args.scans} for a scan listed twice or under two subjects")
     write_split(split, out)
+    if per_fold is not None:
+        write_fold_manifests(per_fold, out)
     write_text_atomic(ledger_text(split.ledger), ledger_path)
     LOG.info("split %d scans: %s", split.summary["scans"],
              ", ".join(f"{p} {len(split.manifests[p])}" for p in PARTITIONS))

@@ -26,6 +26,12 @@ mode, embeddings export) are switches of this one module, so every model is trai
 same loop. The 2D baseline (``--arch resnet50``) sees [0, 1] intensities, not z-scores: its
 model normalises slices with ImageNet's statistics.
 
+A run resumes from ``last.pt`` only on the very scans it started on: every checkpoint and
+summary.json carry a data record (per role, the subjects and each scan's image id, subject,
+label and tensor SHA-256, and one hash of them all); a changed manifest row or tensor restarts
+the run (or stops it, ``--on-changed-settings error``) with the change named. Prediction refuses
+a manifest that shares a subject with the model's training or validation scans.
+
 Randomness is keyed to (seed, epoch, scan): the shuffle of epoch e comes from a generator
 seeded by (seed, e), each scan's augmentation from (seed, e, index), whichever DataLoader
 worker loads it. An interrupted run resumed from ``last.pt`` therefore ends exactly where
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -68,6 +75,8 @@ MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
 CHECKPOINTS = {"accuracy": "best_acc.pt", "loss": "best_loss.pt", "hierarchy": "best_hierarchy.pt"}
 # Settings that may differ between an interrupted run and its resumption: they change how
 # or how long the run goes on, not what one epoch computes.
+# Everything a training run writes in its folder (glob patterns), removed before a fresh start.
+RUN_FILES = ("*.pt", "history.json", "summary.json", "*predictions*.csv", "embeddings_*.npz")
 RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
                   "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
                   "predictions_out", "run_name", "embeddings_out", "projection", "projection_out",
@@ -92,15 +101,28 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def fold_manifests(folds_csv: str | os.PathLike, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, validation) of one CV fold: the fold's scans validate, all others train."""
+    """(train, inner validation) of one CV fold: the split's cv/fold<k>/train.csv and val.csv beside
+    cv_folds.csv. Fold k itself (held_out.csv) is only reported on, never used for selection."""
+    from workflow_scripts.split import fold_manifest_path
+
     table = read_manifest(folds_csv)
     if "fold" not in table.columns:
         raise cli.PipelineError(f"{folds_csv} has no 'fold' column; pass the split's cv_folds.csv")
     folds = sorted(table["fold"].astype(int).unique())
     if fold not in folds:
         raise cli.PipelineError(f"fold {fold} is not in {folds_csv} (folds {folds})")
-    is_val = table["fold"].astype(int).eq(fold)
-    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+    paths = [fold_manifest_path(Path(folds_csv).parent, fold, role) for role in ("train", "val")]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise cli.PipelineError(f"fold {fold} of {folds_csv} has no {' or '.join(missing)}; re-run the split with "
+                                f"--inner-val-share (config cv.inner_val_share) to write the per-fold manifests")
+    train, val = (read_manifest(path) for path in paths)
+    held_out = set(table.loc[table["fold"].astype(int).eq(fold), "subject"])
+    leaked = sorted(held_out & (set(train["subject"]) | set(val["subject"])))
+    if leaked:
+        raise cli.PipelineError(f"{paths[0].parent} trains or validates on subject(s) of fold {fold} in {folds_csv} "
+                                f"({', '.join(leaked[:5])}): the manifests are stale; re-run the split")
+    return train, val
 
 
 def tensor_sources(table: pd.DataFrame, tensor_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -579,35 +601,123 @@ def changed_settings(saved: dict[str, Any], config: dict[str, Any]) -> list[str]
 
 
 def clear_run(out_dir: Path) -> None:
-    """Remove a previous run's checkpoints and history so nothing of it is resumed or mistaken for new."""
-    for name in ("last.pt", *CHECKPOINTS.values(), "history.json", "summary.json", "val_predictions.csv",
-                 "embeddings_val.npz"):
-        (out_dir / name).unlink(missing_ok=True)
+    """Remove a previous run's checkpoints, history, summary, predictions and embeddings, so nothing
+    of it is resumed or mistaken for the new run's."""
+    for pattern in RUN_FILES:
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Path) -> None:
-    """Continue from out_dir/last.pt when it belongs to this run's settings.
+    """Continue from out_dir/last.pt only when it was written on this run's scans (``state.data``:
+    the same manifest rows and tensor contents) with this run's settings.
 
-    With other settings (a changed experiment), ``on_changed_settings`` decides: "error"
-    stops, "restart" clears the old run and starts afresh; --no-resume always starts afresh.
+    Otherwise ``on_changed_settings`` decides: "error" stops, naming what changed; "restart"
+    clears the old run's files and starts afresh. --no-resume always starts afresh, and so does
+    a folder without last.pt (clearing any files an older run left there).
     """
     last = out_dir / "last.pt"
-    if not config["resume"]:
+    if not config["resume"] or not last.is_file():
         clear_run(out_dir)
         return
-    if not last.is_file():
-        return
     saved = load_checkpoint(last)
-    changed = changed_settings(saved["config"], config)
+    changed = changed_settings(saved["config"], config) + data_changes(saved.get("data"), state.data, config)
     if changed and config["on_changed_settings"] == "restart":
-        LOG.warning("settings changed since %s was written (%s): starting afresh", last, "; ".join(changed))
+        LOG.warning("settings or training data changed since %s was written (%s): starting afresh", last,
+                    "; ".join(changed))
         clear_run(out_dir)
         return
     if changed:
-        raise cli.PipelineError(f"{last} was written with other settings ({'; '.join(changed)}); delete the "
-                                f"checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings restart")
+        raise cli.PipelineError(f"{last} was written with other settings or training data ({'; '.join(changed)}); "
+                                f"delete the checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings "
+                                "restart")
     state.restore(saved, config)
-    LOG.info("resuming %s after epoch %d", out_dir, state.epoch)
+    LOG.info("resuming %s after epoch %d (same settings; same scans, data hash %s)", out_dir, state.epoch,
+             state.data["hash"][:12])
+
+
+# ----------------------------------------------------------------------------- training data record
+
+def scan_digests(sources: Sequence[Path]) -> list[str]:
+    """SHA-256 of each file a scan is read from: new contents under an old name are new data."""
+    from workflow_scripts.skullstrip import sha256_of
+
+    return [sha256_of(path) for path in sources]
+
+
+def data_record(tables: dict[str, pd.DataFrame], digests: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """What a model learnt from, per role (train, val): its subjects and, in manifest order, each
+    scan's image id, subject, label and content digest; ``hash`` is the SHA-256 of all of it.
+
+    Saved in every checkpoint and summary.json, so resuming and prediction can check a model's
+    scans and subjects without its manifests.
+    """
+    record: dict[str, Any] = {}
+    rows = []
+    for role, table in tables.items():
+        scans = [{"image_id": str(i), "subject": str(s), "label": int(v), "sha256": str(d)}
+                 for i, s, v, d in zip(table["image_id"], table["subject"], table["label"], digests[role], strict=True)]
+        record[role] = {"subjects": sorted({scan["subject"] for scan in scans}), "scans": scans}
+        rows += [[role, scan["image_id"], scan["subject"], scan["label"], scan["sha256"]] for scan in scans]
+    record["hash"] = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+    return record
+
+
+def training_data(splits: Splits) -> dict[str, Any]:
+    """The run's data record: the manifests' rows and the SHA-256 of every scan's tensor."""
+    return data_record({"train": splits.train, "val": splits.val},
+                       {"train": scan_digests(splits.train_sources), "val": scan_digests(splits.val_sources)})
+
+
+def _ids(ids: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def data_changes(saved: dict[str, Any] | None, current: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """How the scans of a saved run differ from this run's, per manifest: scans added or removed (by
+    image id), labels or subjects changed, tensor contents changed, or the same scans reordered."""
+    if not saved or "hash" not in saved:
+        return ["the checkpoint records no training data (written before data records were kept), so its "
+                "scans cannot be checked"]
+    if saved["hash"] == current["hash"]:
+        return []
+    changes = []
+    for role, what in (("train", "training"), ("val", "validation")):
+        source = config.get(role) or (f"{config['folds_csv']} fold {config['fold']}" if config.get("folds_csv") else "")
+        name = f"{what} manifest{f' {source}' if source else ''}"
+        old = {scan["image_id"]: scan for scan in saved.get(role, {}).get("scans", [])}
+        new = {scan["image_id"]: scan for scan in current[role]["scans"]}
+        added, removed = [i for i in new if i not in old], [i for i in old if i not in new]
+        both = [i for i in new if i in old]
+        parts = [f"{len(added)} scan(s) added ({_ids(added)})"] if added else []
+        parts += [f"{len(removed)} scan(s) removed ({_ids(removed)})"] if removed else []
+        for key, label in (("label", "labels"), ("subject", "subjects")):
+            differ = [f"{i} {old[i][key]} -> {new[i][key]}" for i in both if old[i][key] != new[i][key]]
+            parts += [f"{label} changed ({_ids(differ)})"] if differ else []
+        altered = [i for i in both if old[i]["sha256"] != new[i]["sha256"]]
+        parts += [f"tensor contents changed ({_ids(altered)})"] if altered else []
+        if not parts and list(old) != list(new):
+            parts.append("the same scans in another order")
+        changes += [f"{name}: {', '.join(parts)}"] if parts else []
+    return changes or [f"data hash {saved['hash'][:12]} -> {current['hash'][:12]}"]
+
+
+def check_no_overlap(table: pd.DataFrame, record: dict[str, Any] | None, model: str | os.PathLike,
+                     manifest: str | os.PathLike) -> None:
+    """Refuse to score subjects a model was trained or selected on: its figures on them would be optimistic
+    (the leakage a re-split with a reused model causes)."""
+    if not record or not all(role in record for role in ("train", "val")):
+        raise cli.PipelineError(f"model {model} records no training and validation subjects (written before "
+                                f"data records were kept), so {manifest} cannot be checked for overlap with them; "
+                                "re-train the model")
+    subjects = set(table["subject"].astype(str))
+    for role, what in (("train", "training"), ("val", "validation")):
+        shared = sorted(subjects & set(record[role]["subjects"]))
+        if shared:
+            raise cli.PipelineError(
+                f"{manifest} holds {len(shared)} subject(s) that model {model} used as {what} data: {_ids(shared)}; "
+                "a model must not be scored on subjects it was trained or selected on: predict a manifest of other "
+                "subjects, or re-train the model on a split that holds these out")
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -787,7 +897,8 @@ class EpochScheduler:
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint restores: model, optimizer, scheduler, loss scaler, early stopping, history."""
+    """Everything a checkpoint restores: model, optimizer, scheduler, loss scaler, early stopping, history;
+    and the record of the scans it is trained on (``data_record``), which it does not restore but checks."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: EpochScheduler
@@ -797,6 +908,7 @@ class TrainingState:
     epoch: int = 0
     wandb_id: str | None = None
     step_options: StepOptions = field(default_factory=StepOptions)
+    data: dict[str, Any] = field(default_factory=dict)
 
     def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint dict (loadable with ``torch.load(weights_only=True)``)."""
@@ -806,7 +918,7 @@ class TrainingState:
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "metrics": self.history[-1] if self.history else None,
                 "early_stopping": self.stopper.state_dict(), "history": self.history, "best": self.best,
-                "rng": rng_states(), "config": config, "wandb_id": self.wandb_id}
+                "rng": rng_states(), "config": config, "wandb_id": self.wandb_id, "data": self.data}
 
     def restore(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         """Continue from a checkpoint written by ``checkpoint``."""
@@ -934,6 +1046,7 @@ def write_results(state: TrainingState, config: dict[str, Any], splits: Splits, 
         "config": config, "seed": config["seed"], "code_version": code_version(), "versions": library_versions(),
         "device": str(device), "input_shape": list(splits.shape),
         "splits": {"train": split_counts(splits.train), "val": split_counts(splits.val)},
+        "data": state.data,
         "class_weights": None if weight is None else weight.tolist(),
         "parameters": count_parameters(state.model),
         "epochs_run": len(state.history),
@@ -956,6 +1069,7 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
         else None
     device = pick_device(config["device"])
     state = new_training_state(config, device)
+    state.data = training_data(splits)
     resume_or_restart(state, config, out_dir)
 
     seed, pin = config["seed"], device.type == "cuda"
@@ -995,7 +1109,11 @@ def fit(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def load_trained_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """The network of a checkpoint written by ``fit``, in eval mode on ``device``, and the run's settings."""
-    state = load_checkpoint(checkpoint)
+    return trained_model(load_checkpoint(checkpoint), device)
+
+
+def trained_model(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a loaded checkpoint dict, in eval mode on ``device``, and the run's settings."""
     config = state["config"]
     model = model_from_config(config, weights="none")
     model.load_state_dict(state["model"])
@@ -1006,12 +1124,16 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
             tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
             num_workers: int = 2, embeddings_out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV, and
-    optionally the scans' penultimate-layer embeddings (npz)."""
+    optionally the scans' penultimate-layer embeddings (npz). A manifest sharing a subject with the
+    model's training or validation scans is refused (``check_no_overlap``)."""
     dev = pick_device(device)
-    model, config = load_trained_model(checkpoint, dev)
-    LOG.info("predicting %s with %s (%s, trained with selection rule %s)", manifest, checkpoint, config["arch"],
-             config.get("selection", "accuracy"))
     table = read_manifest(manifest)
+    state = load_checkpoint(checkpoint)
+    check_no_overlap(table, state.get("data"), checkpoint, manifest)
+    model, config = trained_model(state, dev)
+    LOG.info("predicting %s with %s (%s, trained with selection rule %s); none of its %d subjects is among the "
+             "model's training or validation subjects", manifest, checkpoint, config["arch"],
+             config.get("selection", "accuracy"), table["subject"].nunique())
     sources = tensor_sources(table, tensor_dir)
     check_shapes(sources, list(table["image_id"]))
     loader = make_loader(ScanDataset(sources, table["label"], input_transform(config, False), config["seed"],
@@ -1091,7 +1213,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-resume", dest="resume", action="store_false",
                      help="start afresh, removing an earlier run's checkpoints in --out-dir")
     run.add_argument("--on-changed-settings", default="error", choices=["error", "restart"],
-                     help="when last.pt was written with other settings: stop, or start afresh (for workflows)")
+                     help="when last.pt was written with other settings or on other scans (manifest rows or "
+                          "tensor contents): stop, or start afresh (for workflows)")
     run.add_argument("--stop-after-epoch", type=int, help="debug: stop after this epoch as if interrupted")
     run.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     run.add_argument("--wandb-project", default="alzheimer-mri")

@@ -18,11 +18,15 @@ mask, a brain-mask proxy for ICV; dividing by it removes head size, as volumetri
 do (Jack et al., Neurology 1992; Whitwell et al., 2001). The classifier is scikit-learn's
 LogisticRegression on standardised features, class weights balanced, fitted on the same
 training scans (or CV folds) the networks train on; its predictions table has the networks'
-columns, so evaluation, CV summary and comparison treat it like any other experiment.
+columns, so evaluation, CV summary and comparison treat it like any other experiment. Like a
+network's checkpoint, its summary.json records the subjects and scans it was fitted and validated
+on, and ``predict`` refuses a manifest that shares a subject with them.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import platform
 from pathlib import Path
@@ -177,9 +181,16 @@ def library_versions() -> dict[str, str]:
             "pandas": pd.__version__}
 
 
+def feature_digests(table: pd.DataFrame, features: Sequence[str]) -> list[str]:
+    """Per scan, the SHA-256 of its feature values (what the classifier reads, as the networks' tensors)."""
+    values = table[list(features)].to_numpy(dtype=np.float64)
+    return [hashlib.sha256(json.dumps(dict(zip(features, row.tolist()))).encode()).hexdigest() for row in values]
+
+
 def model_summary(model, features: Sequence[str], train: pd.DataFrame, val: pd.DataFrame, config: dict) -> dict:
-    """What was fitted and on what: coefficients (per standard deviation), scaler, counts, versions."""
-    from workflow_scripts.train import code_version, split_counts
+    """What was fitted and on what: coefficients (per standard deviation), scaler, counts, versions, and
+    the data record (subjects, scans, labels, feature digests; ``train.data_record``)."""
+    from workflow_scripts.train import code_version, data_record, split_counts
 
     scaler, logistic = model[0], model[-1]
     return {
@@ -191,6 +202,8 @@ def model_summary(model, features: Sequence[str], train: pd.DataFrame, val: pd.D
         "classifier": f"StandardScaler + LogisticRegression(C={logistic.C}, class_weight='balanced')",
         "n_per_class": {str(k): int(v) for k, v in train["label"].value_counts().sort_index().items()},
         "splits": {"train": split_counts(train), "val": split_counts(val)},
+        "data": data_record({"train": train, "val": val},
+                            {"train": feature_digests(train, features), "val": feature_digests(val, features)}),
         "code_version": code_version(), "versions": library_versions(),
     }
 
@@ -213,6 +226,15 @@ def fit_run(train: pd.DataFrame, val: pd.DataFrame, volumes: pd.DataFrame, featu
 
     write_json_atomic(summary, out_dir / "summary.json")
     return summary
+
+
+def training_record(summary: str | Path) -> dict | None:
+    """The data record of a fitted model's summary.json (None when the summary predates it)."""
+    try:
+        return json.loads(Path(summary).read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError) as err:
+        raise cli.PipelineError(f"cannot read the volumetry model's summary {summary}: {err}; it is written beside "
+                                f"model.joblib by the fit rule (re-run it), or pass --summary") from err
 
 
 def load_model(path: str | Path):
@@ -240,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--volumes", required=True)
     fit.add_argument("--train", help="training manifest (with --val)")
     fit.add_argument("--val", help="validation manifest (with --train)")
-    fit.add_argument("--folds-csv", help="cv_folds.csv (with --fold): the fold validates, the others train")
+    fit.add_argument("--folds-csv", help="cv_folds.csv (with --fold): fit on that fold's cv/fold<k>/train.csv, "
+                                         "predict its inner validation split cv/fold<k>/val.csv")
     fit.add_argument("--fold", type=int)
     fit.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
     fit.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength (scikit-learn's 1.0)")
@@ -250,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True)
     pred.add_argument("--volumes", required=True)
     pred.add_argument("--manifest", required=True)
+    pred.add_argument("--summary", help="the model's summary.json, whose training and validation subjects the "
+                                        "manifest must not share (default: the one beside --model)")
     pred.add_argument("--output", required=True)
     return p
 
@@ -268,19 +293,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         LOG.info("%s: %d scans; mean left %.0f, right %.0f mm3, ICV %.0f ml", args.output, len(table),
                  table["left_mm3"].mean(), table["right_mm3"].mean(), table["icv_mm3"].mean() / 1000)
         return
-    from workflow_scripts.train import fold_manifests, read_manifest
+    from workflow_scripts.train import check_no_overlap, fold_manifests, read_manifest
 
     volumes = read_volumes(args.volumes)
     if args.command == "predict":
+        manifest = read_manifest(args.manifest)
+        summary = args.summary or Path(args.model).with_name("summary.json")
+        check_no_overlap(manifest, training_record(summary), args.model, args.manifest)
         model = load_model(args.model)
         features = [str(f) for f in model.feature_names_in_]
-        table = with_features(read_manifest(args.manifest), volumes, features, args.manifest, args.volumes)
+        table = with_features(manifest, volumes, features, args.manifest, args.volumes)
         write_text_atomic(predictions(model, table, features).to_csv(index=False), args.output)
         LOG.info("%s: %d scans predicted", args.output, len(table))
         return
     if args.folds_csv is not None and args.fold is not None:
         (train, val), sources = fold_manifests(args.folds_csv, args.fold), (
-            f"{args.folds_csv} (folds other than {args.fold})", f"{args.folds_csv} (fold {args.fold})")
+            f"fold {args.fold}'s training scans (beside {args.folds_csv})",
+            f"fold {args.fold}'s inner validation scans (beside {args.folds_csv})")
     elif args.train and args.val:
         (train, val), sources = (read_manifest(args.train), read_manifest(args.val)), (args.train, args.val)
     else:
