@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-min_version("9.0")
+min_version("9.17")
 
 
 # The defaults sit beside this file, so the workflow runs from any working directory;

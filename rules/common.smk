@@ -10,7 +10,7 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
-from workflow_scripts.cli import PipelineError
+from workflow_scripts.cli import PipelineError, machine_memory_mb
 from workflow_scripts.recipe import merge_recipe
 from workflow_scripts.usable_scans import outcome_line
 
@@ -50,8 +50,29 @@ def benchmark_file(stage):
     return f"{RESULTS}/benchmarks/{stage}/{{subject}}/{{image_id}}.tsv"
 
 
+def local_memory_mb():
+    """The memory a local run may hand out: --resources mem_mb, else this machine's (registered as the run's
+    mem_mb, so Snakemake never starts jobs whose declared memory sums past it). None on a cluster, where
+    each job gets its own allocation."""
+    if workflow.global_resources.get("_nodes") is not None:
+        return None
+    if workflow.global_resources.get("mem_mb") is None:
+        machine = machine_memory_mb()
+        if machine:
+            workflow.register_resource("mem_mb", machine)
+    return workflow.global_resources.get("mem_mb")
+
+
+LOCAL_MEMORY_MB = local_memory_mb()
+
+
 def res(rule_name, key):
-    return config["resources"][rule_name][key]
+    """A job's declared threads, memory (MB) or run time; locally a job declaring more memory than the run
+    has gets all of it (it then runs alone) instead of never starting."""
+    value = config["resources"][rule_name][key]
+    if key == "mem_mb" and LOCAL_MEMORY_MB:
+        return min(value, LOCAL_MEMORY_MB)
+    return value
 
 
 def check_demo_paths():
@@ -160,7 +181,10 @@ def synthstrip_weights(wildcards=None):
 
 def skullstrip_flags():
     s = SKULLSTRIP
-    flags = [f"--method {s['method']} --brain-volume-ml {' '.join(str(v) for v in s['brain_volume_ml'])}"]
+    flags = [f"--method {s['method']}"]
+    bounds = config["qc"]["thresholds"].get("brain_volume_ml")
+    if bounds:  # the QC bound, applied where the mask is made so a non-brain never reaches the later stages
+        flags.append(f"--brain-volume-ml {shlex.quote(json.dumps(bounds))}")
     if s["method"] == "synthstrip":
         flags.append(f"--synthstrip-border {s['synthstrip_border']}")
     else:

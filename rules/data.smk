@@ -28,13 +28,15 @@ if DATA["source"] == "demo":
             " --voxel-scale {params.demo[voxel_scale]}"
             " --hippocampus-atrophy {params.demo[hippocampus_atrophy]}"
             " --ventricle-enlargement {params.demo[ventricle_enlargement]}"
-            " --progression-per-visit {params.demo[progression_per_visit]} > {log:q} 2>&1"
+            " --progression-per-visit {params.demo[progression_per_visit]}"
+            " --faults {params.demo[faults]} > {log:q} 2>&1"
 
 
 checkpoint ingest:
     input:
         csv=DATA["collection_csv"],
         tree=f"{DATA['adni_root']}/ADNI",
+        diagnosis=DATA["diagnosis_table"] or [],
     output:
         scans=f"{RESULTS}/scans.tsv",
         excluded=f"{RESULTS}/excluded.tsv",
@@ -45,6 +47,13 @@ checkpoint ingest:
         types=DATA["types"],
         phase_ranges=json.dumps(DATA["phase_rid_ranges"]),
         check_cache=f"{RESULTS}/ingest/series_checks.json",
+        min_slice_share=DATA["min_slice_share"],
+        min_extent_mm=DATA["min_extent_mm"],
+        label_policy=DATA["label_policy"],
+        visit_aliases=json.dumps(DATA["visit_aliases"]),
+        diagnosis_table=lambda wildcards, input: (
+            f"--diagnosis-table {shlex.quote(input.diagnosis)}" if input.diagnosis else ""
+        ),
     log:
         f"{RESULTS}/logs/ingest.log",
     benchmark:
@@ -59,4 +68,6 @@ checkpoint ingest:
         "python -m workflow_scripts.ingest --collection-csv {input.csv:q} --adni-root {params.adni_root:q}"
         " --classes {params.classes:q} --descriptions {params.descriptions:q} --types {params.types:q}"
         " --phase-ranges {params.phase_ranges:q} --check-cache {params.check_cache:q}"
+        " --min-slice-share {params.min_slice_share} --min-extent-mm {params.min_extent_mm} --threads {threads}"
+        " --label-policy {params.label_policy} --visit-aliases {params.visit_aliases:q} {params.diagnosis_table}"
         " --scans {output.scans:q} --excluded {output.excluded:q} > {log:q} 2>&1"

@@ -244,12 +244,15 @@ checkpoint usable_scans:
         scans=f"{RESULTS}/scans.tsv",
         excluded=f"{RESULTS}/excluded.tsv",
         ras=lambda wildcards: expand_scans(stage_file("ras")),
+        qc=qc_records,
         user_exclusions=user_exclusions_file,
     output:
         usable=f"{RESULTS}/usable.tsv",
         dropped=f"{RESULTS}/dropped.tsv",
     params:
-        ras_pattern=stage_file("ras"),
+        ras_pattern=lambda wildcards: stage_file("ras"),
+        qc_pattern=lambda wildcards: QC_METRICS_FILE,
+        qc_settings=json.dumps(config["qc"]),
         user_exclusions=lambda wildcards, input: f"--user-exclusions {input.user_exclusions}"
         if input.user_exclusions
         else "",
@@ -263,5 +266,6 @@ checkpoint usable_scans:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.usable_scans --scans {input.scans:q} --excluded {input.excluded:q}"
-        " --ras-pattern {params.ras_pattern:q} {params.user_exclusions} --usable {output.usable:q}"
+        " --ras-pattern {params.ras_pattern:q} --qc-pattern {params.qc_pattern:q} --qc-settings {params.qc_settings:q}"
+        " {params.user_exclusions} --usable {output.usable:q}"
         " --dropped {output.dropped:q} > {log:q} 2>&1"

@@ -23,6 +23,7 @@ rule tensor_cache:
 rule split:
     input:
         scans=f"{RESULTS}/usable.tsv",
+        excluded=f"{RESULTS}/excluded.tsv",  # the label policy's drops, counted per partition in the summary
         tensors=all_tensors,
     output:
         train=f"{SPLITS}/train.csv",
@@ -40,6 +41,7 @@ rule split:
         ratios=config["split"]["ratios"],
         folds=config["cv"]["folds"],
         seed=config["split"]["seed"],
+        label_policy=DATA["label_policy"],
         inner_val_share=config["cv"]["inner_val_share"],
         balance="--balance" if config["split"]["balance"] else "--no-balance",
         stable="--stable" if config["split"]["stable"] else "--no-stable",
@@ -58,4 +60,5 @@ rule split:
         "python -m workflow_scripts.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
         " --classes {params.classes:q} --ratios {params.ratios} --folds {params.folds} --seed {params.seed}"
         " --inner-val-share {params.inner_val_share} {params.balance} {params.stable} --out-dir {params.out_dir:q}"
+        " --label-policy {params.label_policy} --excluded {input.excluded:q}"
         " > {log:q} 2>&1"

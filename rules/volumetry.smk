@@ -1,9 +1,9 @@
 # Hippocampal volumetry, the biomarker baseline: per scan, hippocampus labels from an MNI template
 # registered to the scan with ANTs (Harvard-Oxford hippocampi warped along), left/right volumes
 # normalised by intracranial volume, and a logistic regression on them trained, cross-validated and
-# tested on the same split and folds as the networks. Its fit rules write the paths train_model,
-# train_fold and predict_test write, so evaluate_test, evaluate_fold, cv_summary and compare
-# treat a volumetry experiment like any other.
+# tested on the same split and folds as the networks. Its fit and predict rules write the paths
+# train_model, train_fold, predict_test and predict_fold write, so evaluate_test, evaluate_fold,
+# cv_summary and compare treat a volumetry experiment like any other.
 
 
 rule volumetry:
@@ -105,33 +105,22 @@ rule fit_volumetry:
         " --train {input.train:q} --val {input.val:q} {params.flags} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
-rule fit_volumetry_fold:
-    wildcard_constraints:
-        experiment=VOLUMETRY_EXPERIMENTS,
+# One CV fold, fitted like the main model on the fold's manifests: train.csv fits, the inner
+# validation split val.csv is only predicted (volumetry selects nothing on it: C and the features
+# are fixed), and the held-out fold k is predicted by predict_volumetry_fold for the report.
+use rule fit_volumetry as fit_volumetry_fold with:
     input:
-        folds=f"{SPLITS}/cv_folds.csv",
+        train=FOLD_MANIFEST.format(fold="{fold}", role="train"),
+        val=FOLD_MANIFEST.format(fold="{fold}", role="val"),
         volumes=volumetry_volumes,
     output:
         summary=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
         predictions=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/val_predictions.csv",
         model=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/model.joblib",
-    params:
-        flags=volumetry_flags,
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cv/{{experiment}}/fold{{fold}}.tsv"
-    threads: res("volumetry", "threads")
-    resources:
-        mem_mb=res("volumetry", "mem_mb"),
-        runtime=res("volumetry", "runtime"),
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m workflow_scripts.volumetry --threads {threads} fit --volumes {input.volumes:q}"
-        " --folds-csv {input.folds:q} --fold {wildcards.fold} {params.flags} --out-dir {params.out_dir:q}"
-        " > {log:q} 2>&1"
 
 
 rule predict_volumetry_test:
@@ -156,3 +145,20 @@ rule predict_volumetry_test:
         "python -m workflow_scripts.volumetry --threads {threads} predict --model {input.model:q}"
         " --summary {input.summary:q} --volumes {input.volumes:q} --manifest {input.test:q} --output {output:q}"
         " > {log:q} 2>&1"
+
+
+# The fold's model on its held-out fold (subset held_out) or on the test set (subset test); the
+# input named test is whichever of the two is predicted (fold_predicted_manifest, rules/common.smk).
+use rule predict_volumetry_test as predict_volumetry_fold with:
+    wildcard_constraints:
+        experiment=VOLUMETRY_EXPERIMENTS,
+        subset="held_out|test",
+    input:
+        model=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/model.joblib",
+        summary=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/summary.json",
+        test=fold_predicted_manifest,
+        volumes=volumetry_volumes,
+    output:
+        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/{{subset}}_predictions.csv",
+    log:
+        f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_predict_{{subset}}.log",

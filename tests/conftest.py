@@ -101,10 +101,12 @@ def tiny_demo(tmp_path_factory) -> dict:
 
 # The workflow's `all` on a tiny demo collection: 3 mm voxels, 32^3 inputs, two epochs.
 TINY = {
-    "demo": {"n_subjects": 6, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
+    # 4 AD and 4 CN subjects: per class 1 test, 1 val and 2 train subjects, so that each of the 3 CV
+    # folds holds out 1 subject per class and its other folds still have 2 (1 inner validation, 1 training)
+    "demo": {"n_subjects": 8, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
     "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
     "split": {"ratios": [0.34, 0.33, 0.33]},
-    "cv": {"folds": 2},
+    "cv": {"folds": 3},
     "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
                     "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"},
                     # the 2D baseline's recipe on 4 axial slices, from random weights

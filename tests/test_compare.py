@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from workflow_scripts import cli
-from workflow_scripts.compare import (PAIRED_COLUMNS, comparison_table, delong_test, main as compare_main,
-                                      markdown_table, mcnemar_test, paired_predictions)
+from workflow_scripts.compare import (PAIRED_COLUMNS, SUBJECT_PAIRED_COLUMNS, _p_text, comparison_table, delong_test,
+                                      main as compare_main, markdown_table, mcnemar_test, paired_predictions)
 from workflow_scripts.evaluate import METRIC_NAMES, evaluate_predictions
 from conftest import REPO
 
@@ -192,6 +193,52 @@ def test_paired_predictions_names_scans_whose_labels_disagree():
         paired_predictions(main, other, "r3d_main", "frozen")
 
 
+# --- subject level ----------------------------------------------------------------------------
+
+def planted_pair(scans_per_subject: int = 4) -> dict[str, pd.DataFrame]:
+    """12 subjects (alternately CN, AD) with ``scans_per_subject`` near-identical scans each: the main
+    model is wrong on subjects 0-3 and 8, the other model on subject 8 only. On scans that is 4x the
+    evidence of the subjects, which are the independent cases."""
+    rng = np.random.default_rng(7)
+    tables = {"main_model": [], "better": []}
+    for s in range(12):
+        label = s % 2
+        for k in range(scans_per_subject):
+            image_id, subject = f"I{3000 + 10 * s + k}", f"{s:03d}_S_{s:04d}"
+            for name, wrong in (("main_model", s in (0, 1, 2, 3, 8)), ("better", s == 8)):
+                centre = (0.3 + 0.04 * s / 12) if (label == 1) == wrong else (0.7 + 0.04 * s / 12)
+                prob = float(centre + rng.uniform(-0.02, 0.02))
+                tables[name].append({"image_id": image_id, "subject": subject, "label": label, "prob": prob,
+                                     "pred": int(prob >= 0.5)})
+    return {name: pd.DataFrame(rows) for name, rows in tables.items()}
+
+
+def test_subject_level_paired_tests_count_each_subject_once(tmp_path):
+    tables = planted_pair()
+    experiments = {name: (evaluate_predictions(table, n_boot=100, seed=0), table) for name, table in tables.items()}
+    row = comparison_table(experiments, "main_model").iloc[1]
+    # independently: each subject's mean probability, thresholded at 0.5
+    subjects = {name: table.groupby("subject").agg(label=("label", "first"), prob=("prob", "mean"))
+                for name, table in tables.items()}
+    labels = subjects["main_model"]["label"].to_numpy()
+    right = {name: (part["prob"].to_numpy() >= 0.5).astype(int) == labels for name, part in subjects.items()}
+    b, c = int((right["better"] & ~right["main_model"]).sum()), int((~right["better"] & right["main_model"]).sum())
+    assert (b, c) == (4, 0) and (row["subject_mcnemar_b"], row["subject_mcnemar_c"]) == (b, c)
+    assert row["subject_mcnemar_p"] == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue)
+    diff, se, p = brute_force_delong(labels.tolist(), subjects["better"]["prob"].tolist(),
+                                     subjects["main_model"]["prob"].tolist())
+    assert row["subject_delong_auc_diff"] == pytest.approx(diff) and row["subject_delong_p"] == pytest.approx(p)
+    # the same evidence counted once per scan: four times the discordant pairs, far smaller p-values
+    assert (row["mcnemar_b"], row["mcnemar_c"]) == (16, 0)
+    assert row["mcnemar_p"] == pytest.approx(stats.binomtest(16, 16, 0.5).pvalue)
+    assert row["mcnemar_p"] < 0.001 < 0.05 < row["subject_mcnemar_p"]
+    assert row["delong_p"] < row["subject_delong_p"] / 5
+    assert row["delong_auc_diff"] == pytest.approx(row["subject_delong_auc_diff"], abs=0.05)  # same effect
+    markdown = markdown_table(comparison_table(experiments, "main_model"))
+    assert "McNemar p (scans)" in markdown and "McNemar p (subjects)" in markdown
+    assert "| 16/0 | p<0.001 |" in markdown and f"| 4/0 | {_p_text(row['subject_mcnemar_p'])} |" in markdown
+
+
 # --- table and command line ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -206,7 +253,7 @@ def test_comparison_table_lists_main_first_and_copies_the_metrics(three_experime
     table = comparison_table(reordered, "main_model")
     assert table["experiment"].tolist() == ["main_model", "weaker", "same_as_main"]
     assert table["main"].tolist() == [True, False, False]
-    assert table.loc[0, list(PAIRED_COLUMNS)].isna().all()
+    assert table.loc[0, list(PAIRED_COLUMNS + SUBJECT_PAIRED_COLUMNS)].isna().all()
     for i, name in enumerate(table["experiment"]):
         result = reordered[name][0]
         for metric in METRIC_NAMES:
@@ -221,6 +268,7 @@ def test_comparison_table_lists_main_first_and_copies_the_metrics(three_experime
     same = table.iloc[2]
     assert (same["delong_auc_diff"], same["delong_p"], same["mcnemar_b"], same["mcnemar_c"], same["mcnemar_p"]) \
         == (0.0, 1.0, 0, 0, 1.0)
+    assert tuple(same[list(SUBJECT_PAIRED_COLUMNS)]) == (0.0, 1.0, 0, 0, 1.0)
     # the weaker model, against the main one: the row's experiment is A
     weaker, main = reordered["weaker"][1], reordered["main_model"][1]
     labels = main["label"].to_numpy()

@@ -1,5 +1,5 @@
-"""Evaluation metrics, bootstrap intervals, subject-level averaging and the CV summary,
-on tables small enough to check by hand."""
+"""Evaluation metrics, bootstrap intervals and subject-level averaging, on tables small enough to
+check by hand (the CV summary's tests are in test_cv.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from workflow_scripts import cli
-from workflow_scripts.cv_summary import format_metric, main as cv_main, summarise_folds
 from workflow_scripts.evaluate import (METRIC_NAMES, _weighted_metrics, bootstrap_intervals, evaluate_predictions,
                                        group_codes, metrics, read_predictions, resample_weights, subject_level,
                                        validate_predictions)
@@ -247,56 +246,3 @@ def test_evaluate_cli_names_a_bad_file(tmp_path, capsys):
     from workflow_scripts.evaluate import main
     assert cli.run(main, ["--predictions", str(bad), "--out-dir", str(tmp_path / "out")]) == 1
     assert "val_predictions.csv" in capsys.readouterr().err and not (tmp_path / "out").exists()
-
-
-# --- cross-validation summary -----------------------------------------------------------
-
-def fold(accuracy: float, auc: float | None = 0.8) -> dict:
-    block = {name: 0.5 for name in METRIC_NAMES}
-    block.update(accuracy=accuracy, auc=auc)
-    return {"scan": dict(block, ci={}), "subject": dict(block, accuracy=1.0, ci={})}
-
-
-def test_cv_summary_mean_and_sample_std():
-    accuracies = [0.75, 0.80, 0.765]
-    summary = summarise_folds([fold(a) for a in accuracies])
-    assert summary["accuracy"]["mean"] == np.mean(accuracies)
-    assert summary["accuracy"]["std"] == np.std(accuracies, ddof=1)
-    assert summary["accuracy"]["std"] == pytest.approx(0.0256580, abs=1e-7)  # by hand
-    assert summary["accuracy"]["folds"] == accuracies
-    assert summarise_folds([fold(a) for a in accuracies], level="subject")["accuracy"]["mean"] == 1.0
-    assert format_metric("accuracy", summary["accuracy"]) == "accuracy 77.17% ± 2.57"
-    assert format_metric("accuracy", {"mean": 0.7726, "std": 0.0234, "folds": []}) == "accuracy 77.26% ± 2.34"
-    assert set(summary) == set(METRIC_NAMES)
-
-
-def test_cv_summary_leaves_undefined_folds_out():
-    summary = summarise_folds([fold(0.7, auc=0.9), fold(0.8, auc=None), fold(0.9, auc=0.7)])
-    assert summary["auc"]["folds"] == [0.9, None, 0.7]
-    assert summary["auc"]["mean"] == pytest.approx(0.8)
-    assert summary["auc"]["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
-    single = summarise_folds([fold(0.7)])
-    assert single["accuracy"] == {"mean": 0.7, "std": None, "folds": [0.7]}
-
-
-def test_cv_summary_cli(tmp_path, capsys):
-    paths = []
-    for i, accuracy in enumerate([0.75, 0.80, 0.765]):
-        path = tmp_path / f"f{i}" / "metrics.json"
-        path.parent.mkdir()
-        path.write_text(json.dumps(fold(accuracy)))
-        paths.append(str(path))
-    output, table = tmp_path / "cv" / "summary.json", tmp_path / "cv" / "summary.md"
-    cv_main(["--fold-metrics", *paths, "--output", str(output), "--table", str(table)])
-    summary = json.loads(output.read_text())
-    assert summary["accuracy"]["mean"] == pytest.approx(0.771666666)
-    assert "accuracy 77.17% ± 2.57" in capsys.readouterr().out
-    markdown = table.read_text()
-    assert "| f0 | f1 | f2 |" in markdown and "| accuracy | 77.17% ± 2.57 | 75.00 | 80.00 | 76.50 |" in markdown
-
-
-def test_cv_summary_names_a_file_that_is_not_fold_metrics(tmp_path):
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"accuracy": 0.7}))
-    with pytest.raises(cli.PipelineError, match="metrics.json has no 'scan' block"):
-        cv_main(["--fold-metrics", str(path), "--output", str(tmp_path / "summary.json")])

@@ -148,9 +148,9 @@ def test_folds_are_stratified_and_hold_out_the_test_subjects():
     assert sorted(cv["fold"].unique()) == [0, 1, 2]
     for fold in range(3):
         assert set(cv.loc[cv["fold"] == fold, "group"]) == set(CLASSES)
-    for group in CLASSES:  # balanced in scans: fold sizes differ by at most one subject's scans
-        sizes = cv[cv["group"] == group].groupby("fold").size()
-        assert sizes.max() - sizes.min() <= 5
+    for group in CLASSES:  # balanced in subjects: fold sizes differ by at most one subject per class
+        sizes = cv[cv["group"] == group].groupby("fold")["subject"].nunique()
+        assert sizes.max() - sizes.min() <= 1
     assert not set(result.manifests["test"]["subject"]) & set(cv["subject"])
 
 
@@ -310,3 +310,84 @@ def test_a_changed_fold_count_reassigns_folds_but_keeps_partitions(tmp_path):
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(cli.PipelineError, match=message):
         split.make_split(synthetic_scans(20), **kwargs)
+
+
+# ---------------------------------------------------------------- folds by subjects, demographics
+
+def test_new_subjects_fill_the_folds_with_fewest_subjects_even_beside_a_heavy_kept_one():
+    # a kept subject with 10 scans in fold 0: balancing scans would send every new subject to fold 1
+    subjects = pd.DataFrame({"group": ["AD"] * 5 + ["CN"] * 7, "n_scans": [10, 1, 1, 1, 1] + [3, 1, 2, 5, 1, 1, 4]},
+                            index=[f"s{i}" for i in range(12)])
+    folds = split.assign_folds(subjects, 2, placed={"s0": 0})
+    assert folds["s0"] == 0
+    for group in ("AD", "CN"):
+        counts = pd.Series(folds)[subjects.index[subjects["group"] == group]].value_counts()
+        assert counts.reindex([0, 1], fill_value=0).max() - counts.reindex([0, 1], fill_value=0).min() <= 1
+    for seed in range(5):  # and on uneven synthetic tables, over 3 and 4 folds
+        for n_folds in (3, 4):
+            cv = split.make_split(synthetic_scans(50, seed=seed), folds=n_folds).cv_folds
+            per = cv.groupby(["group", "fold"])["subject"].nunique().unstack(fill_value=0)
+            assert ((per.max(axis=1) - per.min(axis=1)) <= 1).all(), per
+
+
+def demographic_scans(n_subjects: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Two scans per subject, the later one with the lower image id and an older age (first-scan check)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_subjects):
+        subject, group = f"{10 + i % 80:03d}_S_{i + 1:04d}", "AD" if i % 2 else "CN"
+        age, sex = int(rng.integers(60, 90)), str(rng.choice(["F", "M"]))
+        rows += [{"image_id": f"I{2000 + i}", "subject": subject, "group": group, "sex": sex, "age": str(age),
+                  "visit": "bl", "acq_date": "2006-05-01"},
+                 {"image_id": f"I{1000 + i}", "subject": subject, "group": group, "sex": sex, "age": str(age + 2),
+                  "visit": "m24", "acq_date": "2008-05-01"}]
+    return pd.DataFrame(rows)
+
+
+def test_the_summary_reports_age_and_sex_per_class_and_partition_with_balance_tests():
+    from scipy import stats
+
+    scans = demographic_scans()
+    result = split.make_split(scans, balance=False)
+    demo = result.summary["demographics"]
+    first = scans[scans["visit"] == "bl"].set_index("subject")
+    where = partition_of(result)
+    ages, sexes = {}, {}
+    for group in CLASSES:
+        for p in split.PARTITIONS:
+            who = [s for s, q in where.items() if q == p and first.at[s, "group"] == group]
+            age = first.loc[who, "age"].astype(float)
+            ages[group, p], sexes[group, p] = age, first.loc[who, "sex"]
+            cell = demo["per_class"][group][p]
+            assert cell["subjects"] == len(who)
+            assert cell["age_mean"] == pytest.approx(age.mean(), abs=0.05)  # the first scan's age, not the later one
+            assert cell["age_sd"] == pytest.approx(age.std(ddof=1), abs=0.05)
+            assert cell["female_pct"] == pytest.approx(100 * (sexes[group, p] == "F").mean(), abs=0.05)
+    for group in CLASSES:
+        kw = stats.kruskal(*[ages[group, p] for p in split.PARTITIONS]).pvalue
+        assert demo["between_partitions"][group]["age"]["p"] == pytest.approx(kw, abs=1e-4)
+    train = [[int((sexes[g, "train"] == x).sum()) for x in "FM"] for g in CLASSES]
+    assert demo["between_classes"]["train"]["sex"] == {"test": "Fisher exact",
+                                                        "p": pytest.approx(stats.fisher_exact(train).pvalue, abs=1e-4)}
+    # val and test hold a few subjects each: the 3 x 2 chi-square has expected counts below 5
+    assert demo["between_partitions"]["AD"]["sex"]["p"] is None
+    assert demo["between_partitions"]["AD"]["sex"]["note"].startswith("not testable: an expected count is below 5")
+    text = split.summary_text(result.summary)
+    cell = demo["per_class"]["AD"]["train"]
+    assert (f"AD train: n {cell['subjects']}, age {cell['age_mean']:.1f} +- {cell['age_sd']:.1f}, "
+            f"{cell['female_pct']:.1f}% female") in text
+    assert "AD, between partitions: age p=" in text and "not testable" in text
+
+
+def test_a_planted_sex_imbalance_shows_and_tiny_cells_are_not_testable():
+    scans = demographic_scans(40)
+    scans["sex"] = np.where(scans["group"] == "AD", "F", "M")  # every AD subject female, every CN male
+    demo = split.make_split(scans, balance=False).summary["demographics"]
+    assert demo["per_class"]["AD"]["train"]["female_pct"] == 100.0
+    assert demo["per_class"]["CN"]["train"]["female_pct"] == 0.0
+    assert demo["between_classes"]["train"]["sex"]["p"] < 1e-6
+    assert demo["between_partitions"]["AD"]["sex"]["note"] == "not testable: every subject has the same sex"
+    one_each = split.demographics(scans, pd.DataFrame({"group": ["AD", "CN"], "partition": ["test", "test"]},
+                                                      index=sorted(scans["subject"].unique())[:2]),
+                                  CLASSES, dict(zip(split.PARTITIONS, split.DEFAULT_RATIOS)))
+    assert one_each["between_classes"]["test"]["age"]["note"].startswith("not testable: fewer than 2 subjects")

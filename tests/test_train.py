@@ -20,8 +20,8 @@ import torch
 from conftest import discard_unless_failed
 from workflow_scripts import cli
 from workflow_scripts.tensor_cache import cache_scan, rescale_intensities
-from workflow_scripts.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, class_weights,
-                                    fit, fold_manifests, load_checkpoint, load_volume, main, predict,
+from workflow_scripts.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, check_no_overlap,
+                                    class_weights, data_record, fit, load_checkpoint, load_volume, main, predict,
                                     resolved_config, restore_rng_states, rng_states, tensor_sources)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,15 +197,6 @@ def test_tensor_sources_order_and_missing_tensor(tiny, tmp_path):
         tensor_sources(table, tmp_path)
 
 
-def test_fold_manifests_hold_out_one_fold(tiny, tmp_path):
-    table = tiny["table"].drop(columns="split").assign(fold=[0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    table.to_csv(tmp_path / "cv_folds.csv", index=False)
-    train, val = fold_manifests(tmp_path / "cv_folds.csv", 1)
-    assert set(val["fold"]) == {1} and len(val) == 3 and len(train) == 7 and 1 not in set(train["fold"])
-    with pytest.raises(cli.PipelineError, match="fold 5"):
-        fold_manifests(tmp_path / "cv_folds.csv", 5)
-
-
 def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     states = rng_states()
     torch.save({"rng": states}, tmp_path / "r.pt")
@@ -326,6 +317,21 @@ def test_predict_refuses_a_manifest_sharing_a_subject_with_training_or_validatio
     assert cli.run(main, args) == 1
     assert "holds 6 subject(s) that model" in (message := capsys.readouterr().err)
     assert "used as training data: tr_S_0000, tr_S_0001" in message and not out.exists()
+
+
+def test_a_cv_fold_model_may_predict_its_held_out_fold_and_the_test_set_but_not_its_own_subjects():
+    """The fold model's record holds its train and inner-validation subjects only; fold k and the test
+    set share none of them, so both pass, while a manifest with one inner-validation subject is refused."""
+    rows = pd.DataFrame({"subject": [f"S{i}" for i in range(8)], "image_id": [f"I{i}" for i in range(8)],
+                         "label": [i % 2 for i in range(8)]})
+    record = data_record({"train": rows.iloc[:4], "val": rows.iloc[4:6]}, {"train": ["a"] * 4, "val": ["b"] * 2})
+    held_out, test = rows.iloc[6:7], rows.iloc[7:8]
+    check_no_overlap(held_out, record, "cv/fold0/best_acc.pt", "cv/fold0/held_out.csv")
+    check_no_overlap(test, record, "cv/fold0/best_acc.pt", "splits/test.csv")
+    with pytest.raises(cli.PipelineError, match=r"model cv/fold0/best_acc.pt used as validation data: S5"):
+        check_no_overlap(pd.concat([held_out, rows.iloc[[5]]]), record, "cv/fold0/best_acc.pt", "x.csv")
+    with pytest.raises(cli.PipelineError, match="records no training and validation subjects"):
+        check_no_overlap(test, None, "old.pt", "splits/test.csv")
 
 
 # ----------------------------------------------------------------------------- resuming only on the same scans

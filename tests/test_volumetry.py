@@ -138,43 +138,90 @@ def test_features_carry_no_signal_gives_chance_auc(tmp_path):
     assert 0.3 < roc_auc_score(table["label"], table["prob"]) < 0.7
 
 
-def test_a_cv_fold_is_fitted_on_the_other_folds_only_and_validates_its_own(tmp_path):
+def test_a_cv_fold_is_fitted_on_its_training_manifest_and_predicts_its_inner_validation_split(tmp_path):
+    from workflow_scripts import split
+
     manifest, volumes = _cohort(30, seed=5, shift=1.0)
     manifest["fold"] = np.arange(len(manifest)) % 3
     manifest.to_csv(tmp_path / "cv_folds.csv", index=False)
+    split.write_fold_manifests(split.cv_fold_manifests(manifest, 3, 0.2, seed=42), tmp_path)
     volumes.to_csv(tmp_path / "volumes.tsv", sep="\t", index=False)
 
     volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--folds-csv", str(tmp_path / "cv_folds.csv"),
                     "--fold", "1", "--features", "left_icv", "right_icv", "--out-dir", str(tmp_path / "fold1")])
 
     summary = json.loads((tmp_path / "fold1" / "summary.json").read_text())
-    others = manifest[manifest["fold"] != 1].merge(volumes, on="image_id")
-    assert summary["splits"]["train"]["scans"] == len(others) == 20
-    # the scaler saw exactly the other folds' scans: its means are theirs
+    train = pd.read_csv(tmp_path / "cv" / "fold1" / "train.csv", dtype=str).merge(volumes, on="image_id")
+    inner = pd.read_csv(tmp_path / "cv" / "fold1" / "val.csv", dtype=str)
+    assert summary["splits"]["train"]["scans"] == len(train) == 20 - len(inner) and len(inner) == 4
+    # the scaler saw exactly the fold's training scans: its means are theirs
     for feature in ("left_icv", "right_icv"):
-        assert summary["scaler"]["mean"][feature] == pytest.approx(others[feature].mean(), rel=1e-12)
+        assert summary["scaler"]["mean"][feature] == pytest.approx(train[feature].mean(), rel=1e-12)
     predicted = pd.read_csv(tmp_path / "fold1" / "val_predictions.csv", dtype={"image_id": str})
-    assert sorted(predicted["image_id"]) == sorted(manifest.loc[manifest["fold"] == 1, "image_id"])
+    assert sorted(predicted["image_id"]) == sorted(inner["image_id"])
+    assert not set(predicted["image_id"]) & set(manifest.loc[manifest["fold"] == 1, "image_id"])
 
 
 def test_test_predictions_come_from_the_saved_model_with_its_own_features(tmp_path):
+    """Validation scans again, under other subjects' names (prediction refuses the model's own subjects)."""
     train, train_volumes = _cohort(20, seed=6)
-    test, test_volumes = _cohort(10, seed=7)
-    volumes = pd.concat([train_volumes, test_volumes], ignore_index=True)
+    val, val_volumes = _cohort(10, seed=7)
+    volumes = pd.concat([train_volumes, val_volumes], ignore_index=True)
     volumes.to_csv(tmp_path / "volumes.tsv", sep="\t", index=False)
     train.to_csv(tmp_path / "train.csv", index=False)
-    test.to_csv(tmp_path / "test.csv", index=False)
+    val.to_csv(tmp_path / "val.csv", index=False)
+    val.assign(subject="test_" + val["subject"]).to_csv(tmp_path / "test.csv", index=False)
     volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--train", str(tmp_path / "train.csv"),
-                    "--val", str(tmp_path / "test.csv"), "--features", "right_icv", "left_mm3",
+                    "--val", str(tmp_path / "val.csv"), "--features", "right_icv", "left_mm3",
                     "--out-dir", str(tmp_path / "model")])
 
     volumetry.main(["predict", "--model", str(tmp_path / "model" / "model.joblib"), "--volumes",
                     str(tmp_path / "volumes.tsv"), "--manifest", str(tmp_path / "test.csv"),
                     "--output", str(tmp_path / "test_predictions.csv")])
 
-    predicted = pd.read_csv(tmp_path / "test_predictions.csv")
-    validated = pd.read_csv(tmp_path / "model" / "val_predictions.csv")
-    pd.testing.assert_frame_equal(predicted, validated)  # same scans, same model: same probabilities
+    predicted = pd.read_csv(tmp_path / "test_predictions.csv", dtype={"subject": str})
+    validated = pd.read_csv(tmp_path / "model" / "val_predictions.csv", dtype={"subject": str})
+    assert (predicted["subject"] == "test_" + validated["subject"]).all()
+    pd.testing.assert_frame_equal(predicted.drop(columns="subject"), validated.drop(columns="subject"))
+
+
+def test_the_summary_records_the_subjects_and_scans_fitted_and_validated_on(tmp_path):
+    train, train_volumes = _cohort(12, seed=10, scans_per_subject=2)
+    val, val_volumes = _cohort(6, seed=11)
+    volumes = pd.concat([train_volumes, val_volumes], ignore_index=True)
+    record = volumetry.fit_run(train, val, volumes, ["left_icv"], tmp_path)["data"]
+    assert record["train"]["subjects"] == sorted(set(train["subject"])) and len(record["train"]["subjects"]) == 12
+    assert [scan["image_id"] for scan in record["val"]["scans"]] == val["image_id"].tolist()
+    assert [scan["label"] for scan in record["train"]["scans"]] == train["label"].tolist()
+    moved = volumes.assign(left_icv=volumes["left_icv"] * 1.01)  # other feature values: another record
+    assert volumetry.fit_run(train, val, moved, ["left_icv"], tmp_path)["data"]["hash"] != record["hash"]
+    assert json.loads((tmp_path / "summary.json").read_text())["data"]["val"]["subjects"] == record["val"]["subjects"]
+
+
+def test_predict_refuses_a_manifest_sharing_a_subject_with_the_fit(tmp_path, capsys):
+    train, train_volumes = _cohort(10, seed=12)
+    val, val_volumes = _cohort(6, seed=13)
+    pd.concat([train_volumes, val_volumes]).to_csv(tmp_path / "volumes.tsv", sep="\t", index=False)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    val.to_csv(tmp_path / "val.csv", index=False)
+    model = tmp_path / "model" / "model.joblib"
+    volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--train", str(tmp_path / "train.csv"),
+                    "--val", str(tmp_path / "val.csv"), "--out-dir", str(model.parent)])
+    leaky = pd.concat([val.assign(subject="test_" + val["subject"]), train.iloc[[3]]])
+    leaky.to_csv(tmp_path / "test.csv", index=False)
+    args = ["predict", "--model", str(model), "--volumes", str(tmp_path / "volumes.tsv"),
+            "--manifest", str(tmp_path / "test.csv"), "--output", str(tmp_path / "out.csv")]
+    assert cli.run(volumetry.main, args) == 1
+    message = capsys.readouterr().err
+    assert f"holds 1 subject(s) that model {model} used as training data: {train['subject'].iloc[3]}" in message
+    assert not (tmp_path / "out.csv").exists()
+    summary = json.loads((model.parent / "summary.json").read_text())
+    del summary["data"]  # a summary written before data records were kept cannot be checked: refused
+    (tmp_path / "old_summary.json").write_text(json.dumps(summary))
+    val.assign(subject="test_" + val["subject"]).to_csv(tmp_path / "test.csv", index=False)
+    assert cli.run(volumetry.main, [*args, "--summary", str(tmp_path / "old_summary.json")]) == 1
+    assert "records no training and validation subjects" in capsys.readouterr().err
+    assert cli.run(volumetry.main, args) == 0 and (tmp_path / "out.csv").is_file()
 
 
 def test_a_scan_without_volumes_stops_the_fit_naming_it_and_the_rule_to_rerun(tmp_path):
@@ -212,10 +259,13 @@ def test_the_volumetry_experiment_is_trained_cross_validated_and_compared_like_t
     folds = pd.read_csv(results / "splits" / "cv_folds.csv", dtype=str)
     for fold, part in folds.groupby("fold"):
         fold_dir = results / "cv" / "hippocampal_volumetry" / f"fold{fold}"
+        manifests = results / "splits" / "cv" / f"fold{fold}"
         fold_summary = json.loads((fold_dir / "summary.json").read_text())
-        assert fold_summary["splits"]["train"]["scans"] == len(folds) - len(part)
-        fold_predictions = pd.read_csv(fold_dir / "val_predictions.csv", dtype=str)
-        assert sorted(fold_predictions["image_id"]) == sorted(part["image_id"])
+        assert fold_summary["splits"]["train"]["scans"] == len(pd.read_csv(manifests / "train.csv"))
+        inner = pd.read_csv(fold_dir / "val_predictions.csv", dtype=str)
+        assert sorted(inner["image_id"]) == sorted(pd.read_csv(manifests / "val.csv", dtype=str)["image_id"])
+        held_out = pd.read_csv(fold_dir / "held_out_predictions.csv", dtype=str)
+        assert sorted(held_out["image_id"]) == sorted(part["image_id"])
     assert (results / "cv" / "hippocampal_volumetry" / "summary.json").is_file()
     comparison = pd.read_csv(results / "comparison.csv")
     assert "hippocampal_volumetry" in comparison["experiment"].tolist()

@@ -22,7 +22,7 @@ PER_SCAN_RULES = {"nifti", "stripped", "resampled", "cropped128", "n4", "ras", "
 def test_every_usable_scan_has_one_file_per_stage(demo_run):
     results = demo_run / "results"
     scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
-    assert len(scans) == 6 and set(scans["group"]) == {"AD", "CN"}
+    assert len(scans) == TINY["demo"]["n_subjects"] and set(scans["group"]) == {"AD", "CN"}
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
         for stage in STAGES:
             assert (results / stage / subject / f"{image_id}.nii.gz").is_file(), (stage, image_id)
@@ -65,9 +65,54 @@ def test_split_train_cv_and_evaluation_outputs(demo_run):
     assert metrics["n_scans"] == len(parts["test"])
     assert 0 <= metrics["scan"]["accuracy"] <= 1 and "ci" in metrics["scan"] and "subject" in metrics
     assert (results / "evaluation" / "r3d_18_kinetics400" / "roc.png").stat().st_size > 5_000
-    cv = json.loads((results / "cv" / "r3d_18_kinetics400" / "summary.json").read_text())
-    assert len(cv["accuracy"]["folds"]) == 2
-    assert cv["accuracy"]["mean"] == pytest.approx(sum(cv["accuracy"]["folds"]) / 2)
+    check_cv_selected_on_inner_validation_and_reported_on_held_out(demo_run, "r3d_18_kinetics400", "best_acc.pt")
+    check_cv_selected_on_inner_validation_and_reported_on_held_out(demo_run, "resnet50_2d", "best_loss.pt")
+
+
+def check_cv_selected_on_inner_validation_and_reported_on_held_out(demo_run, experiment: str, checkpoint: str):
+    """Per fold: val.csv, train.csv and held_out.csv (fold k of cv_folds.csv) share no subject; the run
+    validated, hence early-stopped and chose its checkpoint, on val.csv's scans only; that checkpoint
+    predicted held_out.csv and the test set; evaluate_fold scored held_out.csv's scans; the CV summary
+    keeps the three figures apart."""
+    import json
+
+    results = demo_run / "results"
+    cv_folds = pd.read_csv(results / "splits" / "cv_folds.csv", dtype=str)
+    test = pd.read_csv(results / "splits" / "test.csv", dtype=str)
+    held_out_accuracy, inner_accuracy = [], []
+    for fold in range(TINY["cv"]["folds"]):
+        manifests = {role: pd.read_csv(results / "splits" / "cv" / f"fold{fold}" / f"{role}.csv", dtype=str)
+                     for role in ("train", "val", "held_out")}
+        ids = {role: set(table["image_id"]) for role, table in manifests.items()}
+        assert ids["held_out"] == set(cv_folds.loc[cv_folds["fold"] == str(fold), "image_id"])
+        train, val, held = (set(table["subject"]) for table in manifests.values())
+        assert val and train and not (train & val or train & held or val & held)
+        run = results / "cv" / experiment / f"fold{fold}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["config"]["val"] == f"results/splits/cv/fold{fold}/val.csv"
+        assert summary["config"]["train"] == f"results/splits/cv/fold{fold}/train.csv"
+        assert summary["splits"]["val"]["scans"] == len(ids["val"])
+        assert set(pd.read_csv(run / "val_predictions.csv", dtype=str)["image_id"]) == ids["val"]
+        assert summary["selection"]["checkpoint"] == checkpoint
+        for subset, expected in (("held_out", ids["held_out"]), ("test", set(test["image_id"]))):
+            log = (results / "logs" / "cv" / experiment / f"fold{fold}_predict_{subset}.log").read_text()
+            assert f"fold{fold}/{checkpoint}" in log
+            metrics = json.loads((run / "evaluation" / subset / "metrics.json").read_text())
+            predictions = pd.read_csv(demo_run / metrics["predictions_file"], dtype=str)
+            assert metrics["predictions_file"] == f"results/cv/{experiment}/fold{fold}/{subset}_predictions.csv"
+            assert set(predictions["image_id"]) == expected and metrics["n_scans"] == len(expected)
+        held_out_accuracy.append(
+            json.loads((run / "evaluation" / "held_out" / "metrics.json").read_text())["scan"]["accuracy"])
+        inner_accuracy.append(summary["best"][summary["selection"]["rule"]]["val_accuracy"])
+    cv = json.loads((results / "cv" / experiment / "summary.json").read_text())
+    assert cv["cross_validation"]["scan"]["accuracy"]["folds"] == held_out_accuracy
+    assert cv["cross_validation"]["scan"]["accuracy"]["mean"] == pytest.approx(np.mean(held_out_accuracy))
+    assert cv["inner_validation"]["selection_biased"] is True
+    assert cv["inner_validation"]["scan"]["accuracy"]["folds"] == inner_accuracy
+    assert len(cv["test"]["scan"]["accuracy"]["folds"]) == TINY["cv"]["folds"] and "subject" in cv["test"]
+    words = (results / "cv" / experiment / "summary.md").read_text()
+    assert "Cross-validation figure (report this one)" in words and "selection-biased" in words
+    assert "77.26% ± 2.34" in (results / "report" / experiment / "cv.html").read_text()
 
 
 def test_every_experiment_is_trained_and_compared_with_the_main_one_on_the_same_test_scans(demo_run):

@@ -29,6 +29,24 @@ def limit_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
+def machine_memory_mb() -> int | None:
+    """This machine's memory in MB, or its cgroup's limit where lower (a container, a SLURM allocation);
+    None where neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(cgroup).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number mean no limit
+            limits.append(int(text))
+    return min(limits) // 2**20 if limits else None
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every stage takes."""
     p = argparse.ArgumentParser(description=description)

@@ -2,9 +2,11 @@
 
 Every experiment is evaluated on the same test scans, so the fair question is not whether two
 intervals overlap but whether the two models differ on those very scans: DeLong's test for the
-AUCs and McNemar's test for the accuracies, each experiment against the main model. Both tests
-treat scans as independent cases; with several scans per subject their p-values are optimistic
-(the bootstrap intervals of ``evaluate`` resample subjects instead).
+AUCs and McNemar's test for the accuracies, each experiment against the main model. Each test is
+run twice: on scans, which treats a subject's scans as independent cases, so with several scans
+per subject its p-value is optimistic; and on subjects (each subject's mean probability,
+thresholded as evaluate does: ``evaluate.subject_level``), where the cases are independent people.
+The subject-level columns carry the prefix ``subject_``, like the subject-level metrics.
 """
 from __future__ import annotations
 
@@ -19,19 +21,24 @@ import pandas as pd
 from scipy import stats
 
 from workflow_scripts import cli
-from workflow_scripts.evaluate import METRIC_NAMES, read_predictions, save_figure, validate_predictions
+from workflow_scripts.evaluate import METRIC_NAMES, read_predictions, save_figure, subject_level, validate_predictions
 from workflow_scripts.nifti_io import write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
 SUBJECT_METRICS = ("accuracy", "auc")  # subject-level columns of the table, prefixed "subject_"
-PAIRED_COLUMNS = ("delong_auc_diff", "delong_p", "mcnemar_b", "mcnemar_c", "mcnemar_p")
+PAIRED_COLUMNS = ("delong_auc_diff", "delong_p", "mcnemar_b", "mcnemar_c", "mcnemar_p")  # on scans
+SUBJECT_PAIRED_COLUMNS = tuple(f"subject_{column}" for column in PAIRED_COLUMNS)  # on subjects
 # Panels of the figure, and which paired p-value each one shows (None: no paired test).
 PLOT_METRICS = (("accuracy", "mcnemar_p"), ("balanced_accuracy", None), ("auc", "delong_p"),
-                ("recall", None), ("specificity", None))
-CHANCE_METRICS = ("accuracy", "balanced_accuracy", "auc")
+                ("recall", None), ("specificity", None), ("subject_accuracy", "subject_mcnemar_p"),
+                ("subject_auc", "subject_delong_p"))
+CHANCE_METRICS = ("accuracy", "balanced_accuracy", "auc", "subject_accuracy", "subject_auc")
 LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "AUC",
-          "recall": "sensitivity (recall)", "specificity": "specificity"}
+          "recall": "sensitivity (recall)", "specificity": "specificity", "subject_accuracy": "subject accuracy",
+          "subject_auc": "subject AUC"}
+P_TITLES = {"mcnemar_p": "\n(McNemar vs main, scans)", "delong_p": "\n(DeLong vs main, scans)",
+            "subject_mcnemar_p": "\n(McNemar vs main, subjects)", "subject_delong_p": "\n(DeLong vs main, subjects)"}
 
 
 # --- paired tests -----------------------------------------------------------------------
@@ -167,10 +174,36 @@ def _threshold_preds(probs: pd.Series, threshold: float) -> np.ndarray:
     return (probs.to_numpy(dtype=float) >= threshold).astype(int)
 
 
+def paired_tests(labels: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, pred_a: np.ndarray,
+                 pred_b: np.ndarray, what: str) -> dict:
+    """PAIRED_COLUMNS of A against B on one set of paired cases (scans or subjects); no DeLong test
+    (NaN) when the cases hold one class only."""
+    row = dict.fromkeys(PAIRED_COLUMNS, math.nan)
+    if 0 < labels.sum() < len(labels):
+        delong = delong_test(labels, prob_a, prob_b)
+        row["delong_auc_diff"], row["delong_p"] = delong["auc_diff"], delong["p"]
+    else:
+        LOG.warning("%s: the cases hold one class only; no DeLong test", what)
+    mcnemar = mcnemar_test(labels, pred_a, pred_b)
+    row["mcnemar_b"], row["mcnemar_c"], row["mcnemar_p"] = mcnemar["b"], mcnemar["c"], mcnemar["p"]
+    return row
+
+
+def subject_pairs(pairs: pd.DataFrame, threshold_other: float, threshold_main: float) -> pd.DataFrame:
+    """The paired scans as paired subjects (``evaluate.subject_level`` of each side at its own threshold):
+    columns ``subject, label, prob_main, pred_main, prob_other, pred_other``."""
+    sides = [subject_level(pairs.rename(columns={f"prob_{side}": "prob"})[["subject", "label", "prob"]], threshold)
+             .rename(columns={"prob": f"prob_{side}", "pred": f"pred_{side}"})
+             for side, threshold in (("main", threshold_main), ("other", threshold_other))]
+    return sides[0][["subject", "label", "prob_main", "pred_main"]].merge(
+        sides[1][["subject", "prob_other", "pred_other"]], on="subject", validate="one_to_one")
+
+
 def comparison_table(experiments: dict[str, tuple[dict, pd.DataFrame]], main: str) -> pd.DataFrame:
     """One row per experiment, main first: every scan-level metric with its interval
     (``accuracy``, ``accuracy_lo``, ``accuracy_hi``, ...), subject-level accuracy and AUC with
-    intervals, ``n_scans``, ``n_subjects``, and the paired tests against the main model.
+    intervals, ``n_scans``, ``n_subjects``, and the paired tests against the main model, on scans
+    (PAIRED_COLUMNS) and on subjects (SUBJECT_PAIRED_COLUMNS, each subject's mean probability).
 
     In the paired columns the row's experiment is A and the main model B: ``delong_auc_diff``
     > 0 and ``mcnemar_b`` > ``mcnemar_c`` both mean the row's experiment did better. They are
@@ -200,21 +233,21 @@ def comparison_table(experiments: dict[str, tuple[dict, pd.DataFrame]], main: st
         for metric in SUBJECT_METRICS:
             row[f"subject_{metric}"] = _value(result["subject"].get(metric))
             row[f"subject_{metric}_lo"], row[f"subject_{metric}_hi"] = _interval(result["subject"], metric)
-        row.update(dict.fromkeys(PAIRED_COLUMNS, math.nan))
+        row.update(dict.fromkeys(PAIRED_COLUMNS + SUBJECT_PAIRED_COLUMNS, math.nan))
         if name != main:
             pairs = paired_predictions(main_predictions, table, main, name)
-            labels = pairs["label"].to_numpy()
-            if 0 < labels.sum() < len(labels):
-                delong = delong_test(labels, pairs["prob_other"], pairs["prob_main"])
-                row["delong_auc_diff"], row["delong_p"] = delong["auc_diff"], delong["p"]
-            else:
-                LOG.warning("%s vs %s: the test scans hold one class only; no DeLong test", name, main)
-            mcnemar = mcnemar_test(labels, _threshold_preds(pairs["prob_other"], float(result.get("threshold", 0.5))),
-                                   _threshold_preds(pairs["prob_main"], float(main_metrics.get("threshold", 0.5))))
-            row["mcnemar_b"], row["mcnemar_c"], row["mcnemar_p"] = mcnemar["b"], mcnemar["c"], mcnemar["p"]
+            t_other, t_main = float(result.get("threshold", 0.5)), float(main_metrics.get("threshold", 0.5))
+            row.update(paired_tests(pairs["label"].to_numpy(), pairs["prob_other"].to_numpy(),
+                                    pairs["prob_main"].to_numpy(), _threshold_preds(pairs["prob_other"], t_other),
+                                    _threshold_preds(pairs["prob_main"], t_main), f"{name} vs {main}, scans"))
+            subjects = subject_pairs(pairs, t_other, t_main)
+            tests = paired_tests(subjects["label"].to_numpy(), subjects["prob_other"].to_numpy(),
+                                 subjects["prob_main"].to_numpy(), subjects["pred_other"].to_numpy(),
+                                 subjects["pred_main"].to_numpy(), f"{name} vs {main}, subjects")
+            row.update({f"subject_{key}": value for key, value in tests.items()})
         rows.append(row)
     out = pd.DataFrame(rows)
-    for column in ("mcnemar_b", "mcnemar_c"):
+    for column in ("mcnemar_b", "mcnemar_c", "subject_mcnemar_b", "subject_mcnemar_c"):
         out[column] = out[column].astype("Int64")  # counts, empty for the main row
     return out
 
@@ -230,13 +263,14 @@ def _p_text(p: float) -> str:
 
 def plot_comparison(table: pd.DataFrame, path: str | Path, coverage: float = 95.0) -> Path:
     """Forest plot: one panel per key metric, one line per experiment (main first, highlighted),
-    point and interval; McNemar's p on accuracy and DeLong's p on AUC, each against the main model."""
+    point and interval; McNemar's p on accuracy and DeLong's p on AUC, each against the main model,
+    on scans in the scan-level panels and on subjects in the subject-level ones."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(table)
-    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(3.1 * len(PLOT_METRICS), 1.6 + 0.55 * n),
+    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(2.8 * len(PLOT_METRICS), 1.6 + 0.55 * n),
                              sharey=True, squeeze=False)
     y = np.arange(n)[::-1]  # the first row (main) on top
     is_main = table["main"].astype(bool).to_numpy() if "main" in table else np.arange(n) == 0
@@ -258,9 +292,7 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, coverage: float = 95.
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
         ax.set_xlim(min(0.4, np.nanmin(np.r_[lo, values, 1.0]) - 0.05), 1.02)
         ax.set_ylim(-0.7, n - 0.3)
-        ax.set_title(LABELS.get(metric, metric) + {"mcnemar_p": "\n(McNemar vs main)",
-                                                   "delong_p": "\n(DeLong vs main)"}.get(p_column, "\n"),
-                     fontsize=10)
+        ax.set_title(LABELS.get(metric, metric) + P_TITLES.get(p_column, "\n"), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, [f"{name} (main)" if main else str(name)
                               for name, main in zip(table["experiment"], is_main)])
@@ -268,7 +300,9 @@ def plot_comparison(table: pd.DataFrame, path: str | Path, coverage: float = 95.
         if main:
             label.set_fontweight("bold")
             label.set_color("C3")
-    fig.suptitle(f"Test scans: point estimate and {coverage:g}% bootstrap interval", fontsize=11)
+    fig.suptitle(f"Test set: point estimate and {coverage:g}% bootstrap interval (subjects resampled); paired "
+                 "p-values on scans (optimistic: a subject's scans are not independent) and on subjects",
+                 fontsize=11)
     fig.tight_layout()
     return save_figure(fig, Path(path))
 
@@ -282,21 +316,28 @@ def _cell(row: pd.Series, metric: str) -> str:
     return f"{value:.3f}" + ("" if pd.isna(lo) or pd.isna(hi) else f" ({lo:.3f}-{hi:.3f})")
 
 
+def _paired_cells(row: pd.Series, prefix: str = "") -> list[str]:
+    """AUC difference, DeLong p, McNemar b/c and p of one level (``prefix`` "" for scans, "subject_")."""
+    if pd.isna(row[f"{prefix}mcnemar_p"]):
+        return ["-"] * 4
+    diff = row[f"{prefix}delong_auc_diff"]
+    return ["-" if pd.isna(diff) else f"{diff:+.3f}", _p_text(row[f"{prefix}delong_p"]) or "-",
+            f"{row[f'{prefix}mcnemar_b']}/{row[f'{prefix}mcnemar_c']}", _p_text(row[f"{prefix}mcnemar_p"])]
+
+
 def markdown_table(table: pd.DataFrame, coverage: float = 95.0) -> str:
-    """A Markdown table for the report: key metrics with intervals and the paired tests."""
-    lines = [f"| experiment | scans | accuracy ({coverage:g}% CI) | balanced accuracy | AUC | subject accuracy | "
-             "subject AUC | AUC diff vs main | DeLong p | McNemar b/c | McNemar p |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table for the report: key metrics with intervals and the paired tests, on scans and on
+    subjects (each subject's mean probability)."""
+    lines = [f"| experiment | scans | subjects | accuracy ({coverage:g}% CI) | balanced accuracy | AUC | "
+             "subject accuracy | subject AUC | AUC diff vs main (scans) | DeLong p (scans) | McNemar b/c (scans) | "
+             "McNemar p (scans) | AUC diff vs main (subjects) | DeLong p (subjects) | McNemar b/c (subjects) | "
+             "McNemar p (subjects) |",
+             "|" + "---|" * 16]
     for _, row in table.iterrows():
-        paired = ["-"] * 4
-        if not pd.isna(row["mcnemar_p"]):
-            diff = "-" if pd.isna(row["delong_auc_diff"]) else f"{row['delong_auc_diff']:+.3f}"
-            paired = [diff, _p_text(row["delong_p"]) or "-", f"{row['mcnemar_b']}/{row['mcnemar_c']}",
-                      _p_text(row["mcnemar_p"])]
         name = f"**{row['experiment']}** (main)" if row["main"] else str(row["experiment"])
-        cells = [name, str(row["n_scans"])] + [_cell(row, m) for m in ("accuracy", "balanced_accuracy", "auc",
-                                                                      "subject_accuracy", "subject_auc")] + paired
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [name, str(row["n_scans"]), str(row["n_subjects"])] + [
+            _cell(row, m) for m in ("accuracy", "balanced_accuracy", "auc", "subject_accuracy", "subject_auc")]
+        lines.append("| " + " | ".join(cells + _paired_cells(row) + _paired_cells(row, "subject_")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,9 +385,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if row["main"]:
             LOG.info("%s (main): accuracy %.3f, AUC %.3f", row["experiment"], row["accuracy"], row["auc"])
         else:
-            LOG.info("%s: accuracy %.3f (McNemar b=%s c=%s, %s), AUC %.3f (diff %+.3f, DeLong %s)",
-                     row["experiment"], row["accuracy"], row["mcnemar_b"], row["mcnemar_c"],
-                     _p_text(row["mcnemar_p"]), row["auc"], row["delong_auc_diff"], _p_text(row["delong_p"]))
+            LOG.info("%s: accuracy %.3f (McNemar b=%s c=%s, %s; on subjects b=%s c=%s, %s), AUC %.3f (diff %+.3f, "
+                     "DeLong %s; on subjects diff %+.3f, %s)", row["experiment"], row["accuracy"], row["mcnemar_b"],
+                     row["mcnemar_c"], _p_text(row["mcnemar_p"]), row["subject_mcnemar_b"], row["subject_mcnemar_c"],
+                     _p_text(row["subject_mcnemar_p"]), row["auc"], row["delong_auc_diff"], _p_text(row["delong_p"]),
+                     row["subject_delong_auc_diff"], _p_text(row["subject_delong_p"]))
     LOG.info("wrote %s and %s", args.csv, args.figure)
 
 

@@ -855,6 +855,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n-mci", type=int, default=1, help="MCI subjects (one visit each), a distractor")
     p.add_argument("--no-distractors", action="store_true", help="no localizer and no duplicated series")
     p.add_argument("--csv-name", default="collection.csv", help="collection CSV file name inside --root")
+    p.add_argument("--faults", nargs="*", default=[], help="broken series to plant (see workflow_scripts/demo_faults.py)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     options = dict(n_subjects=args.n_subjects, seed=args.seed, phase=args.phase, visits=args.visits,
@@ -871,6 +872,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"demo {args.phase}: {len(rows)} images of {rows['Subject'].nunique()} subjects "
           f"({', '.join(f'{n} {g}' for g, n in sorted(groups.items()))}) added to {Path(args.root) / args.csv_name} "
           f"in {time.perf_counter() - started:.1f} s")
+    if args.faults:
+        from workflow_scripts.demo_faults import plant_faults
+
+        planted = plant_faults(Path(args.root), Path(args.root) / args.csv_name, args.faults, args.seed)
+        print(f"planted faults, with the outcome ingest must give:\n{planted.to_string(index=False)}")
 
 
 if __name__ == "__main__":

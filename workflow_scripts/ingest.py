@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from workflow_scripts import cli
+from workflow_scripts import cli, labels
 from workflow_scripts.nifti_io import write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -209,12 +209,15 @@ def pixel_data_problem(ds, path: Path) -> tuple[str, str] | None:
         try:
             sizes = [len(f) for f in generate_frames(ds.PixelData, number_of_frames=frames)]
         except Exception as err:  # pydicom raises ValueError/struct errors on broken item tags
-            return ("truncated_pixel_data", f"{path}: the compressed pixel data does not parse "
-                                            f"({type(err).__name__}: {err}); download the image again")
-        if len(sizes) != frames or not all(sizes):
-            return ("truncated_pixel_data", f"{path}: the compressed pixel data holds {len(sizes)} frame(s) "
-                                            f"({sum(1 for s in sizes if not s)} empty), the header says "
-                                            f"{frames}; download the image again")
+            return ("bad_pixel_data", f"{path}: the compressed pixel data does not parse "
+                                      f"({type(err).__name__}: {err}); download the image again")
+        if len(sizes) < frames:
+            return ("truncated_pixel_data", f"{path}: the compressed pixel data holds {len(sizes)} frame(s), "
+                                            f"the header says {frames}; download the image again")
+        if len(sizes) > frames or not all(sizes):
+            return ("bad_pixel_data", f"{path}: the compressed pixel data holds {len(sizes)} frame(s) "
+                                      f"({sizes.count(0)} empty), the header says {frames}; download the "
+                                      f"image again")
         return None
     try:
         expected = get_expected_length(ds, unit="bytes")
@@ -228,8 +231,8 @@ def pixel_data_problem(ds, path: Path) -> tuple[str, str] | None:
         return ("truncated_pixel_data", f"{path}: pixel data has {actual} bytes where the header declares "
                                         f"{shape}; the file is cut short, download the image again")
     if actual > expected + expected % 2:
-        return ("pixel_data_mismatch", f"{path}: pixel data has {actual} bytes, more than the header declares "
-                                       f"({shape}); the file is damaged, download the image again")
+        return ("bad_pixel_data", f"{path}: pixel data has {actual} bytes, more than the header declares "
+                                  f"({shape}); the file is damaged, download the image again")
     return None
 
 
@@ -346,18 +349,40 @@ def check_series(folder: Path) -> SeriesCheck:
     return SeriesCheck(True, n_slices=n_slices, extent_mm=extent, **info)
 
 
-def _cached_check(folder: Path, cache: dict) -> SeriesCheck:
-    """Reading every file is the slow part of ingest: re-check only series that changed, and never
-    trust a verdict of another version of the checks."""
-    key = str(folder)
-    fingerprint = _series_fingerprint(folder)
-    hit = cache.get(key)
+def _cache_hit(folder: Path, cache: dict, fingerprint: str) -> SeriesCheck | None:
+    """The cached verdict of an unchanged series checked by this version of the checks, else None."""
+    hit = cache.get(str(folder))
     if hit and hit.get("version") == CHECK_VERSION and hit.get("fingerprint") == fingerprint:
         record = dict(hit["check"])
         return SeriesCheck(**{**record, "extent_mm": tuple(record.get("extent_mm", ()))})
-    result = check_series(folder)
-    cache[key] = {"version": CHECK_VERSION, "fingerprint": fingerprint, "check": asdict(result)}
+    return None
+
+
+def _cached_check(folder: Path, cache: dict) -> SeriesCheck:
+    """Reading every file is the slow part of ingest: re-check only series that changed, and never
+    trust a verdict of another version of the checks."""
+    fingerprint = _series_fingerprint(folder)
+    result = _cache_hit(folder, cache, fingerprint)
+    if result is None:
+        result = check_series(folder)
+        cache[str(folder)] = {"version": CHECK_VERSION, "fingerprint": fingerprint, "check": asdict(result)}
     return result
+
+
+def prefetch_checks(folders: Iterable[Path], cache: dict, workers: int) -> None:
+    """Check the series the cache lacks with ``workers`` processes (1: none, each is checked when met)."""
+    if workers <= 1:
+        return
+    stale = [(f, fp) for f in dict.fromkeys(folders)
+             if _cache_hit(f, cache, fp := _series_fingerprint(f)) is None]
+    if len(stale) < 2:
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(check_series, [f for f, _ in stale], chunksize=max(1, len(stale) // (8 * workers)))
+        for (folder, fingerprint), result in zip(stale, results):
+            cache[str(folder)] = {"version": CHECK_VERSION, "fingerprint": fingerprint, "check": asdict(result)}
 
 
 def ambiguous_copies(folders: Sequence[Path], cache: dict) -> str:
@@ -393,11 +418,14 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
                  descriptions: Iterable[str], types: Iterable[str] = ("Original",),
                  phase_ranges: Sequence[Sequence] = DEFAULT_PHASE_RID_RANGES,
                  min_slice_share: float | None = None, min_extent_mm: float | None = None,
-                 check_cache: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 check_cache: dict | None = None, workers: int = 1,
+                 label_policy: labels.LabelPolicy | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split the collection into usable scans and excluded scans (first applicable reason).
 
     ``min_slice_share`` and ``min_extent_mm`` are data.min_slice_share and data.min_extent_mm
-    (the command line always passes them); None leaves that check out.
+    (the command line always passes them); None leaves that check out. ``workers`` processes
+    read the series (the job's threads). ``label_policy`` (data.label_policy; None:
+    collection_group) gives each row its class, see labels.py.
     """
     adni_root = Path(adni_root).resolve()
     classes = [str(c) for c in classes]
@@ -405,9 +433,10 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
     accepted_types = {t.lower() for t in types}
     cache = {} if check_cache is None else check_cache
     collection = collection.assign(Group=[canonical_group(g, classes) for g in collection["Group"]])
-    groups_by_subject = collection.groupby("Subject")["Group"].agg(lambda g: sorted(set(g) - {""}))
+    verdicts = labels.label_scans(collection, label_policy or labels.LabelPolicy(), classes[0])
+    collection = collection.assign(Group=verdicts["group"].where(verdicts["reason_code"] == "", collection["Group"]))
 
-    scans, excluded, checked = [], [], []
+    scans, excluded, on_disk, checked = [], [], [], []
     seen_ids: dict[str, int] = {}
     seen_series: dict[str, str] = {}
 
@@ -416,7 +445,7 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
                          "group": row["Group"], "visit": row["Visit"], "description": row["Description"],
                          "reason_code": code, "reason": reason})
 
-    # Per row: the CSV's own reasons, then the series on disk read completely.
+    # Per row: the CSV's own reasons, and whether the image is on disk.
     for index, row in collection.iterrows():
         image_id, subject, group = row["Image Data ID"], row["Subject"], row["Group"]
         if image_id in seen_ids:
@@ -434,13 +463,18 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
         elif group not in classes:
             exclude(index, row, "group_not_in_classes",
                     f"group '{group}' is not one of the configured classes ({', '.join(classes)})")
-        elif len(groups_by_subject[subject]) > 1:
-            exclude(index, row, "conflicting_group", f"subject {subject} has conflicting group labels in the "
-                                                     f"collection CSV ({', '.join(groups_by_subject[subject])})")
+        elif verdicts.at[index, "reason_code"]:  # the label policy's: converter, missing or unstable diagnosis
+            exclude(index, row, verdicts.at[index, "reason_code"], verdicts.at[index, "reason"])
         elif not (folders := find_image_dirs(adni_root, subject, image_id)):
             exclude(index, row, "missing_on_disk", f"missing on disk: no folder ADNI/{subject}/*/*/{image_id} "
                                                    f"under {adni_root}")
-        elif ambiguity := ambiguous_copies(folders, cache):
+        else:
+            on_disk.append((index, row, folders))
+
+    # Per series: every file read completely (by ``workers`` processes at once when more than 1).
+    prefetch_checks((folder for *_, folders in on_disk for folder in folders), cache, workers)
+    for index, row, folders in on_disk:
+        if ambiguity := ambiguous_copies(folders, cache):
             exclude(index, row, "ambiguous_image_id", ambiguity)
         elif not (check := _cached_check(folders[0], cache)).ok:
             exclude(index, row, check.code or "not_a_volume", check.reason)
@@ -511,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--min-extent-mm", type=float, required=True,
                    help="data.min_extent_mm: least field of view along every axis")
     p.add_argument("--check-cache", help="JSON file caching per-series checks between runs")
+    p.add_argument("--label-policy", choices=labels.POLICIES, default=labels.DEFAULT_POLICY,
+                   help="data.label_policy: how each scan gets its class (see workflow_scripts/labels.py)")
+    p.add_argument("--diagnosis-table", help="data.diagnosis_table: a local ADNIMERGE or DXSUM CSV")
+    p.add_argument("--visit-aliases", default=json.dumps(labels.DEFAULT_VISIT_ALIASES),
+                   help="data.visit_aliases: JSON list of [visit code, the code it is matched as]")
     p.add_argument("--scans", required=True)
     p.add_argument("--excluded", required=True)
     args = p.parse_args(argv)
@@ -523,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     scans, excluded = build_tables(read_collection_csv(args.collection_csv), args.adni_root,
                                    classes=args.classes, descriptions=args.descriptions, types=args.types,
                                    phase_ranges=json.loads(args.phase_ranges), min_slice_share=args.min_slice_share,
-                                   min_extent_mm=args.min_extent_mm, check_cache=cache)
+                                   min_extent_mm=args.min_extent_mm, check_cache=cache, workers=args.threads,
+                                   label_policy=labels.LabelPolicy(args.label_policy, args.diagnosis_table,
+                                                                   json.loads(args.visit_aliases)))
     if cache_path:
         write_text_atomic(json.dumps(cache), cache_path)
     write_text_atomic(excluded.to_csv(sep="\t", index=False), args.excluded)

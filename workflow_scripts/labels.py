@@ -72,7 +72,8 @@ class LabelPolicy:
     """The label settings of one run (``data.label_policy``, ``data.diagnosis_table``, ``data.visit_aliases``)."""
     policy: str = DEFAULT_POLICY
     diagnosis_table: str | None = None
-    visit_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_VISIT_ALIASES))
+    visit_aliases: Mapping[str, str] | Sequence[Sequence[str]] = field(
+        default_factory=lambda: dict(DEFAULT_VISIT_ALIASES))  # or [code, matched as] pairs, as in config.yaml
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -186,19 +187,19 @@ def read_diagnosis_table(path: str | Path, visit_aliases: Mapping[str, str] | No
         cells = raw[columns[column]]
         if column == "DX_BL":
             cells = cells.where(rows["visit"] == "bl", "")
-        unknown: set[str] = set()
+        unknown: dict[str, str] = {}
 
         def parse(text: str, column: str = column) -> str | None:
             try:
                 return diagnosis_name(text, "DX" if column == "DX_BL" else column)
-            except ValueError:
-                unknown.add(str(text))
+            except ValueError as err:
+                unknown[str(text)] = str(err)
                 return None
         parsed = cells.map(parse)
         if unknown:
-            raise cli.PipelineError(f"{path} column {columns[column]} has value(s) {', '.join(sorted(unknown)[:10])} "
-                                    f"that are not ADNI diagnoses; fix the table or see the diagnosis codes in "
-                                    f"workflow_scripts/labels.py")
+            raise cli.PipelineError(f"{path} column {columns[column]}: {'; '.join(list(unknown.values())[:5])}; "
+                                    f"fix the table, or point data.diagnosis_table at ADNIMERGE or DXSUM as "
+                                    f"downloaded from IDA")
         diagnosis = diagnosis.where(diagnosis.notna(), parsed)
     rows["diagnosis"] = diagnosis
     rows = rows[rows["diagnosis"].notna() & (rows["key"] != "") & (rows["visit"] != "")]
@@ -304,6 +305,19 @@ def _group_change_reason(subject: str, pairs: Sequence[tuple[str, str]], policy:
 
 
 # ---------------------------------------------------------------- what the split reports
+
+def read_excluded(path: str | Path) -> pd.DataFrame:
+    """Ingest's excluded.tsv, as text; fails naming the file if it lacks subject or reason_code."""
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as err:
+        raise cli.PipelineError(f"cannot read the excluded table {path}: {err}; it is written by ingest "
+                                f"(results/excluded.tsv)") from err
+    missing = [c for c in ("subject", "reason_code") if c not in table.columns]
+    if missing:
+        raise cli.PipelineError(f"{path} is not ingest's excluded table: missing column(s) {', '.join(missing)}")
+    return table
+
 
 def dropped_by_partition(excluded: pd.DataFrame | None, placed: Mapping[str, str], present: set[str]) -> dict:
     """Scans and subjects the label policy excluded, counted under the partition each subject had.

@@ -47,8 +47,8 @@ def intensity_summary(values: np.ndarray, prefix: str) -> dict[str, float | None
     if values.size == 0:
         return {f"{prefix}_{k}": None for k in ("median", "iqr", "p01", "p99")}
     p01, q1, median, q3, p99 = np.percentile(values, [1, 25, 50, 75, 99])
-    return {f"{prefix}_median": _finite(median), f"{prefix}_iqr": _finite(q3 - q1),
-            f"{prefix}_p01": _finite(p01), f"{prefix}_p99": _finite(p99)}
+    return {f"{prefix}_{name}": _finite(round(float(value), 4))
+            for name, value in (("median", median), ("iqr", q3 - q1), ("p01", p01), ("p99", p99))}
 
 
 def air_mask(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def snr_dietrich(brain_values: np.ndarray, air_values: np.ndarray) -> float | No
     if brain_values.size == 0 or air_values.size < 2:
         return None
     sd = float(np.std(air_values, ddof=1))
-    return _finite(DIETRICH_FACTOR * float(np.mean(brain_values)) / sd) if sd > 0 else None
+    return _finite(round(DIETRICH_FACTOR * float(np.mean(brain_values)) / sd, 3)) if sd > 0 else None
 
 
 def wm_gm_contrast(brain_values: np.ndarray) -> float | None:
@@ -92,7 +92,7 @@ def wm_gm_contrast(brain_values: np.ndarray) -> float | None:
     if grey.size == 0 or white.size == 0:
         return None
     gm, wm = float(np.median(grey)), float(np.median(white))
-    return _finite((wm - gm) / (wm + gm)) if wm + gm != 0 else None
+    return _finite(round((wm - gm) / (wm + gm), 4)) if wm + gm != 0 else None
 
 
 def geometry_metrics(img: nib.Nifti1Image) -> dict[str, float | int]:
@@ -198,8 +198,9 @@ def qc_table(records: Sequence[Mapping[str, Any]], *, outlier_metrics: Sequence[
     return table.sort_values(list(ID_COLUMNS), kind="stable").reset_index(drop=True)
 
 
-def _bound_text(value: float, low: float | None, high: float | None) -> str | None:
-    """Why ``value`` lies outside [low, high] (None when inside)."""
+def bound_violation(value: float, low: float | None, high: float | None) -> str | None:
+    """Why ``value`` lies outside [low, high] (None when inside); the one bound check of QC and of the
+    skull-strip stage's brain-volume guard."""
     if low is not None and value < low:
         return f"{value:g} < {low:g} (minimum)"
     if high is not None and value > high:
@@ -228,7 +229,7 @@ def qc_drops(table: pd.DataFrame, thresholds: Mapping[str, Sequence[float | None
         failures = []
         for metric, (low, high) in thresholds.items():
             value = pd.to_numeric(scan[metric], errors="coerce")
-            why = None if pd.isna(value) else _bound_text(float(value), low, high)
+            why = None if pd.isna(value) else bound_violation(float(value), low, high)
             if why:
                 failures.append((f"qc_{metric}", f"{metric} {why}"))
         if drop_outliers:
@@ -278,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def work() -> None:
         record = scan_metrics(args.nifti, args.mask, args.ras, args.ras_mask, args.subject, args.image_id)
         write_text_atomic(json.dumps(record, indent=2) + "\n", args.output)
-        LOG.info("wrote %s: brain %.0f mL, %.1f%% of the FOV, SNR %s", args.output, record["brain_volume_ml"],
-                 100 * record["brain_fov_share"], record["snr"])
+        LOG.info("wrote %s: brain %.0f mL, %.1f%% of the FOV, SNR %s, WM/GM contrast %s", args.output,
+                 record["brain_volume_ml"], 100 * record["brain_fov_share"], record["snr"], record["wm_gm_contrast"])
 
     # A scan dropped at a stage has no images to measure: its failure record is passed on.
     run_stage("qc_metrics", [args.nifti, args.mask, args.ras, args.ras_mask], [args.output], work)

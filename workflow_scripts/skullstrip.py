@@ -24,6 +24,7 @@ import numpy as np
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
+from workflow_scripts.qc_metrics import bound_violation
 from workflow_scripts.scan_failure import ScanDataError, run_stage
 
 LOG = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def brain_volume_ml(mask: np.ndarray, img: nib.Nifti1Image) -> float:
 
 
 def check_mask(mask: np.ndarray, img: nib.Nifti1Image, method: str,
-               volume_bounds_ml: Sequence[float] | None = None) -> float:
+               volume_bounds_ml: Sequence[float | None] | None = None) -> float:
     """The mask's volume in mL; an empty mask, or one outside the plausible volume of a human brain, is the
     scan's failure (a series that is not a head, or a failed stripping), not a bug."""
     if mask.shape != img.shape[:3]:
@@ -149,12 +150,11 @@ def check_mask(mask: np.ndarray, img: nib.Nifti1Image, method: str,
     if not mask.any():
         raise ScanDataError("empty_brain_mask", f"{method} found no brain in the image (empty mask)")
     volume = brain_volume_ml(mask, img)
-    if volume_bounds_ml is not None:
-        low, high = volume_bounds_ml
-        if not low <= volume <= high:
-            raise ScanDataError("implausible_brain_mask",
-                                f"{method}'s brain mask is {volume:.0f} mL, outside the plausible {low:g}-{high:g} mL "
-                                f"(preprocess.skullstrip.brain_volume_ml): not a head, or a failed stripping")
+    violation = bound_violation(volume, *volume_bounds_ml) if volume_bounds_ml is not None else None
+    if violation:
+        raise ScanDataError("implausible_brain_mask",
+                            f"{method}'s brain mask is {violation} mL (qc.thresholds.brain_volume_ml): not a head, "
+                            f"or a failed stripping")
     return volume
 
 
@@ -186,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--deepbet-threshold", type=float, default=0.5)
     p.add_argument("--deepbet-dilate", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
-    p.add_argument("--brain-volume-ml", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="a mask outside this volume drops the scan (implausible_brain_mask)")
+    p.add_argument("--brain-volume-ml", type=json.loads, metavar="[MIN, MAX]",
+                   help="JSON [min, max] (null: no bound): a mask outside drops the scan (implausible_brain_mask)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     run_stage("stripped", [args.input], [args.output, args.mask, args.sidecar], lambda: strip_scan(args))

@@ -404,10 +404,89 @@ def make_split(scans: pd.DataFrame, *, classes: Sequence[str] = DEFAULT_CLASSES,
 
 # ---------------------------------------------------------------- summary
 
+MIN_AGES_PER_GROUP = 2  # Kruskal-Wallis needs at least two ages in each group compared
+MIN_EXPECTED_COUNT = 5  # Cochran's rule: below it the chi-square approximation does not hold
+
+
+def age_test(ages: Mapping[str, pd.Series]) -> dict:
+    """Kruskal-Wallis test of equal age distributions across groups; 'not testable' says why."""
+    from scipy import stats
+
+    result = {"test": "Kruskal-Wallis", "p": None}
+    small = [name for name, values in ages.items() if len(values) < MIN_AGES_PER_GROUP]
+    if len(ages) < 2 or small:
+        return result | {"note": "not testable: fewer than 2 subjects with an age in " + ", ".join(small or ages)}
+    try:
+        result["p"] = round(float(stats.kruskal(*[v.to_numpy(float) for v in ages.values()]).pvalue), 4)
+    except ValueError:  # every age identical
+        return result | {"note": "not testable: every age is the same"}
+    return result
+
+
+def sex_test(counts: Mapping[str, tuple[int, int]]) -> dict:
+    """Fisher exact (2 groups) or chi-square (more) test of equal sex ratios; 'not testable' says why."""
+    import numpy as np
+    from scipy import stats
+
+    observed = np.array([list(c) for c in counts.values()], dtype=int).reshape(-1, 2)
+    test = "Fisher exact" if len(observed) == 2 else "chi-square"
+    empty = [name for name, c in counts.items() if sum(c) == 0]
+    if len(observed) < 2 or empty:
+        return {"test": test, "p": None, "note": "not testable: no subject with a sex in " + ", ".join(empty or counts)}
+    if (observed.sum(axis=0) == 0).any():
+        return {"test": test, "p": None, "note": "not testable: every subject has the same sex"}
+    if test == "Fisher exact":
+        return {"test": test, "p": round(float(stats.fisher_exact(observed).pvalue), 4)}
+    chi = stats.chi2_contingency(observed)
+    if chi.expected_freq.min() < MIN_EXPECTED_COUNT:
+        return {"test": test, "p": None,
+                "note": f"not testable: an expected count is below {MIN_EXPECTED_COUNT} ({chi.expected_freq.min():.1f})"}
+    return {"test": test, "p": round(float(chi.pvalue), 4)}
+
+
+def demographics(table: pd.DataFrame, chosen: pd.DataFrame, classes: Sequence[str],
+                 ratios: Mapping[str, float]) -> dict:
+    """Age and sex per class and partition (each subject at its first scan), and their balance tests.
+
+    Between partitions within a class, and between the classes within a partition, as ClinicaDL's
+    split checks age (t-test) and sex (chi-square); partitions with a zero ratio are left out.
+    """
+    if not {"age", "sex"} <= set(table.columns):
+        return {"available": False, "note": "the scans table has no age and sex columns"}
+    first = first_scans(table)
+    age = pd.to_numeric(first["age"], errors="coerce")
+    sex = first["sex"].astype(str).str.strip().str.upper().str[:1]
+    used = [p for p in PARTITIONS if ratios[p] > 0]
+    cells: dict = {}
+    ages: dict = {}
+    sexes: dict = {}
+    for group in classes:
+        cells[group] = {}
+        for p in PARTITIONS:
+            who = chosen.index[(chosen["group"] == group) & (chosen["partition"] == p)]
+            a = age.reindex(who).dropna()
+            f, m = int((sex.reindex(who) == "F").sum()), int((sex.reindex(who) == "M").sum())
+            ages[group, p], sexes[group, p] = a, (f, m)
+            cells[group][p] = {"subjects": int(len(who)), "age_n": int(len(a)),
+                               "age_mean": round(float(a.mean()), 1) if len(a) else None,
+                               "age_sd": round(float(a.std(ddof=1)), 1) if len(a) > 1 else None,
+                               "sex_n": f + m, "female_pct": round(100 * f / (f + m), 1) if f + m else None}
+    between_partitions = {g: {"age": age_test({p: ages[g, p] for p in used}),
+                              "sex": sex_test({p: sexes[g, p] for p in used})} for g in classes}
+    between_classes = {p: {"age": age_test({g: ages[g, p] for g in classes}),
+                           "sex": sex_test({g: sexes[g, p] for g in classes})} for p in used}
+    return {"available": True, "per_class": cells, "between_partitions": between_partitions,
+            "between_classes": between_classes,
+            "method": "each subject at its first scan; age: Kruskal-Wallis; sex: Fisher exact for two groups, "
+                      f"chi-square for more (not testable when an expected count is below {MIN_EXPECTED_COUNT})"}
+
+
 def build_summary(table: pd.DataFrame, chosen: pd.DataFrame, targets: Mapping[str, Mapping[str, int]],
                   fold_of: Mapping[str, int], *, classes: Sequence[str], ratios: Mapping[str, float],
-                  folds: int, seed: int, balance_info: dict, input_info: dict, ledger_info: dict) -> dict:
-    """Per class and partition: target and actual scans, subjects; per fold: scans and subjects per class."""
+                  folds: int, seed: int, balance_info: dict, input_info: dict, ledger_info: dict,
+                  label_info: dict | None = None) -> dict:
+    """Per class and partition: target and actual scans, subjects, age and sex; per fold: scans and subjects
+    per class; what the label policy dropped, per partition the ledger had the subject in."""
     partitions: dict = {}
     warnings: list[str] = []
     for group in classes:
@@ -427,11 +506,16 @@ def build_summary(table: pd.DataFrame, chosen: pd.DataFrame, targets: Mapping[st
             fold_table[str(fold)][group] = {"scans": int(members["n_scans"].sum()), "subjects": int(len(members))}
             if members.empty:
                 warnings.append(f"CV fold {fold} has no {group} subject in its validation set")
+    scan_labels = {p: {g: int(((table["subject"].map(chosen["partition"]) == p) & (table["group"] == g)).sum())
+                       for g in classes} for p in PARTITIONS}
     return {
         "classes": list(classes), "positive_class": classes[0], "labels": {classes[0]: 1, classes[1]: 0},
         "ratios": dict(ratios), "folds": int(folds), "seed": int(seed),
         "scans": int(len(table)), "subjects": int(table["subject"].nunique()),
-        "balance": balance_info, "partitions": partitions, "cv_folds": fold_table,
+        "balance": balance_info, "partitions": partitions, "scan_labels": scan_labels, "cv_folds": fold_table,
+        "demographics": demographics(table, chosen, classes, ratios),
+        "label_policy": label_info or {"policy": input_info.get("label_policy", labels.DEFAULT_POLICY),
+                                       "dropped": labels.dropped_by_partition(None, {}, set())},
         "ledger": ledger_info, "input": input_info, "warnings": warnings,
     }
 
@@ -458,6 +542,7 @@ def summary_text(summary: dict) -> str:
             row = summary["partitions"][group][p]
             lines.append(f"{group} {p}: target {row['target_scans']} scans, actual {row['scans']} scans "
                          f"from {row['subjects']} subjects")
+    lines += label_policy_lines(summary) + demographics_lines(summary)
     lines.append(f"Cross-validation: {summary['folds']} folds over train+val (test held out); validation sets:")
     for fold, per_class in summary["cv_folds"].items():
         lines.append(f"fold {fold}: " + ", ".join(f"{g} {v['scans']} scans from {v['subjects']} subjects"
@@ -474,12 +559,60 @@ def summary_text(summary: dict) -> str:
         lines.append("Ledger: not used (first run or split.stable off); every subject dealt afresh")
     info = summary["input"]
     if info["mixed_class_subjects"]:
-        lines.append("Left out, scans of both classes: " + ", ".join(info["mixed_class_subjects"]))
+        lines.append("Subjects with scans of both classes (converters; each in one partition, counted above under "
+                     "its first visit's label): " + ", ".join(info["mixed_class_subjects"]))
     if info["ignored_groups"]:
         ignored = ", ".join(f"{g} {n}" for g, n in info["ignored_groups"].items())
         lines.append(f"Scans of other groups ignored: {ignored}")
     lines += [f"WARNING: {w}" for w in summary["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def label_policy_lines(summary: dict) -> list[str]:
+    """The label policy, the scans per label, and what the policy dropped per partition the subject had."""
+    policy = summary.get("label_policy", {})
+    lines = [f"Label policy: {policy.get('policy', labels.DEFAULT_POLICY)}; scans per label: "
+             + "; ".join(f"{p} " + ", ".join(f"{g} {n}" for g, n in per.items())
+                         for p, per in summary["scan_labels"].items())]
+    dropped = policy.get("dropped", {})
+    if not dropped.get("counted"):
+        lines.append("Dropped by the label policy: not counted (no excluded table given)")
+        return lines
+    by_code = ", ".join(f"{code} {sum(c['scans'] + c['scans_of_kept_subjects'] for c in per.values())} scans"
+                        for code, per in dropped["by_code"].items()) or "none"
+    lines.append(f"Dropped by the label policy (reason codes: {by_code}), under the partition the ledger had:")
+    lines.append("  " + "; ".join(f"{p} {c['subjects']} subjects ({c['scans']} scans)"
+                                  + (f" + {c['scans_of_kept_subjects']} scans of kept subjects"
+                                     if c["scans_of_kept_subjects"] else "")
+                                  for p, c in dropped["by_partition"].items()))
+    for p, subjects in dropped["placed_subjects_dropped"].items():
+        if subjects:
+            lines.append(f"  dropped from {p}: " + ", ".join(subjects))
+    return lines
+
+
+def _p_text(result: dict) -> str:
+    return (f"p={result['p']:.3g} ({result['test']})" if result["p"] is not None
+            else f"{result['note']} ({result['test']})")
+
+
+def demographics_lines(summary: dict) -> list[str]:
+    """Age and sex per class and partition, and the balance tests, one line each."""
+    demo = summary.get("demographics", {})
+    if not demo.get("available"):
+        return [f"Demographics: {demo.get('note', 'not available')}"]
+    lines = ["Demographics, each subject at its first scan (n, age mean +- sd, % female):"]
+    for group, per in demo["per_class"].items():
+        for p, c in per.items():
+            age = ("age n/a" if c["age_mean"] is None else f"age {c['age_mean']:.1f}"
+                   + (f" +- {c['age_sd']:.1f}" if c["age_sd"] is not None else ""))
+            female = "sex n/a" if c["female_pct"] is None else f"{c['female_pct']:.1f}% female"
+            lines.append(f"  {group} {p}: n {c['subjects']}, {age}, {female}")
+    for group, tests in demo["between_partitions"].items():
+        lines.append(f"  {group}, between partitions: age {_p_text(tests['age'])}; sex {_p_text(tests['sex'])}")
+    for p, tests in demo["between_classes"].items():
+        lines.append(f"  {p}, between classes: age {_p_text(tests['age'])}; sex {_p_text(tests['sex'])}")
+    return lines
 
 
 # ---------------------------------------------------------------- audit
@@ -544,7 +677,8 @@ def inner_validation_subjects(candidates: pd.DataFrame, share: float, seed: int,
     return chosen
 
 
-def cv_fold_manifests(cv_folds: pd.DataFrame, folds: int, share: float, seed: int) -> dict[int, dict[str, pd.DataFrame]]:
+def cv_fold_manifests(cv_folds: pd.DataFrame, folds: int, share: float,
+                      seed: int) -> dict[int, dict[str, pd.DataFrame]]:
     """Per outer fold k: train (the other folds less the inner validation subjects), val (those subjects)
     and held_out (fold k), each with MANIFEST_COLUMNS in cv_folds' row order."""
     if not 0 < share < 1:
@@ -590,8 +724,9 @@ def audit_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]
 
 def with_fold_audit(audit: dict, fold_audit: dict) -> dict:
     """The split's audit with the per-fold manifests' one folded in (``passed`` only if both passed)."""
+    offending = sorted(set(audit["offending_subjects"]) | set(fold_audit["offending_subjects"]))
     return audit | {"passed": audit["passed"] and fold_audit["passed"], "cv_fold_manifests": fold_audit,
-                    "offending_subjects": sorted(set(audit["offending_subjects"]) | set(fold_audit["offending_subjects"]))}
+                    "offending_subjects": offending}
 
 
 def write_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]], out_dir: str | Path) -> None:
@@ -629,9 +764,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stable", action=argparse.BooleanOptionalAction, default=True,
                    help="keep earlier subjects' partitions and folds from the ledger (default on)")
     p.add_argument("--ledger", help=f"the persistent subject ledger (default OUT_DIR/{LEDGER_NAME})")
+    p.add_argument("--label-policy", choices=labels.POLICIES, default=labels.DEFAULT_POLICY,
+                   help="data.label_policy: visit_diagnosis allows a subject's scans to carry both classes")
+    p.add_argument("--excluded", help="ingest's excluded.tsv: the summary counts the subjects the label policy dropped")
     p.add_argument("--inner-val-share", type=float,
-                   help="share of each class's subjects in a CV fold's other folds that validate it (cv.inner_val_share); "
-                        "writes OUT_DIR/cv/fold<k>/{train,val,held_out}.csv (without it, none are written)")
+                   help="share of each class's subjects in a CV fold's other folds that validate it "
+                        "(cv.inner_val_share); writes OUT_DIR/cv/fold<k>/{train,val,held_out}.csv (without it, "
+                        "none are written)")
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
 
@@ -639,7 +778,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ledger_path = Path(args.ledger) if args.ledger else out / LEDGER_NAME
     ledger = read_ledger(ledger_path) if args.stable else None
     split = make_split(read_scans(args.scans), classes=args.classes, path_of=args.path_pattern,
-                       ratios=args.ratios, folds=args.folds, seed=args.seed, balance=args.balance, ledger=ledger)
+                       ratios=args.ratios, folds=args.folds, seed=args.seed, balance=args.balance, ledger=ledger,
+                       label_policy=args.label_policy,
+                       excluded=labels.read_excluded(args.excluded) if args.excluded else None)
     audit = audit_split(split.manifests, split.cv_folds)
     per_fold = None if args.inner_val_share is None else cv_fold_manifests(split.cv_folds, args.folds,
                                                                             args.inner_val_share, args.seed)

@@ -7,11 +7,13 @@
 ``usable.tsv`` has the columns of ``scans.tsv``; the split and everything after it read only
 these scans. ``dropped.tsv`` (beside ``excluded.tsv``, which lists what ingest left out) lists
 every scan dropped after ingest with the stage and reason code: a stage's failure record
-(``scan_failure``), or ``excluded_by_user`` for a scan named in the user's exclusion table (what a
-person decides after looking at the QC montages). A scan is listed once, under the first reason.
+(``scan_failure``), a QC threshold (``qc_<metric>``, config ``qc:``), or ``excluded_by_user`` for a
+scan named in the user's exclusion table (what a person decides after looking at the QC montages).
+A scan is listed once, under the first reason.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,7 @@ import pandas as pd
 
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import write_text_atomic
+from workflow_scripts.qc_metrics import apply_qc, read_records
 from workflow_scripts.scan_failure import read_failure
 
 LOG = logging.getLogger(__name__)
@@ -65,11 +68,14 @@ def stage_failures(scans: pd.DataFrame, ras_pattern: str) -> dict[str, dict]:
 
 
 def split_usable(scans: pd.DataFrame, failures: dict[str, dict], user_exclusions: pd.DataFrame,
-                 known_ids: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(usable, dropped): each scan dropped under its first reason (stage failure, then the user's choice).
+                 known_ids: set[str], qc_drops: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(usable, dropped): each scan dropped under its first reason (a stage failure, a QC threshold, then the
+    user's choice).
 
     An exclusion naming an image id ingest never saw is refused (a typo would otherwise keep the scan).
     """
+    by_qc = {} if qc_drops is None else {row["image_id"]: (row["reason_code"], row["reason"])
+                                          for row in qc_drops.to_dict("records")}
     unknown = sorted(set(user_exclusions["image_id"]) - known_ids)
     if unknown:
         raise cli.PipelineError(f"data.exclude_scans names image id(s) that are not in the collection: "
@@ -82,6 +88,8 @@ def split_usable(scans: pd.DataFrame, failures: dict[str, dict], user_exclusions
         if image_id in failures:
             record = failures[image_id]
             reason = (record["stage"], record["reason_code"], record["reason"])
+        elif image_id in by_qc:
+            reason = ("qc", *by_qc[image_id])
         elif image_id in by_user:
             reason = ("user", "excluded_by_user", f"excluded by the user: {by_user[image_id]}")
         else:
@@ -116,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--excluded", required=True, help="excluded.tsv from ingest (ids an exclusion may name)")
     p.add_argument("--ras-pattern", required=True, help="each scan's final stage file, e.g. results/ras/{subject}/"
                                                         "{image_id}.nii.gz")
+    p.add_argument("--qc-pattern", help="each scan's QC metrics JSON, e.g. results/qc/{subject}/{image_id}.json")
+    p.add_argument("--qc-settings", type=json.loads, help="the config's qc: section as JSON (thresholds, outliers)")
     p.add_argument("--user-exclusions", help="TSV of image_id and reason (data.exclude_scans)")
     p.add_argument("--usable", required=True)
     p.add_argument("--dropped", required=True)
@@ -125,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     known = set(scans["image_id"]) | set(read_scans(args.excluded)["image_id"])
     user = (read_user_exclusions(args.user_exclusions) if args.user_exclusions
             else pd.DataFrame(columns=list(USER_EXCLUSION_COLUMNS)))
-    usable, dropped = split_usable(scans, stage_failures(scans, args.ras_pattern), user, known)
+    drops = None
+    if args.qc_pattern:
+        records = read_records([args.qc_pattern.format(**row) for row in scans.to_dict("records")])
+        _, drops = apply_qc(records, args.qc_settings)
+    usable, dropped = split_usable(scans, stage_failures(scans, args.ras_pattern), user, known, drops)
     write_text_atomic(dropped.to_csv(sep="\t", index=False), args.dropped)
     write_text_atomic(usable.to_csv(sep="\t", index=False), args.usable)
     LOG.info("%d of %d scans usable; %d dropped after ingest (%s), see %s", len(usable), len(scans), len(dropped),
