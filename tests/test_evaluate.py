@@ -180,12 +180,16 @@ def test_subject_level_averages_scan_probabilities():
     assert subjects["n_scans"].tolist() == [2, 3, 1]
 
 
-def test_subject_with_conflicting_labels_is_named():
-    table = pd.DataFrame({"image_id": ["I1", "I2", "I3"], "subject": ["002_S_0295", "002_S_0295", "011_S_0002"],
-                          "label": [1, 0, 0], "prob": [0.3, 0.4, 0.1], "pred": [0, 0, 0]})
-    with pytest.raises(cli.PipelineError, match="002_S_0295") as err:
-        subject_level(table)
-    assert "011_S_0002" not in str(err.value)
+def test_a_converter_labelled_per_visit_counts_once_per_diagnosis_and_is_resampled_as_one_person():
+    table = pd.DataFrame({"image_id": ["I1", "I2", "I3", "I4"],
+                          "subject": ["002_S_0295", "002_S_0295", "002_S_0295", "011_S_0002"],
+                          "label": [0, 1, 1, 0], "prob": [0.3, 0.8, 0.6, 0.1], "pred": [0, 1, 1, 0]})
+    subjects = subject_level(table)
+    assert subjects[["subject", "label", "n_scans"]].values.tolist() == [["002_S_0295", 0, 1], ["002_S_0295", 1, 2],
+                                                                         ["011_S_0002", 0, 1]]
+    assert subjects["prob"].tolist() == pytest.approx([0.3, 0.7, 0.1])  # the CN and AD visits are not averaged
+    result = evaluate_predictions(table, n_boot=300)
+    assert result["n_subjects"] == 2 and result["subject"]["n"] == 3 and result["subject"]["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("change, message", [

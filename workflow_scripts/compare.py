@@ -196,7 +196,7 @@ def subject_pairs(pairs: pd.DataFrame, threshold_other: float, threshold_main: f
              .rename(columns={"prob": f"prob_{side}", "pred": f"pred_{side}"})
              for side, threshold in (("main", threshold_main), ("other", threshold_other))]
     return sides[0][["subject", "label", "prob_main", "pred_main"]].merge(
-        sides[1][["subject", "prob_other", "pred_other"]], on="subject", validate="one_to_one")
+        sides[1][["subject", "label", "prob_other", "pred_other"]], on=["subject", "label"], validate="one_to_one")
 
 
 def comparison_table(experiments: dict[str, tuple[dict, pd.DataFrame]], main: str) -> pd.DataFrame:

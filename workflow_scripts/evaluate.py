@@ -212,26 +212,20 @@ def bootstrap_intervals(labels: Sequence, probs: Sequence, n_boot: int = 2000, s
 # --- levels -----------------------------------------------------------------------------
 
 def subject_level(predictions: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
-    """One row per subject: the mean of its scans' probabilities, ``pred = prob >= threshold``.
+    """One row per subject and diagnosis: the mean of its scans' probabilities, ``pred = prob >= threshold``.
 
-    A subject is one person with one diagnosis here; scans disagreeing on the label mean
-    the table is wrong (or the subject converted), and averaging them would hide that.
+    A subject has one diagnosis unless ``data.label_policy: visit_diagnosis`` labels each scan by its
+    visit: a converter then gives one row per diagnosis (its CN visits and its AD visits are not averaged
+    into one), and the subject-level bootstrap still resamples the person as one cluster.
     """
     missing = [c for c in ("subject", "label", "prob") if c not in predictions.columns]
     if missing:
         raise cli.PipelineError(f"predictions: missing column(s) {', '.join(missing)}")
-    grouped = predictions.groupby(predictions["subject"].astype(str), sort=True)
-    n_labels = grouped["label"].nunique()
-    conflicting = n_labels.index[n_labels > 1].tolist()
-    if conflicting:
-        raise cli.PipelineError(
-            f"subject(s) {', '.join(conflicting[:10])} have scans with different labels; a subject's "
-            f"scans must share one diagnosis (check the scans table's group column for them)")
-    table = pd.DataFrame({"label": grouped["label"].first().astype(int),
-                          "prob": grouped["prob"].mean().astype(float),
-                          "n_scans": grouped.size().astype(int)})
+    keys = [predictions["subject"].astype(str).rename("subject"), predictions["label"].astype(int).rename("label")]
+    grouped = predictions.groupby(keys, sort=True)
+    table = pd.DataFrame({"prob": grouped["prob"].mean().astype(float), "n_scans": grouped.size().astype(int)})
     table["pred"] = (table["prob"] >= threshold).astype(int)
-    return table.rename_axis("subject").reset_index()[["subject", "label", "prob", "pred", "n_scans"]]
+    return table.reset_index()[["subject", "label", "prob", "pred", "n_scans"]]
 
 
 def _level(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int, alpha: float,
@@ -260,9 +254,9 @@ def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: in
         "scan": _level(table["label"].to_numpy(), table["prob"].to_numpy(), n_boot, seed, alpha, threshold,
                        groups=table["subject"].tolist()),
         "subject": _level(subjects["label"].to_numpy(), subjects["prob"].to_numpy(), n_boot, seed, alpha,
-                          threshold, groups=None),
+                          threshold, groups=subjects["subject"].tolist()),
         "n_scans": int(len(table)),
-        "n_subjects": int(len(subjects)),
+        "n_subjects": int(subjects["subject"].nunique()),
         "threshold": float(threshold),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha),
                       "method": "percentile; scan level resamples subjects (cluster bootstrap)"},

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import load_nifti
+from workflow_scripts.nifti_io import load_nifti, write_atomic
 from workflow_scripts.scan_failure import read_failure
 
 LOG = logging.getLogger(__name__)
@@ -109,13 +109,10 @@ def montage(stages: Sequence[tuple[str, str | Path]], mask: str | Path | None, o
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(output)
-    return output
+    try:
+        return write_atomic(output, lambda tmp: fig.savefig(tmp, dpi=80), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

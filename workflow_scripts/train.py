@@ -65,7 +65,7 @@ from workflow_scripts import cli
 from workflow_scripts.models import (ARCHS, BLOCKS, PLANES, build_model, count_parameters, parameter_groups,
                                      recalibrate_batchnorm, train_mode, unfreeze_from)
 from workflow_scripts.recipe import check_recipe
-from workflow_scripts.nifti_io import write_atomic, write_text_atomic
+from workflow_scripts.nifti_io import partial_prefix, remove_stale_partials, write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
 # The checkpoint kept for each best-model selection rule (train.selection).
 CHECKPOINTS = {"accuracy": "best_acc.pt", "loss": "best_loss.pt", "hierarchy": "best_hierarchy.pt"}
-# Settings that may differ between an interrupted run and its resumption: they change how
-# or how long the run goes on, not what one epoch computes.
 # Everything a training run writes in its folder (glob patterns), removed before a fresh start.
 RUN_FILES = ("*.pt", "history.json", "summary.json", "*predictions*.csv", "embeddings_*.npz")
+# Settings that may differ between an interrupted run and its resumption: they change how
+# or how long the run goes on, not what one epoch computes.
 RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
                   "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
                   "predictions_out", "run_name", "embeddings_out", "projection", "projection_out",
@@ -552,7 +552,8 @@ def _copy_atomic(source: Path, target: Path) -> None:
     """
     import shutil
 
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    remove_stale_partials(target)
+    tmp = target.with_name(f"{partial_prefix(target)}{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
