@@ -46,6 +46,8 @@ include: "rules/report.smk"
 
 # The last line of every successful run: scans used, dropped and left out, and where the reasons are.
 onsuccess:
+    from workflow_scripts.usable_scans import outcome_line
+
     print(outcome_line(RESULTS))
 
 

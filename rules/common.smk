@@ -12,7 +12,6 @@ from snakemake.settings.types import DeploymentMethod
 
 from workflow_scripts.cli import PipelineError, machine_memory_mb
 from workflow_scripts.recipe import merge_recipe
-from workflow_scripts.usable_scans import outcome_line
 
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
@@ -85,6 +84,28 @@ def check_demo_paths():
 
 
 check_demo_paths()
+
+
+def check_classes_have_rows():
+    """A class of data.classes that no row of the collection CSV has stops the run before any job (the CSV's
+    groups listed). The demo's CSV is checked once it exists; visit_diagnosis takes classes from the diagnosis
+    table, not the Group column."""
+    csv = Path(DATA["collection_csv"])
+    if not workflow.is_main_process or not csv.is_file() or DATA["label_policy"] == "visit_diagnosis":
+        return
+    from workflow_scripts.ingest import classes_without_rows, groups_in
+
+    try:
+        missing = classes_without_rows(csv, DATA["classes"])
+        if missing:
+            raise WorkflowError(
+                f"data.classes names {', '.join(missing)}, but no row of {csv} has that group (compared without case "
+                f"and surrounding spaces); the CSV's groups are: {', '.join(groups_in(csv)) or 'none'}")
+    except PipelineError as err:
+        raise WorkflowError(str(err)) from None
+
+
+check_classes_have_rows()
 
 
 def scans_table():

@@ -103,7 +103,11 @@ def tiny_demo(tmp_path_factory) -> dict:
 TINY = {
     # 4 AD and 4 CN subjects: per class 1 test, 1 val and 2 train subjects, so that each of the 3 CV
     # folds holds out 1 subject per class and its other folds still have 2 (1 inner validation, 1 training)
-    "demo": {"n_subjects": 8, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0},
+    # with every kind of broken series a real download has (workflow_scripts/demo_faults.py): each must be
+    # excluded or dropped with its reason while the rest of the study runs to the end
+    "demo": {"n_subjects": 8, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0,
+             "faults": ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "duplicate_copy",
+                        "lower_case_group", "excel_csv", "not_a_head"]},
     "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
     "split": {"ratios": [0.34, 0.33, 0.33]},
     "cv": {"folds": 3},
@@ -134,5 +138,6 @@ def demo_run(tmp_path_factory):
     test session; every test file that checks a phase's outputs reads them from here."""
     workdir = tmp_path_factory.mktemp("demo_run")
     config = write_config(workdir / "tiny.yaml", TINY)
-    run_snakemake(workdir, "all", configfiles=[config])
+    result = run_snakemake(workdir, "all", configfiles=[config])
+    (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
     return workdir

@@ -168,7 +168,7 @@ def test_the_csf_threshold_separates_the_darkest_of_three_tissues():
 
 def test_every_usable_scan_gets_atlas_labels_on_its_model_input_grid(demo_run):
     results = demo_run / "results"
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     for row in scans.itertuples():
         labels = nib.load(results / "hippocampus_atlas" / row.subject / f"{row.image_id}.nii.gz")
         ras = nib.load(results / "ras" / row.subject / f"{row.image_id}.nii.gz")

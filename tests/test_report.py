@@ -129,7 +129,7 @@ def test_workflow_builds_every_report_item(demo_run):
         assert _value_ci(metrics["subject"], "accuracy") in page
         assert (results / "report" / name / "cv.html").is_file()
     provenance = json.loads((results / "report" / "provenance.json").read_text())
-    assert provenance["scans"]["n_scans"] == len(pd.read_csv(results / "scans.tsv", sep="\t"))
+    assert provenance["scans"]["n_scans"] == len(pd.read_csv(results / "usable.tsv", sep="\t"))
     assert set(provenance["models"]) == set(experiments)
     assert (results / "report" / experiments[0] / "training_curves.png").stat().st_size > 20_000
 

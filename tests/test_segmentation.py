@@ -568,7 +568,7 @@ def test_workflow_unet3d_beats_the_location_prior(demo_run):
 
 def test_one_mask_per_scan_on_the_model_input_grid(demo_run):
     results = demo_run / "results"
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     for row in scans.itertuples():
         mask = load_nifti(results / "hippocampus" / row.subject / f"{row.image_id}.nii.gz")
         ras = load_nifti(results / "ras" / row.subject / f"{row.image_id}.nii.gz")
@@ -635,13 +635,13 @@ def test_training_summary_names_partitions_best_and_worst_and_speed(demo_run):
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
     assert (results / "benchmarks" / "segmentation" / "train.tsv").is_file()
     assert len(list((results / "benchmarks" / "hippocampus_unet").glob("*/*.tsv"))) == len(
-        pd.read_csv(results / "scans.tsv", sep="\t"))
+        pd.read_csv(results / "usable.tsv", sep="\t"))
 
 
 def test_the_unet_volumes_table_covers_every_scan(demo_run):
     results = demo_run / "results"
     volumes = pd.read_csv(results / "volumetry" / "unet" / "volumes.tsv", sep="\t", dtype={"image_id": str})
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     assert sorted(volumes["image_id"]) == sorted(scans["image_id"])
     assert (volumes[["left_mm3", "right_mm3"]] > 0).all().all()
 

@@ -243,7 +243,7 @@ def test_training_scans_of_one_class_are_refused(tmp_path):
 
 def test_the_volumetry_experiment_is_trained_cross_validated_and_compared_like_the_networks(demo_run):
     results = demo_run / "results"
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     volumes = volumetry.read_volumes(results / "volumetry" / "atlas" / "volumes.tsv")
     assert sorted(volumes["image_id"]) == sorted(scans["image_id"])
     assert (volumes[["left_mm3", "right_mm3", "icv_mm3"]] > 0).all().all()

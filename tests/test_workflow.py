@@ -17,12 +17,15 @@ from workflow_scripts.skullstrip import dice
 pytestmark = pytest.mark.workflow
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
 PER_SCAN_RULES = {"nifti", "stripped", "resampled", "cropped128", "n4", "ras", "qc"}
+TINY_MAIN = "r3d_18_kinetics400"
 
 
 def test_every_usable_scan_has_one_file_per_stage(demo_run):
     results = demo_run / "results"
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
-    assert len(scans) == TINY["demo"]["n_subjects"] and set(scans["group"]) == {"AD", "CN"}
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
+    planted = pd.read_csv(demo_run / "demo_data" / "truth" / "faults.tsv", sep="\t", dtype=str)
+    used_copies = planted["kind"].isin(["duplicate_copy", "lower_case_group"]).sum()
+    assert len(scans) == TINY["demo"]["n_subjects"] + used_copies and set(scans["group"]) == {"AD", "CN"}
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
         for stage in STAGES:
             assert (results / stage / subject / f"{image_id}.nii.gz").is_file(), (stage, image_id)
@@ -40,7 +43,7 @@ def test_every_usable_scan_has_one_file_per_stage(demo_run):
 
 def test_the_final_brain_mask_still_matches_the_true_brain(demo_run):
     results = demo_run / "results"
-    scans = pd.read_csv(results / "scans.tsv", sep="\t", dtype=str)
+    scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
         mask = nib.load(results / "ras" / subject / f"{image_id}_mask.nii.gz")
         truth = nib.load(demo_run / "demo_data" / "truth" / subject / f"{image_id}_brainmask.nii.gz")
@@ -155,6 +158,41 @@ def test_the_2d_baseline_follows_its_own_recipe_and_exports_embeddings(demo_run)
         predictions = pd.read_csv(results / "evaluation" / name / "test_predictions.csv", dtype={"image_id": str})
         assert list(test["image_id"]) == list(predictions["image_id"])
         assert (results / "evaluation" / name / "embeddings.png").stat().st_size > 5_000
+
+
+def test_every_broken_series_is_left_out_with_its_reason_and_the_rest_of_the_study_completes(demo_run):
+    """The demo's planted faults (truncated pixel data, a partial series, two series in one folder, an ambiguous
+    image id, an identical copy, lower-case groups, an Excel CSV, a phantom that is not a head)."""
+    from workflow_scripts.demo_faults import NOT_A_HEAD_DROPS
+    from workflow_scripts.scan_failure import read_failure
+
+    results = demo_run / "results"
+
+    def table(path):
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+    planted, excluded = table(demo_run / "demo_data" / "truth" / "faults.tsv"), table(results / "excluded.tsv")
+    scans, usable, dropped = table(results / "scans.tsv"), table(results / "usable.tsv"), table(results / "dropped.tsv")
+    assert set(planted["kind"]) == set(TINY["demo"]["faults"])
+    reason_of = dict(zip(excluded["image_id"], excluded["reason_code"]))
+    for row in planted[planted["expected"] != "used"].itertuples():
+        assert reason_of.get(row.image_id) == row.expected, row
+    for row in planted[planted["expected"] == "used"].itertuples():
+        assert (scans["image_id"] == row.image_id).sum() == 1, row  # an identical copy is used once
+    copies = usable.set_index("image_id").loc[planted.loc[planted["kind"] == "lower_case_group", "image_id"]]
+    assert sorted(copies["group"]) == ["AD", "CN"]  # 'ad' and ' cn' in the CSV
+    head = planted[planted["kind"] == "not_a_head"].iloc[0]
+    drop = dropped.set_index("image_id").loc[head["image_id"]]
+    assert drop["stage"] == "stripped" and drop["reason_code"] in NOT_A_HEAD_DROPS
+    assert read_failure(results / "ras" / head["subject"] / f"{head['image_id']}.nii.gz")["stage"] == "stripped"
+    assert not (results / "tensors" / head["subject"] / f"{head['image_id']}.npy").exists()
+    left_out = set(excluded["image_id"]) | set(dropped["image_id"])
+    for manifest in (results / "splits").rglob("*.csv"):
+        assert not left_out & set(pd.read_csv(manifest, dtype=str)["image_id"]), manifest
+    assert set(usable["image_id"]) == set(scans["image_id"]) - set(dropped["image_id"])
+    assert (results / "models" / TINY_MAIN / "summary.json").is_file()  # the study went on to training
+    assert (f"scans: {len(usable)} used, {len(dropped)} dropped after ingest (reasons in results/dropped.tsv), "
+            f"{len(excluded)} left out by ingest") in (demo_run / "snakemake_output.txt").read_text()
 
 
 def test_distractors_land_in_the_excluded_table_with_reasons(demo_run):

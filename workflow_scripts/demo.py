@@ -876,7 +876,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workflow_scripts.demo_faults import plant_faults
 
         planted = plant_faults(Path(args.root), Path(args.root) / args.csv_name, args.faults, args.seed)
-        print(f"planted faults, with the outcome ingest must give:\n{planted.to_string(index=False)}")
+        write_text_atomic(planted.to_csv(sep="\t", index=False), Path(args.root) / "truth" / "faults.tsv")
+        print(f"planted faults (truth/faults.tsv), with the outcome ingest must give:\n"
+              f"{planted.to_string(index=False)}")
 
 
 if __name__ == "__main__":

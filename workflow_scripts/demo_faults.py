@@ -18,10 +18,15 @@ lower_case_group   two good copies whose CSV group is written ``ad`` and `` cn``
 excel_csv          the CSV rewritten as Excel on Windows saves it: Windows-1252,   not_t1_mprage (its
                    CRLF, two trailing empty rows, and a new localizer row with an  description read
                    en dash in its description                                      back intact)
+not_a_head         a valid series whose pixels are a small bright ball (a QA       used; then dropped at
+                   phantom, not a head): it converts, and only skull stripping     the stripped stage
+                   can tell                                                        (NOT_A_HEAD_DROPS)
 =================  ==============================================================  =====================
 
-Used copies get the source's truth files and volumes row under their own ids, so the rest of
-the demo (segmentation, volumetry) treats them like any scan.
+Used copies are new images of their source's own subject (a repeat scan at its visit), so a
+copied brain never appears under two subject ids (it could otherwise sit in training and in the
+test set at once); they get the source's truth files and volumes row under their own ids, so the
+rest of the demo (segmentation, volumetry) treats them like any scan.
 """
 from __future__ import annotations
 
@@ -48,7 +53,12 @@ FAULT_KINDS = {
     "duplicate_copy": "used",
     "lower_case_group": "used",
     "excel_csv": "not_t1_mprage",
+    "not_a_head": "used",
 }
+# What the stripped stage must drop a not_a_head series for (results/dropped.tsv).
+NOT_A_HEAD_DROPS = ("empty_brain_mask", "implausible_brain_mask")
+USED_KINDS = ("duplicate_copy", "lower_case_group")  # planted as new images of the source's own subject
+PHANTOM_RADIUS = 0.1     # the ball's radius as a share of the slice's smaller side
 # Copies are made of good series of these groups (the demo's diagnostic groups), so a planted
 # fault is excluded for its own reason, not for its group.
 SOURCE_GROUPS = ("AD", "CN")
@@ -124,6 +134,25 @@ def cut_pixel_data(path: Path) -> None:
         handle.truncate(path.stat().st_size - pixel_bytes // 2)
 
 
+def paint_phantom(files: Sequence[Path]) -> None:
+    """Replace a series' pixels (files in slice order) by a bright ball in the middle of the volume,
+    zero elsewhere: a valid volume of a few mL that is not a head."""
+    import pydicom
+
+    n = len(files)
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        rows, cols = pixels.shape[-2:]
+        radius = PHANTOM_RADIUS * min(rows, cols)
+        depth = (index - (n - 1) / 2) / max(n / 2, 1) * min(rows, cols) / 2  # the slice's offset in pixels
+        yy, xx = np.mgrid[:rows, :cols]
+        ball = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 + depth ** 2 <= radius ** 2
+        value = int(np.iinfo(pixels.dtype).max * 0.4) if np.issubdtype(pixels.dtype, np.integer) else 1000
+        ds.PixelData = np.where(ball, value, 0).astype(pixels.dtype).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+
+
 def _copy_truth(root: Path, source: Source, subject: str, image_id: str) -> dict | None:
     """The source's truth masks under the new ids, and its volumes row (None without truth)."""
     truth = root / "truth"
@@ -184,8 +213,10 @@ def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[s
 
     def place(kind: str, source: Source, *, group: str | None = None, truth: bool = False,
               **changes) -> tuple[str, str, Path]:
-        """A new subject and image id for ``source``, its CSV row, and the image folder to fill."""
-        subject, image_id = planter.new_subject(source.row["Subject"]), planter.new_image_id()
+        """A new image id for ``source`` (of its own subject for a used kind, else of a new subject), its CSV
+        row, and the image folder to fill."""
+        subject = source.row["Subject"] if kind in USED_KINDS else planter.new_subject(source.row["Subject"])
+        image_id = planter.new_image_id()
         group = source.row["Group"] if group is None else group
         rows.append(_row(source, subject, image_id, Group=group, **changes))
         planted.append({"kind": kind, "image_id": image_id, "subject": subject, "group": group.strip().upper(),
@@ -225,6 +256,10 @@ def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[s
                 copy_series(source.folder, folder, subject=subject, image_id=image_id, key=f"{seed}:{image_id}")
         elif kind == "excel_csv":
             place(kind, first, Description=EXCEL_DESCRIPTION)   # a distractor row: no folder needed
+        elif kind == "not_a_head":
+            subject, image_id, folder = place(kind, first)
+            files = copy_series(first.folder, folder, subject=subject, image_id=image_id, key=f"{seed}:{image_id}")
+            paint_phantom(_sorted_by_instance(files))
 
     out = pd.concat([table, pd.DataFrame(rows, columns=list(COLLECTION_COLUMNS))], ignore_index=True)
     if "excel_csv" in kinds:

@@ -33,9 +33,9 @@ METHODS = ("synthstrip", "deepbet")
 SYNTHSTRIP_FILENAME = "synthstrip.1.pt"
 SYNTHSTRIP_BYTES = 30_851_709
 SYNTHSTRIP_SHA256 = "37417f802196186441aae3e7f385d94f8a98c64a88acaeaa2723af995c653e33"
-# What the nipreps SynthStrip command prints when no voxel lies inside the brain border (its
-# largest-component step takes the argmax of an empty count): the scan's failure, not a bug.
-SYNTHSTRIP_NO_BRAIN = "argmax of an empty sequence"
+# What SynthStrip (nipreps command) and deepbet raise when they find no brain at all: both keep the
+# largest connected component by taking the argmax of an empty count. The scan's failure, not a bug.
+NO_BRAIN = "argmax of an empty sequence"
 SYNTHSTRIP_URLS = (
     "https://surfer.nmr.mgh.harvard.edu/docs/synthstrip/requirements/synthstrip.1.pt",
     "https://surfer.nmr.mgh.harvard.edu/pub/dist/freesurfer/synthstrip/models/synthstrip.1.pt",
@@ -116,7 +116,7 @@ def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int =
         cmd = [sys.executable, "-m", "nipreps.synthstrip", "-i", str(src), "-m", str(mask_path),
                "--model", str(weights), "-b", str(border), "-n", str(threads)] + (["-g"] if gpu else [])
         result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 and SYNTHSTRIP_NO_BRAIN in result.stderr:
+        if result.returncode != 0 and NO_BRAIN in result.stderr:
             raise ScanDataError("empty_brain_mask", "SynthStrip found no brain in the image (no voxel inside its "
                                                     "distance border)")
         if result.returncode != 0:
@@ -132,7 +132,12 @@ def deepbet_mask(img: nib.Nifti1Image, *, threshold: float = 0.5, n_dilate: int 
     from deepbet import BrainExtraction
 
     float_img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-    _, mask, _ = BrainExtraction(no_gpu=not gpu).run(float_img, threshold=threshold, n_dilate=n_dilate)
+    try:
+        _, mask, _ = BrainExtraction(no_gpu=not gpu).run(float_img, threshold=threshold, n_dilate=n_dilate)
+    except ValueError as err:
+        if NO_BRAIN in str(err):
+            raise ScanDataError("empty_brain_mask", "deepbet found no brain in the image") from err
+        raise
     return np.asanyarray(mask.dataobj) > 0
 
 
