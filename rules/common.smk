@@ -49,29 +49,25 @@ def benchmark_file(stage):
     return f"{RESULTS}/benchmarks/{stage}/{{subject}}/{{image_id}}.tsv"
 
 
-def local_memory_mb():
-    """The memory a local run may hand out: --resources mem_mb, else this machine's (registered as the run's
-    mem_mb, so Snakemake never starts jobs whose declared memory sums past it). None on a cluster, where
-    each job gets its own allocation."""
-    if workflow.global_resources.get("_nodes") is not None:
-        return None
-    if workflow.global_resources.get("mem_mb") is None:
-        machine = machine_memory_mb()
-        if machine:
-            workflow.register_resource("mem_mb", machine)
-    return workflow.global_resources.get("mem_mb")
+def register_local_memory():
+    """A local run without --resources mem_mb gets this machine's memory as its mem_mb, so Snakemake never starts
+    jobs whose declared memory (resources: in config.yaml) sums past it; a job declaring more than the machine
+    has is given all of it (Snakemake caps a job at the run's total) and runs alone. On a cluster each job has
+    its own allocation."""
+    given = workflow.global_resources
+    if given["_nodes"].value is not None or any(given.get(k).value is not None for k in ("mem_mb", "mem", "mem_mib")):
+        return
+    machine = machine_memory_mb()
+    if machine:
+        workflow.register_resource("mem_mb", machine)
 
 
-LOCAL_MEMORY_MB = local_memory_mb()
+register_local_memory()
 
 
 def res(rule_name, key):
-    """A job's declared threads, memory (MB) or run time; locally a job declaring more memory than the run
-    has gets all of it (it then runs alone) instead of never starting."""
-    value = config["resources"][rule_name][key]
-    if key == "mem_mb" and LOCAL_MEMORY_MB:
-        return min(value, LOCAL_MEMORY_MB)
-    return value
+    """A job's declared threads, memory (MB) or run time (config resources:)."""
+    return config["resources"][rule_name][key]
 
 
 def check_demo_paths():
