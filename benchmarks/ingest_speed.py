@@ -14,7 +14,9 @@ their own UIDs: workflow_scripts.demo_faults.copy_series) until the collection h
 
 Both "read" and "cold" are timed twice: with the files in the page cache, and after asking the
 kernel to drop them (``posix_fadvise(DONTNEED)`` after ``sync``; no root needed), which is what
-a first ingest of a fresh download meets. The figures are printed as JSON.
+a first ingest of a fresh download meets. The figures are printed as JSON, with the CPU seconds
+of each fastest run (this process and its workers) and the load average before and after: on a
+machine shared with other jobs the wall-clock figures of CPU-bound runs grow with the load.
 """
 from __future__ import annotations
 
@@ -85,14 +87,20 @@ def run_ingest(root: Path, cache: dict, workers: int = 1) -> tuple[int, int]:
     return len(scans), len(excluded)
 
 
-def best_of(repeats: int, work, before=lambda: None) -> float:
-    """The fastest of ``repeats`` runs of ``work`` (``before`` runs untimed ahead of each)."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the ingest workers)."""
+    spent = os.times()
+    return spent.user + spent.system + spent.children_user + spent.children_system
+
+
+def best_of(repeats: int, work, before=lambda: None) -> tuple[float, float]:
+    """(wall, CPU) seconds of the fastest of ``repeats`` runs of ``work`` (``before`` runs untimed ahead of each)."""
     times = []
     for _ in range(repeats):
         before()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         work()
-        times.append(time.perf_counter() - started)
+        times.append((time.perf_counter() - started, cpu_seconds() - cpu))
     return min(times)
 
 
@@ -106,6 +114,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, help="work folder (default: a temporary folder, removed at the end)")
     args = p.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="ingest_speed_"))
+    load_before = os.getloadavg()
     try:
         started = time.perf_counter()
         if not (root / "collection.csv").exists():
@@ -125,10 +134,12 @@ def main() -> None:
         figures["ingest_warm_cache"] = best_of(args.repeats, lambda: run_ingest(root, cache))
         report = {"scans": n_scans, "used": used, "excluded": excluded, "files": len(files),
                   "mbytes": round(n_bytes / 1e6, 1), "build_s": round(build_s, 1),
-                  "seconds": {k: round(v, 3) for k, v in figures.items()},
-                  "ms_per_scan": {k: round(1000 * v / n_scans, 2) for k, v in figures.items()},
+                  "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+                  "seconds": {k: round(wall, 3) for k, (wall, _) in figures.items()},
+                  "cpu_seconds": {k: round(cpu, 3) for k, (_, cpu) in figures.items()},
+                  "ms_per_scan": {k: round(1000 * wall / n_scans, 2) for k, (wall, _) in figures.items()},
                   "cold_ingest_over_read": {
-                      f"{w}p_{where}": round(figures[f"ingest_cold_cache_{kind}_{w}p"] / figures[read], 1)
+                      f"{w}p_{where}": round(figures[f"ingest_cold_cache_{kind}_{w}p"][0] / figures[read][0], 1)
                       for w in args.workers for where, kind, read in (("page_cache", "cached_files", "read_cached"),
                                                                       ("from_disk", "from_disk", "read_from_disk"))}}
         print(json.dumps(report, indent=2))

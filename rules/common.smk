@@ -493,11 +493,6 @@ def segmentation_cross_fitted():
     return SEG["source"] == "demo"
 
 
-def segmentation_fold_manifest(fold, part):
-    """Fold ``fold``'s train, val (inner validation) or held_out (outer fold) manifest, written by rule split."""
-    return f"{SPLITS}/cv/fold{fold}/{part}.csv"
-
-
 def segmentation_inputs(wildcards):
     """Training inputs: the split's manifests, RAS scans, brain masks and mapped truth (demo); dataset.json (msd)."""
     if SEG["source"] == "msd":
@@ -539,7 +534,7 @@ def segmentation_fold_inputs(wildcards):
             f"there is no U-Net of CV fold {wildcards.fold} with segmentation.source {SEG['source']}: its one "
             f"U-Net never saw an ADNI subject and segments every scan (results/segmentation/best.pt)"
         )
-    parts = {part: segmentation_fold_manifest(wildcards.fold, part) for part in ("train", "val", "held_out")}
+    parts = {role: FOLD_MANIFEST.format(fold=wildcards.fold, role=role) for role in FOLD_ROLES}
     return parts | segmentation_labelled_scans()
 
 
@@ -559,7 +554,7 @@ def segmentation_mask_models_inputs(wildcards):
         "train": f"{SPLITS}/train.csv",
         "val": f"{SPLITS}/val.csv",
         "test": f"{SPLITS}/test.csv",
-        "held_out": [segmentation_fold_manifest(k, "held_out") for k in range(config["cv"]["folds"])],
+        "held_out": [FOLD_MANIFEST.format(fold=k, role="held_out") for k in range(config["cv"]["folds"])],
     }
 
 

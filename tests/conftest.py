@@ -132,12 +132,21 @@ TINY = {
 }
 
 
+USER_EXCLUSION_REASON = "motion artefacts on the QC montage"
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """`snakemake all` on the tiny demo collection, from a folder outside the repository: run once per
     test session; every test file that checks a phase's outputs reads them from here."""
     workdir = tmp_path_factory.mktemp("demo_run")
-    config = write_config(workdir / "tiny.yaml", TINY)
+    # as a user would: look at the ingested scans, exclude one by hand (data.exclude_scans), run everything
+    config = write_config(workdir / "tiny.yaml", {**TINY, "data": {"exclude_scans": "exclusions.tsv"}})
+    run_snakemake(workdir, "results/scans.tsv", configfiles=[config])
+    scans = pd.read_csv(workdir / "results" / "scans.tsv", sep="\t", dtype=str)
+    planted = pd.read_csv(workdir / "demo_data" / "truth" / "faults.tsv", sep="\t", dtype=str)
+    chosen = scans.loc[~scans["image_id"].isin(planted["image_id"]), "image_id"].iloc[-1]  # a good scan
+    (workdir / "exclusions.tsv").write_text(f"image_id\treason\n{chosen}\t{USER_EXCLUSION_REASON}\n")
     result = run_snakemake(workdir, "all", configfiles=[config])
     (workdir / "snakemake_output.txt").write_text(result.stdout + result.stderr)
     return workdir

@@ -220,6 +220,23 @@ def test_same_image_id_in_two_folders_is_ambiguous_unless_the_copies_are_identic
     assert f"identical copies (same SeriesInstanceUID and SOPInstanceUIDs); using {first}" in caplog.text
 
 
+def test_series_files_walks_subfolders_in_path_order_skipping_hidden_names_and_linked_folders(tmp_path):
+    folder = tmp_path / "I1"
+    for rel in ("b.dcm", "a/2.dcm", "a-b.dcm", "a/sub/1.dcm", "a/.DS_Store", ".hidden/x.dcm"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"x")
+    (folder / "linked").symlink_to(tmp_path, target_is_directory=True)  # entered, it would list I1 again
+    (folder / "link.dcm").symlink_to(folder / "b.dcm")
+    # path order, not string order ("a-b.dcm" < "a/2.dcm"): it decides which damaged file is named first
+    assert ingest.series_files(folder) == [folder / r for r in ("a/2.dcm", "a/sub/1.dcm", "a-b.dcm", "b.dcm",
+                                                                "link.dcm")]
+    before = ingest._series_fingerprint(folder)
+    (folder / ".hidden/x.dcm").write_bytes(b"changed")
+    assert ingest._series_fingerprint(folder) == before
+    (folder / "a/sub/1.dcm").write_bytes(b"changed")
+    assert ingest._series_fingerprint(folder) != before
+
+
 def test_the_check_cache_reads_only_new_or_changed_series(tmp_path, monkeypatch):
     rows = []
     for n, rel in enumerate(VENDOR_GOOD[:4]):

@@ -20,7 +20,8 @@ from scipy import stats
 from workflow_scripts import cli
 from workflow_scripts.nifti_io import load_nifti, provenance_of
 from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, build_unet, check_settings, dice_row,
-                                           fit, keep_largest, load_segmenter, main as segmentation_main, segment)
+                                           fit, keep_largest, load_segmenter, main as segmentation_main, segment,
+                                           subjects_digest)
 from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
                                                 msd_items, train_transforms, truth_on_grid)
 from workflow_scripts.skullstrip import dice
@@ -121,6 +122,15 @@ def test_partitions_must_hold_training_and_validation_scans_and_never_share_a_su
 def manifest(*scans: tuple[str, str]) -> pd.DataFrame:
     return pd.DataFrame([{"path": f"{s}/{i}.nii.gz", "subject": s, "image_id": i, "group": "CN", "label": 0}
                          for s, i in scans])
+
+
+def test_the_subjects_hash_names_the_set_of_subjects_per_partition():
+    """A subject with several scans counts once and the order does not matter; moving a subject from
+    training to validation, or swapping one, changes the hash."""
+    key = subjects_digest({"train": ["a", "b", "b"], "val": ["c"]})
+    assert key == subjects_digest({"train": ["b", "a"], "val": ["c", "c"]})
+    assert key != subjects_digest({"train": ["a"], "val": ["b", "c"]})
+    assert key != subjects_digest({"train": ["a", "d"], "val": ["c"]})
 
 
 def test_each_scan_is_segmented_by_the_unet_that_holds_its_subject_out():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from nibabel.processing import resample_from_to
 
-from conftest import TINY, run_snakemake, write_config
+from conftest import TINY, USER_EXCLUSION_REASON, run_snakemake, write_config
 from workflow_scripts.skullstrip import dice
 
 pytestmark = pytest.mark.workflow
@@ -25,7 +25,8 @@ def test_every_usable_scan_has_one_file_per_stage(demo_run):
     scans = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str)
     planted = pd.read_csv(demo_run / "demo_data" / "truth" / "faults.tsv", sep="\t", dtype=str)
     used_copies = planted["kind"].isin(["duplicate_copy", "lower_case_group"]).sum()
-    assert len(scans) == TINY["demo"]["n_subjects"] + used_copies and set(scans["group"]) == {"AD", "CN"}
+    by_user = 1  # the scan the demo_run fixture excludes by hand
+    assert len(scans) == TINY["demo"]["n_subjects"] + used_copies - by_user and set(scans["group"]) == {"AD", "CN"}
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
         for stage in STAGES:
             assert (results / stage / subject / f"{image_id}.nii.gz").is_file(), (stage, image_id)
@@ -190,6 +191,8 @@ def test_every_broken_series_is_left_out_with_its_reason_and_the_rest_of_the_stu
     for manifest in (results / "splits").rglob("*.csv"):
         assert not left_out & set(pd.read_csv(manifest, dtype=str)["image_id"]), manifest
     assert set(usable["image_id"]) == set(scans["image_id"]) - set(dropped["image_id"])
+    by_user = dropped[dropped["reason_code"] == "excluded_by_user"]
+    assert len(by_user) == 1 and USER_EXCLUSION_REASON in by_user["reason"].iloc[0]  # the fixture's exclusion
     assert (results / "models" / TINY_MAIN / "summary.json").is_file()  # the study went on to training
     assert (f"scans: {len(usable)} used, {len(dropped)} dropped after ingest (reasons in results/dropped.tsv), "
             f"{len(excluded)} left out by ingest") in (demo_run / "snakemake_output.txt").read_text()

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import warnings
 from collections import Counter
@@ -176,33 +177,59 @@ class SeriesCheck:
     instances: str = ""             # digest of the sorted SOPInstanceUIDs: tells identical copies apart
 
 
+def _series_entries(folder: Path) -> list[tuple[str, os.DirEntry]]:
+    """(path relative to the folder, directory entry) of every file of a series folder, sorted as paths.
+
+    One os.scandir walk (no stat for what the directory listing already says): subfolders are
+    included as dicom2nifti reads them, symlinked folders are not entered, hidden names skipped.
+    """
+    found, pending = [], [("", str(folder))]
+    while pending:
+        prefix, where = pending.pop()
+        try:
+            with os.scandir(where) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    relative = prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((relative + os.sep, entry.path))
+                    elif entry.is_file():
+                        found.append((relative, entry))
+        except OSError:  # an unreadable or vanished subfolder lists nothing, as Path.rglob does
+            continue
+    return sorted(found, key=lambda item: item[0].split(os.sep))
+
+
 def series_files(folder: Path) -> list[Path]:
     """The files of a series folder, subfolders included as dicom2nifti reads them; hidden files skipped."""
-    return sorted(p for p in Path(folder).rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    folder = Path(folder)
+    return [folder / relative for relative, _ in _series_entries(folder)]
 
 
 def _series_fingerprint(folder: Path) -> str:
     """Changes whenever a file in the series is added, removed or rewritten."""
     stats = []
-    for path in series_files(folder):
-        stat = path.stat()
-        stats.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    for relative, entry in _series_entries(Path(folder)):
+        stat = entry.stat()
+        stats.append((relative, stat.st_size, stat.st_mtime_ns))
     return json.dumps(stats)
 
 
-def pixel_data_problem(ds, path: Path) -> tuple[str, str] | None:
+def pixel_data_problem(ds, path: Path, file_size: int | None = None) -> tuple[str, str] | None:
     """(code, reason) when a file's pixel data is not what its header declares, else None.
 
     Native transfer syntaxes: the byte count must be rows x columns x frames x samples x bits
     allocated / 8 (plus one pad byte when that is odd). Compressed (encapsulated) ones: the
     fragments must parse into NumberOfFrames non-empty frames; pixels are not decoded.
+    ``file_size``: the bytes the file was parsed from (None: the file is asked).
     """
     from pydicom.encaps import generate_frames
     from pydicom.pixels.utils import get_expected_length
 
     if "PixelData" not in ds:
-        return ("truncated_pixel_data", f"{path} has no pixel data: the file ends after {path.stat().st_size} "
+        size = path.stat().st_size if file_size is None else file_size
+        return ("truncated_pixel_data", f"{path} has no pixel data: the file ends after {size} "
                                         f"bytes (an interrupted download?); download the image again")
     frames = int(ds.get("NumberOfFrames") or 1)
     if ds.file_meta.TransferSyntaxUID.is_encapsulated:
@@ -225,32 +252,55 @@ def pixel_data_problem(ds, path: Path) -> tuple[str, str] | None:
         return ("unreadable_dicom", f"{path} lacks the image attributes its pixel data needs "
                                     f"({type(err).__name__}: {err}); download the image again")
     actual = len(ds.PixelData)
+    if expected <= actual <= expected + expected % 2:
+        return None
     shape = (f"{ds.Rows} rows x {ds.Columns} columns x {frames} frame(s) x {ds.SamplesPerPixel} sample(s) x "
              f"{ds.BitsAllocated} bits / 8 = {expected} bytes")
     if actual < expected:
         return ("truncated_pixel_data", f"{path}: pixel data has {actual} bytes where the header declares "
                                         f"{shape}; the file is cut short, download the image again")
-    if actual > expected + expected % 2:
-        return ("bad_pixel_data", f"{path}: pixel data has {actual} bytes, more than the header declares "
-                                  f"({shape}); the file is damaged, download the image again")
-    return None
+    return ("bad_pixel_data", f"{path}: pixel data has {actual} bytes, more than the header declares "
+                              f"({shape}); the file is damaged, download the image again")
 
 
 def read_dicom_file(path: Path):
-    """Read one file completely; returns (dataset, None) or (None, (code, reason))."""
+    """Read one file completely; returns (dataset, None) or (None, (code, reason)).
+
+    The bytes are read in one call and parsed from memory: on the open file pydicom makes two or
+    three small reads per element, about a fifth of its CPU time on the benchmark's files.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
+        data = Path(path).read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
         return None, ("unreadable_dicom", f"{path} is not a readable DICOM file ({type(err).__name__}: {err}); "
                                           f"download the image again, or remove the file if it is not part "
                                           f"of the series")
-    problem = pixel_data_problem(ds, path)
+    problem = pixel_data_problem(ds, path, len(data))
     return (None, problem) if problem else (ds, None)
+
+
+def _read_ahead(files: Sequence[Path]) -> None:
+    """Ask the kernel to start reading a series' files now (POSIX_FADV_WILLNEED), so a cold disk's
+    reads overlap the parsing instead of adding to it; a no-op where the OS lacks posix_fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # read_dicom_file names the file
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _pixel_spacing_mm(ds) -> tuple[float, float]:
@@ -304,6 +354,7 @@ def check_series(folder: Path) -> SeriesCheck:
     files = series_files(folder)
     if not files:
         return SeriesCheck(False, f"not a volume: {folder} holds no files", "not_a_volume")
+    _read_ahead(files)
     headers = []
     for path in files:
         ds, problem = read_dicom_file(path)

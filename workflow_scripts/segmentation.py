@@ -8,7 +8,7 @@ mask per scan (1 = left, 2 = right hippocampus) on the model-input grid for volu
         --val results/splits/cv/fold0/val.csv --held-out results/splits/cv/fold0/held_out.csv \\
         --truth-dir results/segmentation/truth --out-dir results/segmentation/cv/fold0
     python -m workflow_scripts.segmentation train --source msd --msd-root /data/Task04_Hippocampus --out-dir ...
-    python -m workflow_scripts.segmentation assign --scans results/scans.tsv --train results/splits/train.csv \\
+    python -m workflow_scripts.segmentation assign --scans results/usable.tsv --train results/splits/train.csv \\
         --val results/splits/val.csv --test results/splits/test.csv \\
         --held-out results/splits/cv/fold0/held_out.csv results/splits/cv/fold1/held_out.csv \\
         --output results/segmentation/mask_models.tsv
@@ -238,8 +238,8 @@ def seen_subjects(items: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def subjects_digest(subjects: Mapping[str, Sequence[str]]) -> str:
-    """SHA-256 of the training and validation subject lists: one short key to compare two U-Nets by."""
-    text = json.dumps({name: sorted(subjects[name]) for name in SEEN_PARTITIONS}, sort_keys=True)
+    """SHA-256 of the training and validation subjects (each once, sorted): one short key to compare U-Nets by."""
+    text = json.dumps({name: sorted(set(subjects[name])) for name in SEEN_PARTITIONS}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -603,7 +603,7 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
 
 def assign_main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser("Name the U-Net that segments each scan: its CV fold's (held-out scans) or the main one.")
-    p.add_argument("--scans", required=True, help="results/scans.tsv (every usable scan gets a mask)")
+    p.add_argument("--scans", required=True, help="results/usable.tsv (every usable scan gets a mask)")
     p.add_argument("--train", required=True, help="results/splits/train.csv")
     p.add_argument("--val", required=True, help="results/splits/val.csv")
     p.add_argument("--test", required=True, help="results/splits/test.csv")
