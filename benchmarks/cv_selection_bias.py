@@ -99,7 +99,11 @@ def with_mean_rows(table: pd.DataFrame) -> pd.DataFrame:
     numeric = table.select_dtypes("number").drop(columns=["epoch", "old_epoch"], errors="ignore")
     rows = [{"fold": "mean", **numeric.mean().to_dict()},
             {"fold": "sd", **numeric.std(ddof=1).to_dict()}]
-    return pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    for column in ("epoch", "old_epoch"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:

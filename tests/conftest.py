@@ -101,16 +101,17 @@ def tiny_demo(tmp_path_factory) -> dict:
 
 # The workflow's `all` on a tiny demo collection: 3 mm voxels, 32^3 inputs, two epochs.
 TINY = {
-    # 4 AD and 4 CN subjects: per class 1 test, 1 val and 2 train subjects, so that each of the 3 CV
-    # folds holds out 1 subject per class and its other folds still have 2 (1 inner validation, 1 training)
-    # with every kind of broken series a real download has (workflow_scripts/demo_faults.py): each must be
-    # excluded or dropped with its reason while the rest of the study runs to the end
-    "demo": {"n_subjects": 8, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0,
+    # 6 AD and 6 CN subjects with every kind of broken series a real download has
+    # (workflow_scripts/demo_faults.py): each must be excluded or dropped with its reason while the rest
+    # of the study runs to the end. With ratios 0.6/0.2/0.2 and 2 CV folds, after the faults' extra scans,
+    # class balance and the hand-excluded scan, each fold's other folds still hold 2+ subjects per class
+    # (one for the inner validation split, the rest to train on); with 8 subjects the split stops there.
+    "demo": {"n_subjects": 12, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0,
              "faults": ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "duplicate_copy",
                         "lower_case_group", "excel_csv", "not_a_head"]},
     "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
-    "split": {"ratios": [0.34, 0.33, 0.33]},
-    "cv": {"folds": 3},
+    "split": {"ratios": [0.6, 0.2, 0.2]},
+    "cv": {"folds": 2},
     "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
                     "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"},
                     # the 2D baseline's recipe on 4 axial slices, from random weights

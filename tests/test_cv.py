@@ -67,7 +67,8 @@ def test_an_added_subject_displaces_at_most_one_inner_validation_subject():
 
 def test_fold_manifests_cover_the_other_folds_and_hold_out_fold_k():
     cv = cv_folds_of(scans_table())
-    manifests = split.cv_fold_manifests(cv, 3, 0.2, seed=42)
+    manifests, untrainable = split.cv_fold_manifests(cv, 3, 0.2, seed=42)
+    assert untrainable == {}
     for fold, parts in manifests.items():
         assert sorted(parts["held_out"]["image_id"]) == sorted(cv.loc[cv["fold"] == fold, "image_id"])
         trained = pd.concat([parts["train"], parts["val"]])
@@ -79,13 +80,26 @@ def test_fold_manifests_cover_the_other_folds_and_hold_out_fold_k():
     assert audit["passed"] and audit["folds"]["1"]["held_out_is_fold"] is True
     with pytest.raises(cli.PipelineError, match="strictly between 0 and 1"):
         split.cv_fold_manifests(cv, 3, 1.0, seed=42)
-    with pytest.raises(cli.PipelineError, match=r"CV fold 3 holds no scans .* lower cv.folds"):
-        split.cv_fold_manifests(cv, 4, 0.2, seed=42)
+
+
+def test_a_fold_too_small_to_split_gets_empty_manifests_and_its_reason_while_the_others_go_on():
+    cv = cv_folds_of(scans_table(n_ad=6, n_cn=6, visits=1))
+    few = cv[~((cv["group"] == "AD") & (cv["fold"] != 0))]  # AD: 2 subjects in fold 0, and 1 in fold 1
+    few = pd.concat([few, cv[(cv["group"] == "AD") & (cv["fold"] == 1)].iloc[:1]])
+    manifests, untrainable = split.cv_fold_manifests(few, 3, 0.2, seed=42)
+    assert list(untrainable) == [0] and "the other folds hold 1 AD subject(s)" in untrainable[0]
+    assert manifests[0]["train"].empty and manifests[0]["val"].empty and len(manifests[0]["held_out"]) == 4
+    assert set(manifests[1]["val"]["label"]) == {0, 1}  # the other folds are split as usual
+    audit = split.audit_fold_manifests(manifests, few, untrainable)
+    assert audit["passed"] is True and audit["folds"]["0"]["untrainable"] == untrainable[0]
+    assert audit["folds"]["1"]["untrainable"] is None
+    _, untrainable = split.cv_fold_manifests(cv, 4, 0.2, seed=42)  # 3 folds dealt, 4 asked for
+    assert list(untrainable) == [3] and "CV fold 3 holds no scans" in untrainable[3]
 
 
 def test_the_audit_names_a_subject_in_two_roles_and_a_held_out_fold_that_is_not_fold_k():
     cv = cv_folds_of(scans_table())
-    manifests = split.cv_fold_manifests(cv, 3, 0.2, seed=42)
+    manifests, _ = split.cv_fold_manifests(cv, 3, 0.2, seed=42)
     leaked = manifests[0]["held_out"].iloc[[0]]
     manifests[0]["val"] = pd.concat([manifests[0]["val"], leaked.assign(image_id="I_copy")])
     manifests[1]["held_out"] = manifests[1]["held_out"].iloc[1:]
@@ -215,3 +229,16 @@ def test_cv_summary_names_a_file_that_is_not_fold_metrics_and_a_missing_fold(tmp
     held = [write_fold(tmp_path, k, "held_out.json", metrics_block(0.7)) for k in range(2)]
     with pytest.raises(cli.PipelineError, match="1 test metrics for 2 folds"):
         summarise_cv(held, held[:1])
+
+
+def test_the_split_goes_on_when_cv_cannot_be_split_and_says_why(tmp_path):
+    """3 subjects per class: train+val hold 2 per class, too few for an inner split in any of 3 folds."""
+    scans_table(n_ad=3, n_cn=3, visits=1).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
+    out = tmp_path / "splits"
+    assert cli.run(split.main, ["--scans", str(tmp_path / "scans.tsv"), "--out-dir", str(out), "--ratios", "0.34",
+                                "0.33", "0.33", "--inner-val-share", "0.111"]) == 0
+    assert len(pd.read_csv(out / "train.csv")) and len(pd.read_csv(out / "cv" / "fold0" / "held_out.csv"))
+    assert pd.read_csv(out / "cv" / "fold0" / "val.csv").empty
+    text = (out / "summary.txt").read_text()
+    assert "WARNING: CV fold 0: the other folds hold 1 AD subject(s)" in text and "training stops" in text
+    assert json.loads((out / "audit.json").read_text())["cv_fold_manifests"]["folds"]["0"]["untrainable"]

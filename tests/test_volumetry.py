@@ -144,7 +144,7 @@ def test_a_cv_fold_is_fitted_on_its_training_manifest_and_predicts_its_inner_val
     manifest, volumes = _cohort(30, seed=5, shift=1.0)
     manifest["fold"] = np.arange(len(manifest)) % 3
     manifest.to_csv(tmp_path / "cv_folds.csv", index=False)
-    split.write_fold_manifests(split.cv_fold_manifests(manifest, 3, 0.2, seed=42), tmp_path)
+    split.write_fold_manifests(split.cv_fold_manifests(manifest, 3, 0.2, seed=42)[0], tmp_path)
     volumes.to_csv(tmp_path / "volumes.tsv", sep="\t", index=False)
 
     volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--folds-csv", str(tmp_path / "cv_folds.csv"),

@@ -250,9 +250,10 @@ def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[s
             subject, image_id, folder = place(kind, first, truth=True)
             copy_series(first.folder, folder, subject=subject, image_id=image_id, key=f"{seed}:{image_id}")
             shutil.copytree(folder, folder.parent.with_name(folder.parent.name + "_copy") / image_id)
-        elif kind == "lower_case_group":
-            for source, group in ((first, "ad"), (second, " cn")):
-                subject, image_id, folder = place(kind, source, group=group, truth=True)
+        elif kind == "lower_case_group":  # a new image of an AD and of a CN subject, group written by hand
+            for group, written in (("AD", "ad"), ("CN", " cn")):
+                source = good_sources(root, table[table["Group"] == group], rng, needed=1)[0]
+                subject, image_id, folder = place(kind, source, group=written, truth=True)
                 copy_series(source.folder, folder, subject=subject, image_id=image_id, key=f"{seed}:{image_id}")
         elif kind == "excel_csv":
             place(kind, first, Description=EXCEL_DESCRIPTION)   # a distractor row: no folder needed

@@ -273,7 +273,8 @@ def read_dicom_file(path: Path):
     from pydicom.errors import InvalidDicomError
 
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data))

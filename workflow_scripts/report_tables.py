@@ -234,29 +234,6 @@ def metrics_html(metrics: dict, experiment: str) -> str:
     ])
 
 
-def cv_table(summary: dict) -> pd.DataFrame:
-    """Mean ± sample SD over folds and every fold's value, one row per metric."""
-    rows = []
-    for name, entry in summary.items():
-        if not isinstance(entry, dict) or "folds" not in entry:
-            continue
-        row = {"metric": METRIC_LABELS.get(name, name),
-               "mean ± SD": "undefined" if entry.get("mean") is None else
-               f"{entry['mean']:.3f}" + ("" if entry.get("std") is None else f" ± {entry['std']:.3f}")}
-        for i, value in enumerate(entry["folds"]):
-            row[f"fold {i}"] = "-" if value is None else f"{value:.3f}"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def cv_html(summary: dict, experiment: str) -> str:
-    return html_page(f"Cross-validation: {experiment}", [
-        paragraph("Subject-level cross-validation over the training and validation subjects (test held out): each "
-                  "fold's validation metrics at the scan level, their mean and sample standard deviation (ddof 1). "
-                  "The dissertation reports 77.26% ± 2.34 accuracy over 3 folds on ADNI."),
-        html_table(cv_table(summary))])
-
-
 def comparison_html(table: pd.DataFrame) -> str:
     """The comparison CSV, numbers rounded, the main experiment first."""
     shown = table.copy()
@@ -491,10 +468,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--metrics", required=True)
     c.add_argument("--experiment", required=True)
     c.add_argument("--output", required=True)
-    c = sub.add_parser("cv", help="one experiment's cross-validation summary")
-    c.add_argument("--summary", required=True)
-    c.add_argument("--experiment", required=True)
-    c.add_argument("--output", required=True)
     c = sub.add_parser("comparison", help="the comparison table")
     c.add_argument("--csv", required=True)
     c.add_argument("--output", required=True)
@@ -529,8 +502,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workflow_scripts.compare import read_metrics
 
         page = metrics_html(read_metrics(args.metrics), args.experiment)
-    elif args.command == "cv":
-        page = cv_html(read_json(args.summary, "CV summary"), args.experiment)
     elif args.command == "comparison":
         page = comparison_html(pd.read_csv(args.csv))
     elif args.command == "curves":

@@ -505,7 +505,7 @@ def build_summary(table: pd.DataFrame, chosen: pd.DataFrame, targets: Mapping[st
                              & (chosen["group"] == group)]
             fold_table[str(fold)][group] = {"scans": int(members["n_scans"].sum()), "subjects": int(len(members))}
             if members.empty:
-                warnings.append(f"CV fold {fold} has no {group} subject in its validation set")
+                warnings.append(f"CV fold {fold} has no {group} subject in its held-out scans")
     scan_labels = {p: {g: int(((table["subject"].map(chosen["partition"]) == p) & (table["group"] == g)).sum())
                        for g in classes} for p in PARTITIONS}
     return {
@@ -678,27 +678,35 @@ def inner_validation_subjects(candidates: pd.DataFrame, share: float, seed: int,
 
 
 def cv_fold_manifests(cv_folds: pd.DataFrame, folds: int, share: float,
-                      seed: int) -> dict[int, dict[str, pd.DataFrame]]:
+                      seed: int) -> tuple[dict[int, dict[str, pd.DataFrame]], dict[int, str]]:
     """Per outer fold k: train (the other folds less the inner validation subjects), val (those subjects)
-    and held_out (fold k), each with MANIFEST_COLUMNS in cv_folds' row order."""
+    and held_out (fold k), each with MANIFEST_COLUMNS in cv_folds' row order; and, per fold that cannot
+    be trained (too few subjects), the reason. Such a fold gets empty train and val manifests, so that
+    the split (and the main model) still go on and only that fold's training stops."""
     if not 0 < share < 1:
         raise cli.PipelineError(f"cv.inner_val_share must lie strictly between 0 and 1, got {share}")
     fold_of_scan = cv_folds["fold"].astype(int)
-    result = {}
+    result, reasons = {}, {}
     for fold in range(int(folds)):
         held, rest = cv_folds[fold_of_scan == fold], cv_folds[fold_of_scan != fold]
-        if held.empty:
-            raise cli.PipelineError(f"CV fold {fold} holds no scans ({cv_folds['subject'].nunique()} train+val "
-                                    f"subjects for cv.folds={folds}); lower cv.folds or add subjects")
-        is_val = rest["subject"].isin(inner_validation_subjects(rest, share, seed, fold))
+        try:
+            if held.empty:
+                raise cli.PipelineError(f"CV fold {fold} holds no scans ({cv_folds['subject'].nunique()} train+val "
+                                        f"subjects for cv.folds={folds}); lower cv.folds or add subjects")
+            is_val = rest["subject"].isin(inner_validation_subjects(rest, share, seed, fold))
+        except cli.PipelineError as err:
+            reasons[fold], rest, is_val = str(err), rest.iloc[:0], pd.Series(dtype=bool)
         result[fold] = {role: part[list(MANIFEST_COLUMNS)].reset_index(drop=True)
                         for role, part in zip(FOLD_ROLES, (rest[~is_val], rest[is_val], held))}
-    return result
+    return result, reasons
 
 
-def audit_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]], cv_folds: pd.DataFrame) -> dict:
+def audit_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]], cv_folds: pd.DataFrame,
+                         reasons: Mapping[int, str] | None = None) -> dict:
     """Per fold: train, val and held_out subject-disjoint, held_out exactly fold k of cv_folds, train+val exactly
-    the other folds, both classes in train and val; ``passed`` is False with the offending subjects named."""
+    the other folds, both classes in train and val (except in a fold ``reasons`` names as untrainable, whose
+    train and val are empty); ``passed`` is False with the offending subjects named."""
+    reasons = reasons or {}
     per_fold, offending = {}, set()
     fold_of_scan = cv_folds["fold"].astype(int)
     subject_of = dict(zip(cv_folds["image_id"], cv_folds["subject"]))
@@ -708,15 +716,17 @@ def audit_fold_manifests(fold_manifests: Mapping[int, Mapping[str, pd.DataFrame]
                         | (subjects["val"] & subjects["held_out"]))
         held_ids, fold_ids = set(parts["held_out"]["image_id"]), set(cv_folds.loc[fold_of_scan == fold, "image_id"])
         trained = set(parts["train"]["image_id"]) | set(parts["val"]["image_id"])
-        rest_ids = set(cv_folds.loc[fold_of_scan != fold, "image_id"])
+        rest_ids = set() if fold in reasons else set(cv_folds.loc[fold_of_scan != fold, "image_id"])
         mismatched = sorted((held_ids ^ fold_ids) | (trained ^ rest_ids))
-        missing = {role: sorted({0, 1} - set(parts[role]["label"].astype(int))) for role in ("train", "val")}
+        missing = {role: [] if fold in reasons else sorted({0, 1} - set(parts[role]["label"].astype(int)))
+                   for role in ("train", "val")}
         offending |= set(shared) | {subject_of.get(i, i) for i in mismatched}
         per_fold[str(fold)] = {
             "scans": {role: int(len(parts[role])) for role in FOLD_ROLES},
             "subjects": {role: len(subjects[role]) for role in FOLD_ROLES},
             "subjects_in_two_roles": shared, "scans_not_matching_cv_folds": mismatched,
             "held_out_is_fold": held_ids == fold_ids, "labels_missing": missing,
+            "untrainable": reasons.get(fold),
         }
     passed = not offending and all(not m for f in per_fold.values() for m in f["labels_missing"].values())
     return {"passed": passed, "folds": per_fold, "offending_subjects": sorted(offending)}
@@ -782,10 +792,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                        label_policy=args.label_policy,
                        excluded=labels.read_excluded(args.excluded) if args.excluded else None)
     audit = audit_split(split.manifests, split.cv_folds)
-    per_fold = None if args.inner_val_share is None else cv_fold_manifests(split.cv_folds, args.folds,
-                                                                            args.inner_val_share, args.seed)
-    if per_fold is not None:
-        audit = with_fold_audit(audit, audit_fold_manifests(per_fold, split.cv_folds))
+    per_fold = None
+    if args.inner_val_share is not None:
+        per_fold, untrainable = cv_fold_manifests(split.cv_folds, args.folds, args.inner_val_share, args.seed)
+        audit = with_fold_audit(audit, audit_fold_manifests(per_fold, split.cv_folds, untrainable))
+        split.summary["warnings"] += [f"{reason}; its cv/fold{fold}/train.csv and val.csv are empty, so that fold's "
+                                      f"training stops" for fold, reason in untrainable.items()]
     write_text_atomic(json.dumps(audit, indent=2) + "\n", out / "audit.json")
     if not audit["passed"]:
         raise cli.PipelineError(

@@ -1155,7 +1155,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", help="training manifest CSV (path, subject, image_id, group, label)")
     data.add_argument("--val", help="validation manifest CSV")
     data.add_argument("--folds-csv", help="the split's cv_folds.csv; with --fold, replaces --train/--val")
-    data.add_argument("--fold", type=int, help="validation fold of a CV run")
+    data.add_argument("--fold", type=int, help="outer fold of a CV run (trained on cv/fold<k>/train.csv, "
+                      "selected on its val.csv; the fold itself is only reported on)")
     data.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
     data.add_argument("--out-dir", help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
     model = p.add_argument_group("model")
