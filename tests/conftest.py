@@ -101,15 +101,20 @@ def tiny_demo(tmp_path_factory) -> dict:
 
 # The workflow's `all` on a tiny demo collection: 3 mm voxels, 32^3 inputs, two epochs.
 TINY = {
-    # 6 AD and 6 CN subjects with every kind of broken series a real download has
-    # (workflow_scripts/demo_faults.py): each must be excluded or dropped with its reason while the rest
-    # of the study runs to the end. With ratios 0.6/0.2/0.2 and 2 CV folds, after the faults' extra scans,
-    # class balance and the hand-excluded scan, each fold's other folds still hold 2+ subjects per class
-    # (one for the inner validation split, the rest to train on); with 8 subjects the split stops there.
+    # 6 AD and 6 CN subjects, and the broken series a real download has that reach the workflow
+    # (workflow_scripts/demo_faults.py; the kinds ingest uses, duplicate_copy and lower_case_group, are
+    # checked at ingest in tests/test_ingest.py): each must be excluded or dropped with its reason while
+    # the rest of the study runs to the end. With ratios 0.6/0.2/0.2 and 2 CV folds, after the scan the
+    # demo_run fixture excludes by hand and class balance, each fold's other folds still hold 2+
+    # subjects per class (one for the inner validation split, the rest to train on).
     "demo": {"n_subjects": 12, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0,
-             "faults": ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "duplicate_copy",
-                        "lower_case_group", "excel_csv", "not_a_head"]},
-    "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
+             "faults": ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "excel_csv",
+                        "not_a_head"]},
+    # 2 mm resampling: the 3 mm demo heads at 1 mm would be 205 x 255 x 255 voxels to resample
+    "preprocess": {"skullstrip": {"method": "deepbet"}, "resample": {"spacing": [2.0, 2.0, 2.0]},
+                   "target_shape": [32, 32, 32]},
+    # a short SyN: the 32^3 test inputs make the atlas volumes noise anyway (see test_hippocampus_atlas)
+    "hippocampus": {"reg_iterations": [10, 0, 0]},
     "split": {"ratios": [0.6, 0.2, 0.2]},
     "cv": {"folds": 2},
     "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
