@@ -204,8 +204,11 @@ def test_selection_rule_picks_the_checkpoint_and_embeddings_are_exported(tiny, t
     predictions = pd.read_csv(out / "val_predictions.csv", dtype={"image_id": str})
     np.testing.assert_allclose(predictions["prob"], embeddings["prob"], rtol=1e-5)
 
+    # the same tensors as scans of people the model never saw (it refuses to score its own validation subjects)
+    unseen = tmp_path / "unseen.csv"
+    val.assign(subject=val["subject"].str.replace("va_", "te_", regex=False)).to_csv(unseen, index=False)
     test_npz, figure = tmp_path / "embeddings_test.npz", tmp_path / "embeddings.png"
-    main(["--predict", str(tiny["val"]), "--checkpoint", str(out / "best_hierarchy.pt"), "--predictions-out",
+    main(["--predict", str(unseen), "--checkpoint", str(out / "best_hierarchy.pt"), "--predictions-out",
           str(tmp_path / "p.csv"), "--embeddings-out", str(test_npz), "--num-workers", "0",
           "--projection", str(out / "embeddings_val.npz"), str(test_npz), "--projection-out", str(figure)])
     np.testing.assert_allclose(np.load(test_npz)["embedding"], embeddings["embedding"], rtol=1e-4, atol=1e-5)
