@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +24,7 @@ from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, bui
 from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
                                                 msd_items, train_transforms, truth_on_grid)
 from workflow_scripts.skullstrip import dice
-from conftest import REPO, TINY, discard_unless_failed
+from conftest import REPO, TINY
 
 # The settings of the tiny runs: the TINY config's U-Net (a 3D U-Net on the whole 32^3 volume).
 SMALL = {"model": "unet3d", "plane": "coronal", "channels": [8, 16, 32, 64], "strides": [2, 2, 2],
@@ -320,7 +319,7 @@ def study(tmp_path_factory) -> dict:
                        ratios=(0.5, 0.1, 0.4), folds=2)
     manifests = split.manifests
     held_out = pd.concat([manifests["val"], manifests["test"]])
-    return {"root": root, "manifests": manifests, "cv_folds": split.cv_folds, "truth_dir": root / "truth_grid",
+    return {"root": root, "manifests": manifests, "truth_dir": root / "truth_grid",
             "items": demo_items(manifests, root / "truth_grid"),
             "prior": location_prior_dice(manifests["train"], held_out, root / "truth_grid")}
 
@@ -442,126 +441,6 @@ def test_msd_source_trains_from_a_decathlon_layout_and_sides_come_from_the_midli
     assert (np.nonzero(labels == 1)[0] < midline).all() and (np.nonzero(labels == 2)[0] >= midline).all()
 
 
-# ----------------------------------------------------------------------------- cross-fitted masks
-
-
-def write_fold_manifests(cv_folds: pd.DataFrame, out: Path) -> dict[int, dict[str, Path]]:
-    """A tiny stand-in for rule split's per-fold manifests (cv/fold<k>/{train,val,held_out}.csv): fold k's
-    outer fold is held out; of the other train+val subjects every third (sorted) validates, the rest train."""
-    paths = {}
-    for fold in sorted(cv_folds["fold"].unique()):
-        rest = cv_folds[cv_folds["fold"] != fold]
-        inner_val = sorted(rest["subject"].unique())[::3]
-        parts = {"train": rest[~rest["subject"].isin(inner_val)], "val": rest[rest["subject"].isin(inner_val)],
-                 "held_out": cv_folds[cv_folds["fold"] == fold]}
-        (out / f"fold{fold}").mkdir(parents=True)
-        paths[int(fold)] = {}
-        for name, table in parts.items():
-            paths[int(fold)][name] = out / f"fold{fold}" / f"{name}.csv"
-            table.drop(columns="fold").to_csv(paths[int(fold)][name], index=False)
-    return paths
-
-
-def tiny_flags() -> list[str]:
-    """The TINY config's U-Net (32^3, 300 steps) as the train command's flags; the rest are config.yaml's."""
-    flags = []
-    for key, value in TINY["segmentation"].items():
-        flags += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
-    return flags + ["--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def cross_fit(study, study_3d, tmp_path_factory, request) -> dict:
-    """The workflow's cross-fitting on the study: one U-Net per CV fold trained by the train command on
-    its fold's manifests (TINY settings), study_3d's U-Net as the main one (split train/val), the
-    assign command's table of which U-Net segments each scan, and each scan segmented by that U-Net
-    with the predict command (mask and sidecar), as rules train_segmentation_fold,
-    segmentation_mask_models and hippocampus_unet do."""
-    failed_before = request.session.testsfailed
-    root = tmp_path_factory.mktemp("cross_fit")
-    main_paths = {}
-    for name, table in study["manifests"].items():
-        main_paths[name] = root / f"{name}.csv"
-        table.to_csv(main_paths[name], index=False)
-    folds = write_fold_manifests(study["cv_folds"], root / "cv")
-    runs, seconds = {"main": study_3d["out"]}, {}
-    for fold, paths in folds.items():
-        runs[f"fold{fold}"] = root / "segmentation" / "cv" / f"fold{fold}"
-        tick = time.perf_counter()
-        assert cli.run(segmentation_main, ["train", "--source", "demo", "--train", str(paths["train"]),
-                                           "--val", str(paths["val"]), "--held-out", str(paths["held_out"]),
-                                           "--truth-dir", str(study["truth_dir"]),
-                                           "--out-dir", str(runs[f"fold{fold}"]), *tiny_flags()]) == 0
-        seconds[fold] = time.perf_counter() - tick
-    scans = pd.concat(study["manifests"].values())[["image_id", "subject", "group"]]
-    scans.to_csv(root / "usable.tsv", sep="\t", index=False)
-    assert cli.run(segmentation_main, ["assign", "--scans", str(root / "usable.tsv"),
-                                       *[f"--{n}={main_paths[n]}" for n in ("train", "val", "test")], "--held-out",
-                                       *[str(folds[k]["held_out"]) for k in sorted(folds)],
-                                       "--output", str(root / "mask_models.tsv")]) == 0
-    chosen = pd.read_csv(root / "mask_models.tsv", sep="\t", dtype=str)
-    paths = pd.concat(study["manifests"].values()).set_index("image_id")["path"]
-    for row in chosen.itertuples():
-        image = paths[row.image_id]
-        assert cli.run(segmentation_main, [
-            "predict", "--checkpoint", str(runs[row.model] / "best.pt"), "--image", image,
-            "--brain-mask", image.replace(".nii.gz", "_mask.nii.gz"), "--subject", row.subject, "--device", "cpu",
-            "--output", str(root / "hippocampus" / row.subject / f"{row.image_id}.nii.gz"),
-            "--sidecar", str(root / "hippocampus" / row.subject / f"{row.image_id}.json")]) == 0
-    yield {"root": root, "folds": folds, "runs": runs, "seconds": seconds, "chosen": chosen}
-    discard_unless_failed(request, root, failed_before)
-
-
-def test_no_evaluated_scan_has_a_mask_from_a_unet_that_saw_its_subject(study, cross_fit):
-    """Every scan of fold k's held_out.csv is segmented by fold k's U-Net and every test scan by the main
-    one; in each case the sidecar's U-Net (the same as its summary's, by the subjects' hash) was
-    neither trained nor selected on the scan's subject."""
-    root, runs = cross_fit["root"], cross_fit["runs"]
-    evaluated = [(f"fold{k}", pd.read_csv(paths["held_out"], dtype=str)) for k, paths in cross_fit["folds"].items()]
-    evaluated.append(("main", study["manifests"]["test"]))
-    checked = set()
-    for run, table in evaluated:
-        summary = json.loads((runs[run] / "summary.json").read_text())
-        for row in table.itertuples():
-            sidecar = json.loads((root / "hippocampus" / row.subject / f"{row.image_id}.json").read_text())
-            assert sidecar["model_dir"] == str(runs[run]) and sidecar["subject"] == row.subject
-            assert row.subject not in sidecar["train_subjects"] + sidecar["val_subjects"], (row.image_id, run)
-            assert sidecar["subjects_sha256"] == summary["subjects_sha256"]
-            assert (root / "hippocampus" / row.subject / f"{row.image_id}.nii.gz").is_file()
-            checked.add(row.image_id)
-    assert checked == set(pd.concat(study["manifests"].values())["image_id"])  # every scan of the study
-
-
-def test_each_fold_unet_trains_only_on_its_folds_training_subjects(cross_fit):
-    """Fold k's U-Net records (checkpoint and summary) and scores as training exactly the scans of its
-    fold's train.csv, is selected on its val.csv, and treats held_out.csv as scored only."""
-    for fold, paths in cross_fit["folds"].items():
-        run = cross_fit["runs"][f"fold{fold}"]
-        parts = {name: pd.read_csv(path, dtype=str) for name, path in paths.items()}
-        seen = torch.load(run / "best.pt", weights_only=True)["subjects"]
-        assert seen == {name: sorted(set(parts[name]["subject"])) for name in ("train", "val")}
-        summary = json.loads((run / "summary.json").read_text())
-        assert {p: set(v["subjects"]) for p, v in summary["partitions"].items() if v["scans"]} == \
-            {name: set(table["subject"]) for name, table in parts.items()}
-        table = pd.read_csv(run / "dice.tsv", sep="\t", dtype=str)
-        for name, manifest_table in parts.items():
-            assert sorted(table.loc[table["partition"] == name, "image_id"]) == sorted(manifest_table["image_id"])
-        assert summary["settings"]["steps"] == TINY["segmentation"]["steps"]
-
-
-def test_predict_refuses_a_subject_its_unet_trained_or_selected_on(study, cross_fit, tmp_path):
-    """The mask job's guard: the main U-Net asked to segment a training or validation scan stops, names
-    the subject, and writes neither mask nor sidecar."""
-    for partition in ("train", "val"):
-        row = study["manifests"][partition].iloc[0]
-        argv = ["predict", "--checkpoint", str(cross_fit["runs"]["main"] / "best.pt"), "--image", row["path"],
-                "--brain-mask", row["path"].replace(".nii.gz", "_mask.nii.gz"), "--subject", row["subject"],
-                "--device", "cpu", "--output", str(tmp_path / "mask.nii.gz"), "--sidecar", str(tmp_path / "m.json")]
-        with pytest.raises(cli.PipelineError, match=f"subject {row['subject']} is among the {partition} subjects"):
-            segmentation_main(argv)
-        assert not (tmp_path / "mask.nii.gz").exists() and not (tmp_path / "m.json").exists()
-
-
 # ----------------------------------------------------------------------------- the workflow's outputs
 
 
@@ -618,8 +497,9 @@ def test_the_dice_table_is_the_dice_of_the_masks_volumetry_reads(demo_run):
 
 def test_workflow_masks_are_cross_fitted(demo_run):
     """In the workflow's own run: each scan of fold k's held_out.csv has a mask from fold k's U-Net and each
-    test scan one from the main U-Net, neither trained nor selected on its subject; fold k's U-Net was
-    trained on the subjects of its fold's train.csv and selected on its val.csv."""
+    test scan one from the main U-Net, neither trained nor selected on its subject (the sidecar's U-Net is
+    the summary's, by the subjects' hash); fold k's U-Net was trained on the subjects of its fold's
+    train.csv, selected on its val.csv, and scored held_out.csv only."""
     results = demo_run / "results"
     evaluated = {"results/segmentation": pd.read_csv(results / "splits" / "test.csv", dtype=str)}
     for fold in range(TINY["cv"]["folds"]):
@@ -628,12 +508,39 @@ def test_workflow_masks_are_cross_fitted(demo_run):
         run = f"results/segmentation/cv/fold{fold}"
         seen = torch.load(demo_run / run / "best.pt", weights_only=True)["subjects"]
         assert seen == {name: sorted(set(parts[name]["subject"])) for name in ("train", "val")}
+        summary = json.loads((demo_run / run / "summary.json").read_text())
+        assert {p: set(v["subjects"]) for p, v in summary["partitions"].items() if v["scans"]} == \
+            {name: set(table["subject"]) for name, table in parts.items()}
+        dice = pd.read_csv(demo_run / run / "dice.tsv", sep="\t", dtype=str)
+        for name, table in parts.items():
+            assert sorted(dice.loc[dice["partition"] == name, "image_id"]) == sorted(table["image_id"])
         evaluated[run] = parts["held_out"]
+    checked = set()
     for run, table in evaluated.items():
+        summary = json.loads((demo_run / run / "summary.json").read_text())
         for row in table.itertuples():
             sidecar = json.loads((results / "hippocampus" / row.subject / f"{row.image_id}.json").read_text())
-            assert sidecar["model_dir"] == run
+            assert sidecar["model_dir"] == run and sidecar["subject"] == row.subject
             assert row.subject not in sidecar["train_subjects"] + sidecar["val_subjects"]
+            assert sidecar["subjects_sha256"] == summary["subjects_sha256"]
+            checked.add(row.image_id)
+    partitioned = pd.concat([pd.read_csv(results / "splits" / f"{p}.csv", dtype=str) for p in ("train", "val", "test")])
+    assert set(partitioned["image_id"]) <= checked  # every scan of the split is segmented out of sample
+
+
+def test_predict_refuses_a_subject_its_unet_trained_or_selected_on(demo_run, tmp_path):
+    """The mask job's guard: the workflow's main U-Net asked to segment one of its training or validation
+    scans stops, names the subject, and writes neither mask nor sidecar."""
+    results = demo_run / "results"
+    for partition in ("train", "val"):
+        row = pd.read_csv(results / "splits" / f"{partition}.csv", dtype=str).iloc[0]
+        image = results / "ras" / row["subject"] / f"{row['image_id']}.nii.gz"
+        argv = ["predict", "--checkpoint", str(results / "segmentation" / "best.pt"), "--image", str(image),
+                "--brain-mask", str(image).replace(".nii.gz", "_mask.nii.gz"), "--subject", row["subject"],
+                "--device", "cpu", "--output", str(tmp_path / "mask.nii.gz"), "--sidecar", str(tmp_path / "m.json")]
+        with pytest.raises(cli.PipelineError, match=f"subject {row['subject']} is among the {partition} subjects"):
+            segmentation_main(argv)
+        assert not (tmp_path / "mask.nii.gz").exists() and not (tmp_path / "m.json").exists()
 
 
 def test_training_summary_names_partitions_best_and_worst_and_speed(demo_run):

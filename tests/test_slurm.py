@@ -21,7 +21,9 @@ PROFILE = REPO / "profiles" / "slurm"
 SMALL = {"threads": 1, "mem_mb": 2000}
 TINY_SLURM = {
     "demo": {"n_subjects": 6, "visits": 1, "n_mci": 0, "seed": 5, "voxel_scale": 3.0},
-    "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]},
+    # 2 mm resampling, as in the tiny workflow run: the 3 mm demo heads at 1 mm cost minutes per stage
+    "preprocess": {"skullstrip": {"method": "deepbet"}, "resample": {"spacing": [2.0, 2.0, 2.0]},
+                   "target_shape": [32, 32, 32]},
     "split": {"ratios": [0.34, 0.33, 0.33]},  # one subject per class and partition
     "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"}},
     "train": {"max_epochs": 1, "num_workers": 0, "wandb": {"mode": "disabled"}},
