@@ -4,7 +4,7 @@
     python benchmarks/demo_accuracy.py --workdir /tmp/demo_accuracy --ventricle-enlargement 1.0 \
         --hippocampus-atrophy 0.4                                        # stronger planted atrophy
 
-Runs the real workflow (``snakemake evaluate``: demo generation, ingest, the six
+Runs the real workflow (``snakemake evaluate``, with ``--cv`` also ``cv``: demo generation, ingest, the six
 preprocessing stages, split, training, test prediction, evaluation) in ``--workdir`` with
 the overlay below, then reports the held-out test metrics with their bootstrap intervals,
 an exact one-sided binomial test of subject-level accuracy against 0.5, and a one-sided
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> dict:
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(overlay(args), sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", str(args.cores), "--nolock", "evaluate", "--configfile", str(config)]
+           "--cores", str(args.cores), "--nolock", "evaluate", *(["cv"] if args.cv else []),
+           "--configfile", str(config)]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=workdir)
     wall = time.perf_counter() - start
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default="best_loss", choices=["best_loss", "best_acc"],
                    help="evaluate.checkpoint: best_loss here, since validation accuracy over a few subjects "
                         "moves in coarse steps and ties keep the first epoch")
+    p.add_argument("--cv", action="store_true",
+                   help="also run `snakemake cv` (the cv.folds fold models), for benchmarks/cv_selection_bias.py")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     figures = run(args)
