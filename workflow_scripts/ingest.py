@@ -33,7 +33,7 @@ LOG = logging.getLogger(__name__)
 COLLECTION_COLUMNS = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality",
                       "Description", "Type", "Acq Date", "Format", "Downloaded")
 SCAN_COLUMNS = ("image_id", "subject", "group", "sex", "age", "visit", "acq_date", "description",
-                "phase", "manufacturer", "n_slices", "dicom_dir")
+                "phase", "manufacturer", "n_slices", "dicom_dir", "series_uid")
 EXCLUDED_COLUMNS = ("image_id", "subject", "group", "visit", "description", "reason_code", "reason")
 
 # ADNI enrolment phase by roster id (RID, the last four digits of a subject id); the
@@ -564,7 +564,7 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
                           "age": row["Age"], "visit": row["Visit"], "acq_date": iso_date(row["Acq Date"]),
                           "description": row["Description"], "phase": phase_of(subject, phase_ranges),
                           "manufacturer": check.manufacturer, "n_slices": check.n_slices,
-                          "dicom_dir": str(folder)})
+                          "dicom_dir": str(folder), "series_uid": check.series_uid})
     scans_df = pd.DataFrame(scans, columns=list(SCAN_COLUMNS))
     excluded_df = (pd.DataFrame(excluded, columns=["row", *EXCLUDED_COLUMNS]).sort_values("row", kind="stable")
                    .drop(columns="row").reset_index(drop=True))
