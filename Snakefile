@@ -42,6 +42,7 @@ include: "rules/evaluate.smk"
 include: "rules/bayes.smk"
 include: "rules/explain.smk"
 include: "rules/report.smk"
+include: "rules/predict.smk"
 
 
 # The last line of every successful run: scans used, dropped and left out, and where the reasons are.
@@ -58,6 +59,10 @@ rule all:
         rules.split.output,
         expand(f"{RESULTS}/models/{{experiment}}/summary.json", experiment=EXPERIMENTS),
         expand(f"{RESULTS}/cv/{{experiment}}/summary.json", experiment=EXPERIMENTS),
+        expand(
+            f"{RESULTS}/models/{{experiment}}/package/model_card.json",
+            experiment=experiments_of("video", "slices2d"),
+        ),
         rules.compare.output,
         report_targets,
         embedding_figures,

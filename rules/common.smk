@@ -180,24 +180,26 @@ SKULLSTRIP = PRE["skullstrip"]
 SYNTHSTRIP_CACHE_FILE = f"{SKULLSTRIP['synthstrip_cache']}/synthstrip.1.pt"
 
 
-def synthstrip_weights(wildcards=None):
+def synthstrip_weights(wildcards=None, skullstrip=None):
     """Weights for skull stripping with SynthStrip (a configured copy or the cached download)."""
-    if SKULLSTRIP["method"] != "synthstrip":
+    s = skullstrip or SKULLSTRIP
+    if s["method"] != "synthstrip":
         return []
-    configured = SKULLSTRIP["synthstrip_weights"]
+    configured = s["synthstrip_weights"]
     if configured:
         if not Path(configured).expanduser().is_file():
             raise WorkflowError(
                 f"preprocess.skullstrip.synthstrip_weights={configured} does not exist. Remedies: (1) point "
                 f"it at a copy of synthstrip.1.pt, or set it to null to download it once into "
-                f"{SKULLSTRIP['synthstrip_cache']}; (2) set preprocess.skullstrip.method: deepbet (works offline)."
+                f"{s['synthstrip_cache']}; (2) set preprocess.skullstrip.method: deepbet (works offline)."
             )
         return str(Path(configured).expanduser())
     return SYNTHSTRIP_CACHE_FILE
 
 
-def skullstrip_flags():
-    s = SKULLSTRIP
+def skullstrip_flags(skullstrip=None):
+    """The skull-strip command's settings: this config's, or a model package's (predict)."""
+    s = skullstrip or SKULLSTRIP
     flags = [f"--method {s['method']}"]
     bounds = config["qc"]["thresholds"].get("brain_volume_ml")
     if bounds:  # the QC bound, applied where the mask is made so a non-brain never reaches the later stages
@@ -211,8 +213,8 @@ def skullstrip_flags():
     return " ".join(flags)
 
 
-def n4_flags():
-    n4 = PRE["n4"]
+def n4_flags(n4=None):
+    n4 = n4 or PRE["n4"]
     flags = [
         f"--shrink-factor {n4['shrink_factor']}",
         "--iterations " + " ".join(str(i) for i in n4["iterations"]),
@@ -223,10 +225,17 @@ def n4_flags():
     return " ".join(flags)
 
 
-def n4_mask(wildcards):
-    if not PRE["n4"]["use_mask"]:
-        return []
-    return stage_file("cropped128", "_mask").format(subject=wildcards.subject, image_id=wildcards.image_id)
+def n4_mask_of(preprocess, mask_pattern):
+    """The input function of N4's mask: the cropped brain mask, when the settings use one."""
+    def n4_mask(wildcards):
+        if not preprocess["n4"]["use_mask"]:
+            return []
+        return mask_pattern.format(subject=wildcards.subject, image_id=wildcards.image_id)
+
+    return n4_mask
+
+
+n4_mask = n4_mask_of(PRE, stage_file("cropped128", "_mask"))
 
 
 # --- split, train, evaluate -------------------------------------------------------------

@@ -162,3 +162,36 @@ rule embeddings_projection:
     shell:
         "python -m workflow_scripts.train --projection {params.val:q} {input.test:q} --projection-out {output:q}"
         " > {log:q} 2>&1"
+
+
+# The portable package of a trained network (workflow_scripts/model_package.py): its selected
+# checkpoint as a plain state dict and a TorchScript module, and a model card with the test metrics,
+# the preprocessing settings and hashed training identifiers; `snakemake predict` and users elsewhere
+# read only this folder.
+rule model_package:
+    wildcard_constraints:
+        experiment=NETWORK_EXPERIMENTS,
+    input:
+        model=f"{RESULTS}/models/{{experiment}}/summary.json",
+        metrics=f"{RESULTS}/evaluation/{{experiment}}/metrics.json",
+        scans=f"{RESULTS}/scans.tsv",
+    output:
+        card=f"{RESULTS}/models/{{experiment}}/package/model_card.json",
+        state=f"{RESULTS}/models/{{experiment}}/package/model.pt",
+    params:
+        checkpoint=selected_checkpoint,
+        preprocess=json.dumps(PRE),
+        classes=" ".join(shlex.quote(c) for c in DATA["classes"]),
+        out_dir=lambda wildcards, output: os.path.dirname(output.card),
+    log:
+        f"{RESULTS}/logs/model_package/{{experiment}}.log",
+    threads: 1
+    resources:
+        mem_mb=res("predict", "mem_mb"),
+        runtime=res("predict", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.model_package --summary {input.model:q} --checkpoint {params.checkpoint:q}"
+        " --test-metrics {input.metrics:q} --scans {input.scans:q} --preprocess {params.preprocess:q}"
+        " --experiment {wildcards.experiment:q} --classes {params.classes} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -65,6 +65,18 @@ def vendor_collection(tmp_path_factory) -> dict:
     return {"root": root, "csv": root / "collection.csv", "series": expected}
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium() -> str:
+    """The system Chromium that Playwright drives for the HTML pages' browser tests."""
+    for name in CHROMIUM_NAMES:
+        if path := shutil.which(name):
+            return path
+    pytest.fail("no Chromium on PATH: install Debian's chromium package (apt-get install chromium) for the "
+                "HTML pages' browser tests")
+
+
 def write_config(path: Path, overrides: dict) -> Path:
     path.write_text(yaml.safe_dump(overrides, sort_keys=False))
     return path

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_snakemake
+from conftest import chromium, run_snakemake
 from workflow_scripts import cli, report_tables
 from workflow_scripts.evaluate import evaluate_predictions
 
 # The categories a reader browses, in the report's menu.
 CATEGORIES = ("Dataset", "Preprocessing QC", "Split", "Training", "Evaluation", "Cross-validation", "Comparison",
               "Clinical context", "Provenance")
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 def scans_table() -> pd.DataFrame:
@@ -140,14 +138,6 @@ def report_file(demo_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
     run_snakemake(demo_run, "--report", str(out), configfiles=[demo_run / "tiny.yaml"], timeout=600)
     return out
-
-
-def chromium() -> str:
-    for name in CHROMIUM_NAMES:
-        if path := shutil.which(name):
-            return path
-    pytest.fail("no Chromium on PATH: install Debian's chromium package (apt-get install chromium) for the "
-                "report's browser test")
 
 
 @pytest.mark.workflow

@@ -33,6 +33,7 @@ from workflow_scripts.ants_bridge import to_ants
 from workflow_scripts.demo import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, harvard_oxford_labels, package_file
 from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
+from workflow_scripts.scan_failure import run_stage
 
 LOG = logging.getLogger(__name__)
 
@@ -195,20 +196,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--keep-csf", action="store_true", help="keep warped label voxels at CSF intensity")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    scan = load_nifti(args.input)
-    brain = load_nifti(args.mask) if args.mask else None
-    labels, record = atlas_hippocampus(scan, brain=brain, template=args.template, transform=args.transform,
-                                       reg_iterations=args.reg_iterations, seed=args.seed,
-                                       drop_csf=not args.keep_csf)
-    save_nifti_atomic(labels, args.output)
-    record.update(scan=str(args.input), threads=args.threads)
-    if args.sidecar:
-        write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
-    if args.figure:
-        overlay_figure(scan, labels, args.figure, title=f"{Path(args.input).name}: hippocampus labels "
-                       f"({args.transform}; orange = left, cyan = right)")
-    LOG.info("%s: left %d, right %d voxels in %.1f s (%s)", args.output, record["voxels"]["left"],
-             record["voxels"]["right"], record["seconds"], args.transform)
+
+    def work() -> None:
+        scan = load_nifti(args.input)
+        brain = load_nifti(args.mask) if args.mask else None
+        labels, record = atlas_hippocampus(scan, brain=brain, template=args.template, transform=args.transform,
+                                           reg_iterations=args.reg_iterations, seed=args.seed,
+                                           drop_csf=not args.keep_csf)
+        save_nifti_atomic(labels, args.output)
+        record.update(scan=str(args.input), threads=args.threads)
+        if args.sidecar:
+            write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
+        if args.figure:
+            overlay_figure(scan, labels, args.figure, title=f"{Path(args.input).name}: hippocampus labels "
+                           f"({args.transform}; orange = left, cyan = right)")
+        LOG.info("%s: left %d, right %d voxels in %.1f s (%s)", args.output, record["voxels"]["left"],
+                 record["voxels"]["right"], record["seconds"], args.transform)
+
+    # a scan dropped at an earlier stage (predict runs this on every new scan) passes its failure record on
+    outputs = [args.output] + [path for path in (args.sidecar, args.figure) if path]
+    run_stage("hippocampus_atlas", [args.input] + ([args.mask] if args.mask else []), outputs, work)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +37,8 @@ LOG = logging.getLogger(__name__)
 
 CARD_VERSION = 1
 CARD_FILE, STATE_FILE, SCRIPT_FILE = "model_card.json", "model.pt", "model.ts"
-CLASS_NAMES = ("CN", "AD")  # label 0, label 1
+# The study labels its first data.classes entry 1 (AD) and the second 0 (CN): split.py.
+DEFAULT_CLASSES = ("AD", "CN")
 # Predictions are the argmax of the two-class softmax; no threshold is tuned on any scans.
 DECISION_THRESHOLD = 0.5
 INTENSITY_NORMALISATION = (
@@ -60,15 +62,19 @@ class PackagedClassifier(nn.Module):
         self.network = network
         self.z_normalise = z_normalise
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def normalise(self, volume: torch.Tensor) -> torch.Tensor:
+        """The network's input: TorchIO's masked ZNormalization (statistics of the voxels > 0, unbiased std)."""
         x = volume.float()
-        if self.z_normalise:  # TorchIO's masked ZNormalization: statistics of the voxels > 0 (unbiased std)
-            mask = (x > 0).to(x.dtype)
-            count = mask.sum(dim=(1, 2, 3, 4), keepdim=True)
-            mean = (x * mask).sum(dim=(1, 2, 3, 4), keepdim=True) / count
-            var = (((x - mean) * mask) ** 2).sum(dim=(1, 2, 3, 4), keepdim=True) / (count - 1)
-            x = (x - mean) / var.sqrt()
-        return torch.softmax(self.network(x).float(), dim=1)
+        if not self.z_normalise:
+            return x
+        mask = (x > 0).to(x.dtype)
+        count = mask.sum(dim=(1, 2, 3, 4), keepdim=True)
+        mean = (x * mask).sum(dim=(1, 2, 3, 4), keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum(dim=(1, 2, 3, 4), keepdim=True) / (count - 1)
+        return (x - mean) / var.sqrt()
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(self.normalise(volume)).float(), dim=1)
 
 
 def _phase_of(image_ids: Sequence[str], scans: pd.DataFrame) -> list[str]:
@@ -76,12 +82,19 @@ def _phase_of(image_ids: Sequence[str], scans: pd.DataFrame) -> list[str]:
     return [phases.get(str(i), "unknown") for i in image_ids]
 
 
-def training_data_summary(record: dict[str, Any], scans: pd.DataFrame) -> dict[str, Any]:
+def classes_by_label(classes: Sequence[str]) -> list[str]:
+    """The class names in label order (label 0 first): data.classes lists the positive (label 1) class first."""
+    return [classes[1], classes[0]]
+
+
+def training_data_summary(record: dict[str, Any], scans: pd.DataFrame,
+                          classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
     """Scans and subjects per role (train, val), by class and by ADNI phase."""
+    names = classes_by_label(classes)
     summary = {}
     for role in ("train", "val"):
         table = pd.DataFrame(record[role]["scans"])
-        table["class"] = [CLASS_NAMES[int(v)] if 0 <= int(v) < len(CLASS_NAMES) else str(v) for v in table["label"]]
+        table["class"] = [names[int(v)] if 0 <= int(v) < len(names) else str(v) for v in table["label"]]
         table["phase"] = _phase_of(table["image_id"], scans)
         summary[role] = {
             "scans": int(len(table)), "subjects": int(table["subject"].nunique()),
@@ -110,7 +123,8 @@ def _float(value: Any) -> float | None:
 
 
 def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str, Any] | None,
-               scans: pd.DataFrame, preprocess: dict[str, Any], experiment: str) -> dict[str, Any]:
+               scans: pd.DataFrame, preprocess: dict[str, Any], experiment: str,
+               classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
     """The model card: everything a receiver needs to use the model as it was trained, and judge it."""
     from workflow_scripts.report_tables import package_versions
 
@@ -125,8 +139,9 @@ def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str,
     return {
         "card_version": CARD_VERSION,
         "experiment": experiment,
-        "task": "Alzheimer's disease (AD, class 1) versus cognitively normal (CN, class 0) from one T1-weighted MRI",
-        "classes": list(CLASS_NAMES),
+        "task": f"{classes[0]} (label 1) versus {classes[1]} (label 0) from one T1-weighted MRI",
+        "classes": classes_by_label(classes),
+        "classes_note": "in label order: the network's output column i is the probability of classes[i]",
         "architecture": {"arch": config["arch"], "num_classes": config["num_classes"], "in_channels": 1,
                          "trainable_from": config.get("trainable_from"),
                          "torchvision_adaptation": "stem[0] is a 1-channel Conv3d (the RGB kernels summed), fc is "
@@ -136,16 +151,20 @@ def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str,
         "weights_origin": config.get("weights"),
         "input": {"shape": [1, *summary["input_shape"]], "dtype": "float32", "orientation": "RAS (x, y, z)",
                   "intensity_normalisation": INTENSITY_NORMALISATION,
-                  "model_ts_input": "the cached tensor ((N, 1, x, y, z), [0, 1]); output: softmax (p(CN), p(AD))"},
+                  "model_ts_input": "the cached tensor ((N, 1, x, y, z), [0, 1]); output: the softmax over "
+                                    "classes (label order)"},
         "preprocessing": {"stages": ["nifti (dicom2nifti)", "stripped", "resampled", "cropped128", "n4", "ras"],
                           "settings": preprocess},
         "decision_threshold": DECISION_THRESHOLD,
-        "decision_rule": "AD when p(AD) >= decision_threshold (the argmax of the two-class softmax; not tuned on "
+        "decision_rule": f"{classes[0]} when p({classes[0]}) >= decision_threshold (the argmax of the two-class softmax; not tuned on "
                          "any scans)",
-        "selection": {"rule": selection["rule"], "epoch": selection["epoch"], "checkpoint": Path(checkpoint).name,
+        "selection": {"rule": selection["rule"] if Path(checkpoint).name == selection["checkpoint"]
+                      else f"evaluate.checkpoint: {Path(checkpoint).stem}",
+                      "epoch": selection["epoch"] if Path(checkpoint).name == selection["checkpoint"] else None,
+                      "checkpoint": Path(checkpoint).name,
                       "chosen_on": "the validation split (val.csv)", "stop_reason": summary.get("stop_reason"),
                       "epochs_run": summary.get("epochs_run")},
-        "training_data": training_data_summary(summary["data"], scans),
+        "training_data": training_data_summary(summary["data"], scans, classes),
         "data_hash": summary["data"].get("hash"),
         "known_identifiers": known_identifiers(summary["data"], scans),
         "metrics": {"validation_at_selected_epoch": validation,
@@ -167,7 +186,8 @@ def script_module(module: PackagedClassifier, input_shape: Sequence[int]) -> tor
     generator = torch.Generator().manual_seed(0)
     example = torch.rand((1, 1, *input_shape), generator=generator)
     example[..., : max(1, input_shape[-1] // 8)] = 0  # some background, as in a real scan
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         difference = (traced(example) - module(example)).abs().max().item()
     if difference > 1e-5:
@@ -177,7 +197,7 @@ def script_module(module: PackagedClassifier, input_shape: Sequence[int]) -> tor
 
 def write_package(summary_path: str | Path, checkpoint: str | Path, out_dir: str | Path, *, scans_path: str | Path,
                   preprocess: dict[str, Any], test_metrics_path: str | Path | None = None,
-                  experiment: str | None = None) -> dict[str, Any]:
+                  experiment: str | None = None, classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
     """Write model.pt, model.ts (where the architecture can be traced) and model_card.json; returns the card."""
     from workflow_scripts.report_tables import read_json, read_tsv
     from workflow_scripts.train import load_trained_model
@@ -189,11 +209,13 @@ def write_package(summary_path: str | Path, checkpoint: str | Path, out_dir: str
     test_metrics = read_json(test_metrics_path, "test metrics") if test_metrics_path else None
     experiment = experiment or Path(summary_path).parent.name
     network, config = load_trained_model(checkpoint, "cpu")
-    card = model_card(summary, str(checkpoint), test_metrics, scans, preprocess, experiment)
+    card = model_card(summary, str(checkpoint), test_metrics, scans, preprocess, experiment, classes)
     write_atomic(out_dir / STATE_FILE, lambda tmp: torch.save(network.state_dict(), tmp))
     try:
         traced = script_module(packaged_module(network, config["arch"]), summary["input_shape"])
-        write_atomic(out_dir / SCRIPT_FILE, lambda tmp: torch.jit.save(traced, tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            write_atomic(out_dir / SCRIPT_FILE, lambda tmp: torch.jit.save(traced, tmp))
         card["torchscript"] = {"file": SCRIPT_FILE, "note": INTENSITY_NORMALISATION.split("; then ")[1]}
     except Exception as err:  # an architecture the tracer cannot follow: the state dict still serves
         LOG.warning("%s: no TorchScript export (%s: %s); the package holds the state dict only", experiment,
@@ -221,13 +243,17 @@ def read_card(package: str | Path) -> dict[str, Any]:
     return card
 
 
-def load_package(package: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_package(package: str | Path, device: str | torch.device = "cpu",
+                 script: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The packaged model (tensor in, class probabilities out) and its card: the TorchScript file when
-    there is one, else the state dict in the workflow's network."""
+    there is one and ``script``, else the state dict in the workflow's network (which explanations need:
+    hooks on its layers)."""
     card = read_card(package)
-    script = Path(package) / SCRIPT_FILE
-    if card.get("torchscript") and script.is_file():
-        return torch.jit.load(str(script), map_location=device).eval(), card
+    script_file = Path(package) / SCRIPT_FILE
+    if script and card.get("torchscript") and script_file.is_file():
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the file still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(script_file), map_location=device).eval(), card
     from workflow_scripts.models import build_model
 
     arch = card["architecture"]
@@ -245,12 +271,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--preprocess", required=True, help="the preprocessing settings (JSON: config preprocess)")
     p.add_argument("--test-metrics", help="the experiment's evaluation/metrics.json")
     p.add_argument("--experiment", help="experiment name (default: the summary's folder)")
+    p.add_argument("--classes", nargs=2, default=list(DEFAULT_CLASSES),
+                   help="data.classes: the positive class (label 1) first")
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     write_package(args.summary, args.checkpoint, args.out_dir, scans_path=args.scans,
                   preprocess=json.loads(args.preprocess), test_metrics_path=args.test_metrics,
-                  experiment=args.experiment)
+                  experiment=args.experiment, classes=args.classes)
 
 
 if __name__ == "__main__":
