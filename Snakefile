@@ -49,7 +49,13 @@ include: "rules/predict.smk"
 onsuccess:
     from workflow_scripts.usable_scans import outcome_line
 
-    print(outcome_line(RESULTS))
+    if not PREDICT_ON or Path(RESULTS, "usable.tsv").is_file():  # a predict run without the study has no study line
+        print(outcome_line(RESULTS))
+    if PREDICT_ON:
+        from workflow_scripts.predict import outcome_line as predict_outcome_line
+
+        if line := predict_outcome_line(PREDICTED):
+            print(line)
 
 
 rule all:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from workflow_scripts.cli import PipelineError, machine_memory_mb
@@ -678,3 +679,59 @@ def explain_flags():
         f" --occlusion-batch {e['occlusion_batch']} --hippocampus-masks {e['hippocampus_masks']}"
         f" --n-boot {e['n_boot']} --seed {e['seed']} --device {config['train']['device']}"
     )
+
+
+# --- predict (rules/predict.smk) ----------------------------------------------------------
+
+PREDICT = config["predict"]
+PREDICT_ON = bool(PREDICT["model"] and PREDICT["input"])
+
+
+def predict_not_configured(wildcards):
+    raise WorkflowError(
+        "snakemake predict needs predict.model (a model package: results/models/<experiment>/package) and "
+        "predict.input (the folder of new scans) in a --configfile or --config; README, Predict new scans"
+    )
+
+
+if PREDICT_ON:
+    from workflow_scripts.model_package import read_card
+    from workflow_scripts.predict import list_new_scans, preprocessing_settings, scan_id
+
+    PREDICT_LISTING = {**PREDICT, "descriptions": DATA["descriptions"], "types": DATA["types"]}
+    try:
+        PREDICT_CARD = read_card(PREDICT["model"])
+        PREDICT_SCANS = list_new_scans(PREDICT_LISTING)
+    except PipelineError as err:
+        raise WorkflowError(str(err)) from None
+    # the package's preprocessing, never this config's (differences are reported, not mixed in)
+    PREDICT_PRE, PREDICT_DIFFERENCES = preprocessing_settings(PREDICT_CARD, PRE)
+    for difference in PREDICT_DIFFERENCES:
+        logger.warning(f"predict: the model's preprocessing is used; the current config differs at {difference}")
+    PREDICTED = f"{RESULTS}/predict/{PREDICT['name'] or scan_id(Path(PREDICT['input']).name)}"
+    PREDICT_SCAN_LIST = f"{PREDICTED}/scans.tsv"
+
+
+def predicted_file(stage, suffix="", ext=".nii.gz"):
+    """Path pattern of a new scan's file of one stage, under the cohort's folder."""
+    return f"{PREDICTED}/{stage}/{{subject}}/{{image_id}}{suffix}{ext}"
+
+
+def predicted_log(stage):
+    return f"{PREDICTED}/logs/{stage}/{{subject}}/{{image_id}}.log"
+
+
+def predicted_benchmark(stage):
+    return f"{PREDICTED}/benchmarks/{stage}/{{subject}}/{{image_id}}.tsv"
+
+
+def expand_predicted(pattern):
+    return expand(pattern, zip, subject=PREDICT_SCANS["subject"], image_id=PREDICT_SCANS["image_id"])
+
+
+def predicted_input(wildcards):
+    """The DICOM folder or NIfTI file of one new scan."""
+    row = PREDICT_SCANS[PREDICT_SCANS["image_id"] == wildcards.image_id]
+    if row.empty:
+        raise WorkflowError(f"scan {wildcards.image_id} is not among the new scans under {PREDICT['input']}")
+    return row["input"].iloc[0]

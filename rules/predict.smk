@@ -2,16 +2,7 @@
 # the study's own stage rules (`use rule`), with the settings the model package records, under
 # results/predict/<cohort>/; a guard job first refuses scans the model learnt from.
 
-PREDICT = config["predict"]
-
-
-if not PREDICT["model"] or not PREDICT["input"]:
-
-    def predict_not_configured(wildcards):
-        raise WorkflowError(
-            "snakemake predict needs predict.model (a model package: results/models/<experiment>/package) and "
-            "predict.input (the folder of new scans) in a --configfile or --config; README, Predict new scans"
-        )
+if not PREDICT_ON:
 
     rule predict:
         input:
@@ -19,38 +10,6 @@ if not PREDICT["model"] or not PREDICT["input"]:
         localrule: True
 
 else:
-    from workflow_scripts.model_package import read_card
-    from workflow_scripts.predict import list_new_scans, preprocessing_settings, scan_id
-
-    try:
-        PREDICT_CARD = read_card(PREDICT["model"])
-        PREDICT_LISTING = {**PREDICT, "descriptions": DATA["descriptions"], "types": DATA["types"]}
-        PREDICT_SCANS = list_new_scans(PREDICT_LISTING)
-    except PipelineError as err:
-        raise WorkflowError(str(err)) from None
-    PREDICT_PRE, PREDICT_DIFFERENCES = preprocessing_settings(PREDICT_CARD, PRE)
-    for difference in PREDICT_DIFFERENCES:
-        logger.warning(f"predict: the model's preprocessing is used; the current config differs at {difference}")
-    PREDICTED = f"{RESULTS}/predict/{PREDICT['name'] or scan_id(Path(PREDICT['input']).name)}"
-    PREDICT_SCAN_LIST = f"{PREDICTED}/scans.tsv"
-
-    def predicted_file(stage, suffix="", ext=".nii.gz"):
-        return f"{PREDICTED}/{stage}/{{subject}}/{{image_id}}{suffix}{ext}"
-
-    def predicted_log(stage):
-        return f"{PREDICTED}/logs/{stage}/{{subject}}/{{image_id}}.log"
-
-    def predicted_benchmark(stage):
-        return f"{PREDICTED}/benchmarks/{stage}/{{subject}}/{{image_id}}.tsv"
-
-    def expand_predicted(pattern):
-        return expand(pattern, zip, subject=PREDICT_SCANS["subject"], image_id=PREDICT_SCANS["image_id"])
-
-    def predicted_input(wildcards):
-        row = PREDICT_SCANS[PREDICT_SCANS["image_id"] == wildcards.image_id]
-        if row.empty:
-            raise WorkflowError(f"scan {wildcards.image_id} is not among the new scans under {PREDICT['input']}")
-        return row["input"].iloc[0]
 
     rule predict:
         input:
@@ -69,7 +28,7 @@ else:
         params:
             settings=json.dumps({k: PREDICT_LISTING[k] for k in ("source", "input", "collection_csv", "labels",
                                                                  "allow_training_scans", "descriptions", "types")}),
-            package=PREDICT["model"],
+            package=lambda wildcards, input: os.path.dirname(input.card),
         log:
             f"{PREDICTED}/logs/scans.log",
         threads: 1
@@ -226,15 +185,16 @@ else:
             masks=expand_predicted(predicted_file("ras", "_mask")),
             qc=expand_predicted(predicted_file("qc", ext=".json")),
             montages=expand_predicted(predicted_file("qc", ext=".png")),
-            hippocampus=expand_predicted(predicted_file("hippocampus_atlas")),
+            # the hippocampal share of each map (no maps: no registration)
+            hippocampus=expand_predicted(predicted_file("hippocampus_atlas")) if PREDICT["explain"] else [],
         output:
             predictions=f"{PREDICTED}/predictions.csv",
             dropped=f"{PREDICTED}/dropped.tsv",
             summary=f"{PREDICTED}/summary.json",
             page=f"{PREDICTED}/predictions.html",
         params:
-            package=PREDICT["model"],
-            out_dir=PREDICTED,
+            package=lambda wildcards, input: os.path.dirname(input.card),
+            out_dir=lambda wildcards, output: os.path.dirname(output.summary),
             cohort=Path(PREDICTED).name,
             settings=json.dumps(
                 {

@@ -177,27 +177,36 @@ def test_predict_page_opens_in_headless_chromium_with_every_scan_and_its_figures
     assert not errors
 
 
-def test_predict_on_nifti_files_without_labels_gives_the_dicom_cohorts_probabilities(demo_run, dicom_prediction,
-                                                                                   tmp_path):
-    """The same heads as NIfTI files (dicom2nifti's output), no labels: the same preprocessing from the
-    nifti stage on, so the same probabilities; no metrics."""
+def test_predict_elsewhere_on_nifti_files_without_labels_gives_the_dicom_cohorts_probabilities(
+        demo_run, dicom_prediction, tmp_path):
+    """On another machine: only the package (copied) and the same heads as NIfTI files (dicom2nifti's output),
+    no labels, the default config: the package's preprocessing from the nifti stage on, so the same
+    probabilities; the settings where the config differs are reported; no metrics."""
     first = dicom_prediction["out"]
     folder = tmp_path / "nifti"
     folder.mkdir()
     for path in (first / "nifti").glob("*/*.nii.gz"):
         if b"SCAN FAILED" not in path.read_bytes()[:40]:
             shutil.copy(path, folder / path.name)
-    config = predict_config(demo_run, "new-nifti", {"model": str(package_of(demo_run)), "source": "nifti",
+    shutil.copytree(package_of(demo_run), tmp_path / "received_model")
+    config = predict_config(tmp_path, "new-nifti", {"model": "received_model", "source": "nifti",
                                                      "input": str(folder), "explain": []})
-    run_snakemake(demo_run, "predict", configfiles=[demo_run / "tiny.yaml", config])
-    out = demo_run / "results" / "predict" / "new-nifti"
+    result = run_snakemake(tmp_path, "predict", configfiles=[config])
+    log = result.stdout + result.stderr
+    assert "the current config differs at preprocess.target_shape: model [32, 32, 32], current config " \
+           "[128, 128, 128]" in log
+    assert "predict new-nifti: " in log and "preprocessing outcome not known" not in log  # its own last line
+    assert not (tmp_path / "results" / "scans.tsv").exists()  # no study here
+    out = tmp_path / "results" / "predict" / "new-nifti"
     nifti = pd.read_csv(out / "predictions.csv", dtype={"image_id": str}).set_index("image_id")
     dicom = pd.read_csv(first / "predictions.csv", dtype={"image_id": str}).set_index("image_id")
     assert sorted(nifti.index) == sorted(dicom.index)
     np.testing.assert_allclose(nifti.loc[dicom.index, "prob_ad"], dicom["prob_ad"], atol=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labelled_scans"] == 0 and summary["metrics"] is None
+    assert any("target_shape" in d for d in summary["setting_differences"])
     assert nifti["group"].isna().all()
+    assert not (out / "hippocampus_atlas").exists()  # no maps asked for: no registration
 
 
 def test_leakage_guard_refuses_a_training_scan_unless_asked_and_then_marks_it(demo_run, tmp_path):
@@ -246,3 +255,11 @@ def test_scan_listing_labels_and_settings_reporting(tmp_path):
                                                       "skullstrip": {"method": "deepbet", "synthstrip_cache": "/b"}})
     assert used["target_shape"] == [32, 32, 32] and used["skullstrip"]["synthstrip_cache"] == "/b"
     assert differences == ["preprocess.target_shape: model [32, 32, 32], current config [128, 128, 128]"]
+
+
+def test_lint_reports_nothing_with_predict_configured(demo_run, new_cohort):
+    config = predict_config(demo_run, "lint", {"model": str(package_of(demo_run)), "source": "dicom",
+                                                "input": str(new_cohort["dicom"])})
+    result = run_snakemake(demo_run, "--lint", configfiles=[demo_run / "tiny.yaml", config], check=False,
+                           timeout=300)
+    assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout[-3000:]

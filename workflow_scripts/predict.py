@@ -409,22 +409,23 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
     predictions["qc_flags"] = [flags.get(i, "") or "" for i in predictions["image_id"]]
 
     # explanations: the state-dict network (hooks need its layers), input as the package normalises it
-    module, _ = load_package(package, dev, script=False)
     kept_methods, skipped = methods_for(card["architecture"]["arch"], methods) if methods else ([], {})
+    module = load_package(package, dev, script=False)[0] if kept_methods else None
     for method, why in skipped.items():
         LOG.warning("no %s maps: %s", method, why)
     figures, shares = {}, []
     for _, scan in kept.iterrows():
         image_id = scan["image_id"]
         files = {"QC montage (every stage, brain mask outlined)": _pattern(montage_pattern, scan)}
-        volume = tensors[image_id].astype(np.float32)
-        brain = read_mask(_pattern(mask_pattern, scan), volume.shape, "brain mask") > 0
-        hippocampus = read_mask(_pattern(hippocampus_pattern, scan), volume.shape, "hippocampus labels")
-        maps = {}
-        x = module.normalise(torch.from_numpy(volume)[None, None].to(dev))
-        for method in kept_methods:
-            maps[method] = attribution_map(method, module.network, x, 1, explain_settings)
-        share = {m: hippocampal_share(a, hippocampus > 0, brain) for m, a in maps.items()}
+        maps, share = {}, {}
+        if kept_methods:
+            volume = tensors[image_id].astype(np.float32)
+            brain = read_mask(_pattern(mask_pattern, scan), volume.shape, "brain mask") > 0
+            hippocampus = read_mask(_pattern(hippocampus_pattern, scan), volume.shape, "hippocampus labels")
+            x = module.normalise(torch.from_numpy(volume)[None, None].to(dev))
+            for method in kept_methods:
+                maps[method] = attribution_map(method, module.network, x, 1, explain_settings)
+            share = {m: hippocampal_share(a, hippocampus > 0, brain) for m, a in maps.items()}
         shares.append(share)
         if maps:
             figure = plot_scan(volume, maps, hippocampus, brain, out_dir / "figures" / f"{image_id}.png",
@@ -469,6 +470,19 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
     LOG.info("cohort %s: %d scans scored, %d dropped, %d labelled", cohort, len(predictions), len(dropped),
              len(labelled))
     return summary
+
+
+def outcome_line(out_dir: str | Path) -> str | None:
+    """The last line of a predict run: scans scored and dropped, and where the page is."""
+    summary_file = Path(out_dir) / "summary.json"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    dropped = len(summary["dropped"])
+    return (f"predict {summary['cohort']}: {summary['scored']} of {summary['scans']} new scans scored with "
+            f"{summary['experiment']}, {dropped} dropped" + (f" (reasons in {Path(out_dir) / 'dropped.tsv'})"
+                                                              if dropped else "")
+            + f"; page {Path(out_dir) / 'predictions.html'}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
