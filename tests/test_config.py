@@ -81,3 +81,48 @@ def test_conda_environments_list_the_same_packages_as_pyproject():
             if isinstance(dep, dict):
                 env_packages |= _names(dep.get("pip", []))
     assert env_packages == job_packages
+
+
+def _lock_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refresh_lock", REPO / "envs" / "refresh_lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conda_environment_is_pinned_to_the_lock_and_the_lock_meets_pyproject():
+    from packaging.requirements import Requirement
+
+    lock = _lock_module()
+    pins = lock.read_lock()
+    env = yaml.safe_load((REPO / "envs" / "pipeline.yaml").read_text())
+    pip_entries = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    for entry in pip_entries:
+        name, _, version = entry.partition("==")
+        assert version == pins[lock.normalise(name)], f"envs/pipeline.yaml {entry}: the lock has " \
+                                                      f"{pins.get(lock.normalise(name))}; run envs/refresh_lock.py"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["test"]:
+        requirement = Requirement(text)
+        locked = pins.get(lock.normalise(requirement.name))
+        assert locked is not None and requirement.specifier.contains(locked), f"{text}: lock has {locked}"
+    # the pins survive a refresh unchanged, and an unpinned entry gets the lock's version
+    text = (REPO / "envs" / "pipeline.yaml").read_text()
+    assert lock.pin_environment(text, pins) == text
+    assert lock.pin_environment("  - pip:\n      - torch  # the network\n", pins) == \
+        f"  - pip:\n      - torch=={pins['torch']}  # the network\n"
+
+
+def test_the_suite_runs_in_the_locked_environment_the_readme_installs():
+    """The figures and this suite come from the lock: the README's set-up and .ci/run install with it."""
+    from importlib.metadata import version
+
+    pins = _lock_module().read_lock()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = _names(project["dependencies"] + project["optional-dependencies"]["test"])
+    different = {n: (version(n), pins[n]) for n in sorted(names) if version(n) != pins[n]}
+    assert not different, f"installed vs envs/requirements.lock: {different}; install with the README's set-up"
+    setup = 'pip install -c envs/requirements.lock -e ".[test]"'
+    assert setup in (REPO / "README.md").read_text() and setup in (REPO / ".ci" / "run").read_text()
