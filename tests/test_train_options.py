@@ -292,3 +292,22 @@ def test_phased_unfreezing_trains_layer4_from_the_named_epoch_and_survives_a_res
     assert moved(after_one, after_two, "layer4.") and not moved(initial, after_two, "layer3.")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parameters"]["trainable"] > 2048 * 512  # layer4 counts as trained at the end
+
+
+def test_progress_is_logged_after_the_first_step_then_every_interval_and_at_the_end(caplog):
+    """A CPU epoch of ADNI-sized data takes hours: its log shows step, running loss and ETA."""
+    from workflow_scripts.train import Progress
+
+    now = [0.0]
+    progress = Progress("epoch 3 training", 100, every=60, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="workflow_scripts.train"):
+        for step in range(1, 101):
+            now[0] = 10.0 * step
+            progress.step(step, float(step))
+    lines = [r.getMessage() for r in caplog.records]
+    # step 1 (10 s), then the first step 60 s after the last line (7, 13, ...), and the last step
+    assert [int(line.split("step ")[1].split("/")[0]) for line in lines] == [1, 7, 13, 19, 25, 31, 37, 43, 49,
+                                                                             55, 61, 67, 73, 79, 85, 91, 97, 100]
+    assert lines[0] == "epoch 3 training: step 1/100, running loss 1.0000, 10.0 s/step, ETA 16:30"
+    assert lines[1] == "epoch 3 training: step 7/100, running loss 4.0000, 10.0 s/step, ETA 15:30"
+    assert lines[-1].endswith("step 100/100, running loss 50.5000, 10.0 s/step, ETA 0:00")

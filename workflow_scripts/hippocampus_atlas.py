@@ -31,7 +31,7 @@ import numpy as np
 from workflow_scripts import cli
 from workflow_scripts.ants_bridge import to_ants
 from workflow_scripts.demo import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, harvard_oxford_labels, package_file
-from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
+from workflow_scripts.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
 from workflow_scripts.scan_failure import run_stage
 
@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def work() -> None:
         scan = load_nifti(args.input)
         brain = load_nifti(args.mask) if args.mask else None
+        LOG.info("registering the %s template to %s (%s): %s, iterations %s, %d threads", args.template,
+                 args.input, describe_volume(scan), args.transform, args.reg_iterations, args.threads)
         labels, record = atlas_hippocampus(scan, brain=brain, template=args.template, transform=args.transform,
                                            reg_iterations=args.reg_iterations, seed=args.seed,
                                            drop_csf=not args.keep_csf)

@@ -49,6 +49,13 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
         raise OSError(f"cannot read NIfTI file {path}: {err}") from err
 
 
+def describe_volume(img: nib.Nifti1Image) -> str:
+    """A volume's grid in words for the job logs, e.g. '192x256x256 voxels of 1x1x1.2 mm'."""
+    shape = "x".join(str(n) for n in img.shape[:3])
+    zooms = "x".join(f"{z:.3g}" for z in img.header.get_zooms()[:3])
+    return f"{shape} voxels of {zooms} mm"
+
+
 def provenance_of(img: nib.Nifti1Image) -> str:
     """The provenance chain recorded in an image written by this pipeline ('' if none)."""
     descrip = img.header.get("descrip")

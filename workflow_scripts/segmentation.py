@@ -62,8 +62,8 @@ import torch
 from torch import nn
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic,
-                                       write_atomic, write_text_atomic)
+from workflow_scripts.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
+                                       save_nifti_atomic, write_atomic, write_text_atomic)
 from workflow_scripts.segmentation_data import (MASK_MODEL_COLUMNS, PLANES, check_partitions, deal_msd, demo_items,
                                                 eval_transforms, mask_models, msd_items, train_transforms)
 from workflow_scripts.skullstrip import dice
@@ -592,6 +592,7 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
     if not np.allclose(image.affine.numpy(), reference.affine, atol=1e-4):
         raise cli.PipelineError(f"{args.image} is not in RAS+ orientation; segment the ras stage's image "
                                 f"(results/ras/...), whose grid the mask must share")
+    LOG.info("segmenting %s (%s) with %s on %s", args.image, describe_volume(reference), settings["model"], device)
     tick = time.perf_counter()
     labels = segment(model, image, settings, device, load_brain_mask(args.brain_mask))
     provenance = extend_provenance(provenance_of(reference), settings["model"])

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from workflow_scripts import cli
-from workflow_scripts.nifti_io import (clean_image, extend_provenance, load_nifti, provenance_of,
+from workflow_scripts.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
 from workflow_scripts.qc_metrics import bound_violation
 from workflow_scripts.scan_failure import ScanDataError, run_stage
@@ -212,6 +213,9 @@ def strip_scan(args: argparse.Namespace) -> None:
             LOG.warning("%s is not the official %s (SHA-256 %s); using it as configured",
                         weights, SYNTHSTRIP_FILENAME, digest)
     img = load_nifti(args.input)
+    started = time.perf_counter()
+    LOG.info("%s on %s: %s, %d threads%s", args.method, args.input, describe_volume(img), args.threads,
+             ", GPU if present" if args.gpu else "")
     if args.method == "synthstrip":
         mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=args.gpu)
         record["border_mm"] = args.synthstrip_border
@@ -227,7 +231,8 @@ def strip_scan(args: argparse.Namespace) -> None:
     save_nifti_atomic(mask_img, args.mask)
     save_nifti_atomic(brain, args.output)
     write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
-    LOG.info("%s: brain volume %.1f ml", args.method, record["brain_volume_ml"])
+    LOG.info("%s: brain volume %.1f ml in %.1f s", args.method, record["brain_volume_ml"],
+             time.perf_counter() - started)
 
 
 def _dist_version(name: str) -> str:

@@ -429,6 +429,31 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.
     return norm
 
 
+# A pass over the data logs its progress after the first step and then at least this often (wall
+# seconds, checked after each step): an epoch of ADNI-sized data on a CPU takes hours.
+PROGRESS_SECONDS = 60.0
+
+
+class Progress:
+    """Logs the step, the running loss and the pass's ETA after the first step and every ``every`` s."""
+
+    def __init__(self, what: str, steps: int, every: float = PROGRESS_SECONDS, clock=time.perf_counter):
+        self.what, self.steps, self.every, self.clock = what, steps, every, clock
+        self.start = self.last = clock()
+        self.loss_sum = 0.0
+
+    def step(self, step: int, loss: float) -> None:
+        self.loss_sum += loss
+        now = self.clock()
+        if step != 1 and step != self.steps and now - self.last < self.every:
+            return
+        self.last = now
+        per_step = (now - self.start) / step
+        eta = per_step * (self.steps - step)
+        LOG.info("%s: step %d/%d, running loss %.4f, %.1f s/step, ETA %d:%02d", self.what, step, self.steps,
+                 self.loss_sum / step, per_step, eta // 60, eta % 60)
+
+
 def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight: torch.Tensor | None,
               optimizer: torch.optim.Optimizer | None = None, epoch: int = 1,
               options: StepOptions | None = None) -> tuple[dict, torch.Tensor, list[int]]:
@@ -439,6 +464,8 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
     """
     options = options or StepOptions()
     training = optimizer is not None
+    progress = Progress(f"epoch {epoch} training" if training else f"epoch {epoch} validation" if epoch
+                        else "prediction", len(loader))
     train_mode(model) if training else model.eval()
     loader.sampler.set_epoch(epoch)
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
@@ -457,6 +484,7 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
                     "learning rates")
             if training:
                 optimizer_step(model, loss, optimizer, options)
+            progress.step(step, loss.item())
             all_logits.append(logits.detach().float().cpu())
             all_labels.append(y)
             all_indices += index.tolist()
