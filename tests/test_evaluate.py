@@ -250,3 +250,18 @@ def test_evaluate_cli_names_a_bad_file(tmp_path, capsys):
     from workflow_scripts.evaluate import main
     assert cli.run(main, ["--predictions", str(bad), "--out-dir", str(tmp_path / "out")]) == 1
     assert "val_predictions.csv" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_intervals_from_fewer_than_five_subjects_of_a_class_are_flagged_not_estimable():
+    def table(n_per_class: int) -> pd.DataFrame:
+        labels = [0] * n_per_class + [1] * n_per_class
+        probs = np.linspace(0.1, 0.9, 2 * n_per_class)
+        return pd.DataFrame({"image_id": [f"I{i}" for i in range(len(labels))],
+                             "subject": [f"S{i}" for i in range(len(labels))], "label": labels, "prob": probs,
+                             "pred": (probs >= 0.5).astype(int)})
+
+    few = evaluate_predictions(table(2), n_boot=200)
+    assert few["subjects_per_label"] == {0: 2, 1: 2} and few["intervals_estimable"] is False
+    assert few["subject"]["auc"] == 1.0 and few["subject"]["ci"]["auc"] == [1.0, 1.0]  # what would pass for certain
+    enough = evaluate_predictions(table(5), n_boot=200)
+    assert enough["subjects_per_label"] == {0: 5, 1: 5} and enough["intervals_estimable"] is True

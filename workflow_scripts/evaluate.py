@@ -237,6 +237,12 @@ def _level(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int, alpha:
     return block
 
 
+# Below this many subjects in a class a bootstrap interval is not estimable: with two subjects every
+# resample agrees with itself, and 1.000 (1.000-1.000) would pass for certainty. Readers of metrics.json
+# (report pages, the run summary, predict) print "not estimable" instead of such intervals.
+MIN_SUBJECTS_PER_CLASS = 5
+
+
 def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: int = 0,
                          alpha: float = 0.05, threshold: float = 0.5) -> dict:
     """Scan- and subject-level metrics with ``1 - alpha`` bootstrap intervals.
@@ -250,6 +256,7 @@ def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: in
         LOG.warning("%d scan(s) have a pred column that differs from prob >= %g; metrics use prob >= %g",
                     mismatched, threshold, threshold)
     subjects = subject_level(table, threshold)
+    per_label = subjects.groupby("label")["subject"].nunique().reindex([0, 1], fill_value=0)
     return {
         "scan": _level(table["label"].to_numpy(), table["prob"].to_numpy(), n_boot, seed, alpha, threshold,
                        groups=table["subject"].tolist()),
@@ -257,6 +264,8 @@ def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: in
                           threshold, groups=subjects["subject"].tolist()),
         "n_scans": int(len(table)),
         "n_subjects": int(subjects["subject"].nunique()),
+        "subjects_per_label": {int(k): int(v) for k, v in per_label.items()},
+        "intervals_estimable": bool(per_label.min() >= MIN_SUBJECTS_PER_CLASS),
         "threshold": float(threshold),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha),
                       "method": "percentile; scan level resamples subjects (cluster bootstrap)"},

@@ -135,7 +135,8 @@ def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str,
     test = None
     if test_metrics:
         test = {level: test_metrics[level] for level in ("scan", "subject") if level in test_metrics}
-        test.update({k: test_metrics.get(k) for k in ("n_scans", "n_subjects", "bootstrap")})
+        test.update({k: test_metrics.get(k) for k in ("n_scans", "n_subjects", "subjects_per_label",
+                                                      "intervals_estimable", "bootstrap")})
     return {
         "card_version": CARD_VERSION,
         "experiment": experiment,

@@ -29,9 +29,6 @@ from workflow_scripts.nifti_io import write_text_atomic
 LOG = logging.getLogger(__name__)
 
 SOURCES = ("dicom", "nifti", "ida")
-# Below this many labelled subjects in a class a bootstrap interval is not estimable (with two subjects
-# every resample agrees with itself: 1.000 (1.000-1.000) says nothing): the page prints none.
-MIN_SUBJECTS_PER_CLASS = 5
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SCAN_COLUMNS = ("image_id", "subject", "group", "label", "kind", "input", "series_uid", "check", "reason",
                 "in_training_data")
@@ -313,6 +310,7 @@ def _image_uri(path: str | Path) -> str:
 def cohort_page(cohort: str, card: dict[str, Any], predictions: pd.DataFrame, dropped: pd.DataFrame,
                 metrics: dict[str, Any] | None, figures: dict[str, dict[str, str]], notes: Sequence[str]) -> str:
     """One self-contained HTML page: every scan with p(AD), its class, QC flags and its figures (embedded)."""
+    from workflow_scripts.evaluate import MIN_SUBJECTS_PER_CLASS
     from workflow_scripts.report_tables import heading, html_page, html_table, metrics_table, paragraph
 
     parts = [paragraph(f"Model {card['experiment']} ({card['architecture']['arch']}, code {card.get('code_version')}); "
@@ -356,7 +354,8 @@ def _test_summary(card: dict[str, Any]) -> str:
     if not subject:
         return "none recorded."
     ci = (subject.get("ci") or {}).get("accuracy") or [None, None]
-    interval = f" ({ci[0]:.3f}-{ci[1]:.3f})" if None not in ci else " (interval not estimable)"
+    estimable = test.get("intervals_estimable", True) and None not in ci  # cards written before the flag: shown
+    interval = f" ({ci[0]:.3f}-{ci[1]:.3f})" if estimable else " (interval not estimable)"
     return f"subject-level accuracy {subject.get('accuracy', float('nan')):.3f}{interval}, AUC {subject.get('auc')}."
 
 
@@ -445,9 +444,7 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
                               "pred": (labelled["prob_ad"] >= threshold).astype(int)})
         metrics = evaluate_predictions(table, evaluate_settings["n_boot"], evaluate_settings["seed"],
                                        evaluate_settings["alpha"], threshold)
-        per_class = table.groupby("label")["subject"].nunique().reindex([0, 1], fill_value=0)
-        metrics["subjects_per_class"] = {card["classes"][k]: int(v) for k, v in per_class.items()}
-        metrics["intervals_estimable"] = bool(per_class.min() >= MIN_SUBJECTS_PER_CLASS)
+        metrics["subjects_per_class"] = {card["classes"][k]: n for k, n in metrics["subjects_per_label"].items()}
         write_report(metrics, table, out_dir / "evaluation")
     notes = [f"The preprocessing is the model's; the current config differs at {d} (the model's was used)"
              for d in setting_differences]
