@@ -50,7 +50,8 @@ onsuccess:
     from workflow_scripts.usable_scans import outcome_line
 
     if not PREDICT_ON or Path(RESULTS, "usable.tsv").is_file():  # a predict run without the study has no study line
-        print(outcome_line(RESULTS))
+        if not print_run_summary():  # the summary of `all` ends with the same line
+            print(outcome_line(RESULTS))
     if PREDICT_ON:
         from workflow_scripts.predict import outcome_line as predict_outcome_line
 
@@ -75,3 +76,4 @@ rule all:
         VOLUMETRY_TABLES,
         segmentation_targets,
         rules.explain.input,
+        rules.run_summary.output,

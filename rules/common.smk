@@ -687,6 +687,16 @@ PREDICT = config["predict"]
 PREDICT_ON = bool(PREDICT["model"] and PREDICT["input"])
 
 
+def print_run_summary():
+    """At the end of `all` (the default target) print results/run_summary.md; says whether it did."""
+    summary = Path(RESULTS, "run_summary.md")
+    targets = workflow.dag_settings.targets
+    if (not targets or "all" in targets) and summary.is_file():
+        print(summary.read_text(), end="")
+        return True
+    return False
+
+
 def predict_not_configured(wildcards):
     raise WorkflowError(
         "snakemake predict needs predict.model (a model package: results/models/<experiment>/package) and "

@@ -167,3 +167,30 @@ rule provenance:
     shell:
         "python -m workflow_scripts.report_tables provenance --config-json {params.config:q} --scans {input.scans:q}"
         " --split-files {input.splits:q} {params.models} --json {output.json:q} --output {output.html:q} > {log:q} 2>&1"
+
+
+# The run's summary (workflow_scripts/run_summary.py): scans used and dropped with reasons, each
+# experiment's test metrics with intervals, where the report is; `all` prints it at its end.
+rule run_summary:
+    input:
+        usable=f"{RESULTS}/usable.tsv",
+        dropped=f"{RESULTS}/dropped.tsv",
+        excluded=f"{RESULTS}/excluded.tsv",
+        metrics=expand(f"{RESULTS}/evaluation/{{experiment}}/metrics.json", experiment=EXPERIMENTS),
+    output:
+        f"{RESULTS}/run_summary.md",
+    params:
+        metrics=lambda wildcards, input: " ".join(shlex.quote(f"{n}={m}") for n, m in zip(EXPERIMENTS, input.metrics)),
+        classes=" ".join(shlex.quote(c) for c in DATA["classes"]),
+        results=RESULTS,
+    log:
+        f"{RESULTS}/logs/report/run_summary.log",
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.run_summary --results {params.results:q} --metrics {params.metrics}"
+        " --classes {params.classes} --output {output:q} > {log:q} 2>&1"

@@ -3,6 +3,7 @@ table, privacy, lint, and what a re-run schedules after new scans or a changed p
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -303,3 +304,41 @@ def test_kinetics_weights_are_fetched_once_by_a_local_job_before_training(tmp_pa
     assert re.search(r"pretrained_weights\s+1\b", dry)  # one fetch for the main model and every fold
     without = write_config(tmp_path / "none.yaml", TINY)  # weights: none
     assert "pretrained_weights" not in run_snakemake(tmp_path, "all", "-n", configfiles=[without], timeout=300).stdout
+
+
+def test_long_jobs_log_their_start_size_progress_and_end(demo_run):
+    results = demo_run / "results"
+    train = (results / "logs" / "train" / f"{TINY_MAIN}.log").read_text()
+    for what in ("epoch 1 training", "epoch 1 validation", "epoch 2 training", "prediction"):
+        assert re.search(rf"{what}: step 1/\d+, running loss \d+\.\d{{4}}, \d+\.\d s/step, ETA \d+:\d\d", train), what
+    scan = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str).iloc[0]
+    per_scan = {stage: (results / "logs" / stage / scan["subject"] / f"{scan['image_id']}.log").read_text()
+                for stage in ("stripped", "hippocampus_atlas", "hippocampus_unet")}
+    assert re.search(r"deepbet on \S+: \d+x\d+x\d+ voxels of [\d.]+x[\d.]+x[\d.]+ mm, \d+ threads", per_scan["stripped"])
+    assert re.search(r"deepbet: brain volume [\d.]+ ml in [\d.]+ s", per_scan["stripped"])
+    assert re.search(r"registering the mni152_fsl template to \S+ \(32x32x32 voxels of", per_scan["hippocampus_atlas"])
+    assert "voxels in" in per_scan["hippocampus_atlas"]  # its end: the label sizes and seconds
+    assert re.search(r"segmenting \S+ \(32x32x32 voxels of [\d.]+x[\d.]+x[\d.]+ mm\) with ", per_scan["hippocampus_unet"])
+    assert "voxels in" in per_scan["hippocampus_unet"]
+
+
+def test_all_ends_with_a_run_summary_of_scans_metrics_and_the_report(demo_run):
+    results = demo_run / "results"
+    summary = (results / "run_summary.md").read_text()
+    usable, dropped = (pd.read_csv(results / f"{n}.tsv", sep="\t", dtype=str) for n in ("usable", "dropped"))
+    assert f"- used: {len(usable)}\n" in summary
+    reasons = ", ".join(f"{code} {n}" for code, n in dropped["reason_code"].value_counts().items())
+    assert f"- dropped after ingest: {len(dropped)} ({reasons}), see results/dropped.tsv" in summary
+    experiments = pd.read_csv(results / "comparison.csv")["experiment"]
+    for name in experiments:
+        metrics = json.loads((results / "evaluation" / name / "metrics.json").read_text())
+        assert f"- **{name}**: {metrics['n_subjects']} test subjects" in summary
+        accuracy = metrics["subject"]["accuracy"]
+        assert metrics["intervals_estimable"] is False  # the tiny test split: 2-3 subjects per class
+        assert f"accuracy {accuracy:.3f} (interval not estimable)" in summary
+    assert "95% CI" not in summary.split("## Test metrics")[1].split("## Report")[0].replace(
+        "95% bootstrap intervals", "")
+    assert "snakemake --report report.html" in summary
+    printed = (demo_run / "snakemake_output.txt").read_text()
+    assert re.search(r"# Run summary\n.*\n\nscans: \d+ used, ", printed, re.S)  # printed, its last line the scans'
+    assert len(re.findall(r"^scans: \d+ used", printed, re.M)) == 1  # not printed a second time
