@@ -111,43 +111,17 @@ def tiny_demo(tmp_path_factory) -> dict:
     return {"root": root, "csv": root / "collection.csv", "collection": collection, "mprage": mprage}
 
 
-# The workflow's `all` on a tiny demo collection: 3 mm voxels, 32^3 inputs, two epochs.
-TINY = {
-    # 6 AD and 6 CN subjects, and the broken series a real download has that reach the workflow
-    # (workflow_scripts/demo_faults.py; the kinds ingest uses, duplicate_copy and lower_case_group, are
-    # checked at ingest in tests/test_ingest.py): each must be excluded or dropped with its reason while
-    # the rest of the study runs to the end. With ratios 0.6/0.2/0.2 and 2 CV folds, after the scan the
-    # demo_run fixture excludes by hand and class balance, each fold's other folds still hold 2+
-    # subjects per class (one for the inner validation split, the rest to train on).
-    "demo": {"n_subjects": 12, "visits": 1, "n_mci": 1, "seed": 11, "voxel_scale": 3.0,
-             "faults": ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "excel_csv",
-                        "not_a_head"]},
-    # 2 mm resampling: the 3 mm demo heads at 1 mm would be 205 x 255 x 255 voxels to resample
-    "preprocess": {"skullstrip": {"method": "deepbet"}, "resample": {"spacing": [2.0, 2.0, 2.0]},
-                   "target_shape": [32, 32, 32]},
-    # a short SyN: the 32^3 test inputs make the atlas volumes noise anyway (see test_hippocampus_atlas)
-    "hippocampus": {"reg_iterations": [10, 0, 0]},
-    "split": {"ratios": [0.6, 0.2, 0.2]},
-    "cv": {"folds": 2},
-    "experiments": {"r3d_18_kinetics400": {"arch": "r3d_18", "weights": "none"},
-                    "mc3_18_scratch": {"arch": "mc3_18", "weights": "none", "trainable_from": "stem"},
-                    # the 2D baseline's recipe on 4 axial slices, from random weights
-                    "resnet50_2d": {"kind": "slices2d", "arch": "resnet50", "weights": "none", "trainable_from": "fc",
-                                    "n_slices": 4, "slice_spacing": 4,
-                                    "train": {"optimizer": "adam", "scheduler": "plateau", "unfreeze_epoch": 2,
-                                              "early_stopping": "loss", "selection": "loss"}},
-                    # the hippocampal volumetry baseline on atlas labels warped to each scan
-                    "hippocampal_volumetry": {"kind": "volumetry", "masks": "atlas"},
-                    # the volumetry baseline on the segmentation U-Net's masks, beside the atlas one
-                    "hippocampal_volumetry_unet": {"kind": "volumetry", "masks": "unet", "enabled": True}},
-    "train": {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}},
-    # a small 3D U-Net on the whole 32^3 volume: 300 steps take about 10 s on 2 idle cores
-    "segmentation": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "patch_size": [32, 32, 32],
-                     "steps": 300, "val_every": 50, "batch_size": 2, "lr": 3.0e-3},
-    "evaluate": {"n_boot": 200},
-    # explanations of the two video networks: 8 occlusions of a 16^3 cube per map at 32^3
-    "explain": {"n_correct": 1, "n_wrong": 1, "occlusion_patch": 16, "occlusion_stride": 16, "n_boot": 200},
-}
+# The workflow's `all` on a tiny demo collection: the quick profile's settings (3 mm voxels, 32^3 inputs,
+# two epochs, every experiment kind), read from its file, not copied, plus the broken series a real
+# download has that reach the workflow (workflow_scripts/demo_faults.py; the kinds ingest uses,
+# duplicate_copy and lower_case_group, are checked at ingest in tests/test_ingest.py): each must be
+# excluded or dropped with its reason while the rest of the study runs to the end. With 12 subjects,
+# ratios 0.6/0.2/0.2 and 2 CV folds, after the scan the demo_run fixture excludes by hand and class
+# balance, each fold's other folds still hold 2+ subjects per class.
+QUICK_SETTINGS = REPO / "profiles" / "quick" / "settings.yaml"
+TINY = yaml.safe_load(QUICK_SETTINGS.read_text())
+TINY["demo"]["faults"] = ["truncated_pixels", "partial_series", "mixed_folder", "ambiguous_id", "excel_csv",
+                          "not_a_head"]
 
 
 USER_EXCLUSION_REASON = "motion artefacts on the QC montage"
