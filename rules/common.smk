@@ -31,6 +31,14 @@ shell.prefix(
     + f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
+# offline: true resolves every download before anything reads the config: the file on this machine,
+# or what needs none (workflow_scripts/offline.py); the log says which.
+if config["offline"]:
+    from workflow_scripts.offline import offline_config
+
+    for note in offline_config(config):
+        logger.warning(note)
+
 RESULTS = config["results_dir"]
 DATA = config["data"]
 PRE = config["preprocess"]
