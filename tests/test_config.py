@@ -18,6 +18,22 @@ def test_default_config_is_valid():
     jsonschema.validate(CONFIG, SCHEMA)
 
 
+def test_quick_profile_reads_the_suites_settings_and_builds_the_report():
+    """`snakemake --profile profiles/quick`: the settings file the suite's tiny run uses (no copy), valid
+    over config.yaml, offline by construction (deepbet, random weights), and report.html after the run."""
+    from conftest import QUICK_SETTINGS, TINY
+
+    profile = yaml.safe_load((REPO / "profiles" / "quick" / "config.yaml").read_text())
+    assert (REPO / "profiles" / "quick" / profile["configfile"]).resolve() == QUICK_SETTINGS.resolve()
+    assert profile["report"] == "report.html" and profile["report-after-run"] is True
+    settings = yaml.safe_load(QUICK_SETTINGS.read_text())
+    assert settings == {**TINY, "demo": {k: v for k, v in TINY["demo"].items() if k != "faults"}}
+    merged = {**CONFIG, **{k: ({**CONFIG[k], **v} if isinstance(v, dict) else v) for k, v in settings.items()}}
+    jsonschema.validate(merged, SCHEMA)
+    assert settings["preprocess"]["skullstrip"]["method"] == "deepbet"
+    assert {e.get("weights", "none") for e in settings["experiments"].values()} == {"none"}
+
+
 def _walk(schema, path=""):
     for key, sub in schema.get("properties", {}).items():
         yield f"{path}{key}", sub
@@ -126,3 +142,36 @@ def test_the_suite_runs_in_the_locked_environment_the_readme_installs():
     assert not different, f"installed vs envs/requirements.lock: {different}; install with the README's set-up"
     setup = 'pip install -c envs/requirements.lock -e ".[test]"'
     assert setup in (REPO / "README.md").read_text() and setup in (REPO / ".ci" / "run").read_text()
+
+
+def test_offline_profile_downloads_nothing_and_says_what_it_uses_instead(tmp_path):
+    """profiles/offline: without the files, deepbet and random weights replace the downloads; with them
+    in the caches, those copies are used; the log says which at each place."""
+    import os
+    import subprocess
+    import sys
+
+    def dry_run() -> str:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--profile", str(REPO / "profiles" / "offline"), "--cores", "2", "-n", "all"]
+        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    kinetics = tmp_path / "torch" / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth"
+    synthstrip = tmp_path / "resources" / "weights" / "synthstrip.1.pt"
+    log = dry_run()
+    assert "skull stripping uses deepbet instead, whose weights ship in its wheel" in log
+    assert f"r3d_18_kinetics400's kinetics400 weights would be downloaded (none at {kinetics})" in log
+    assert "pretrained_weights" not in log and "--weights none" in log and "--weights kinetics400" not in log
+    assert '"method": "deepbet"' in log  # the resolved settings every job receives
+
+    for planted in (kinetics, synthstrip):  # where the downloads would have put them
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(b"planted")
+    log = dry_run()
+    assert "offline: SynthStrip weights are not downloaded; the copy at resources/weights/synthstrip.1.pt is used" \
+        in log and '"method": "synthstrip"' in log
+    assert f"torchvision's cached copy {kinetics} is used" in log
+    assert re.search(r"pretrained_weights\s+1\b", log) and "--weights kinetics400" in log  # read from the cache
