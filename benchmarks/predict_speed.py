@@ -7,7 +7,12 @@ seconds per scan, the cohort job's seconds per scored scan, and the wall time pe
     python benchmarks/predict_speed.py --workdir STUDY --configfile STUDY/config.yaml \
         --experiment NAME --n-subjects 4 --voxel-scale 1.0 [--json out.json]
 
-STUDY is a folder where `snakemake all` (or at least the experiment's model_package) has run.
+STUDY is a folder where `snakemake all` (or at least the experiment's model_package) has run. With
+--build-study the benchmark first makes one there: the default demo and preprocessing (deepbet, whose
+weights ship in its wheel; 1 mm, 128^3), the experiment trained for one epoch from random weights (the
+seconds per new scan do not depend on the weights) and its package:
+
+    python benchmarks/predict_speed.py --workdir /tmp/predict_speed --build-study --experiment r3d_18_kinetics400
 """
 from __future__ import annotations
 
@@ -25,6 +30,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def build_study(workdir: Path, experiment: str, cores: int) -> Path:
+    """The default demo preprocessed with deepbet and ``experiment`` trained for one epoch from random
+    weights, up to its model package; returns the study's config overlay."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    overlay = workdir / "study.yaml"
+    overlay.write_text(json.dumps({
+        "preprocess": {"skullstrip": {"method": "deepbet"}},
+        "experiments": {experiment: {"weights": "none"}},
+        "train": {"max_epochs": 1, "num_workers": 0, "wandb": {"mode": "disabled"}}}))
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+                    "--cores", str(cores), "--configfile", str(overlay), "--",
+                    f"results/models/{experiment}/package/model_card.json"], check=True)
+    return overlay
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, type=Path)
@@ -36,11 +56,14 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--explain", nargs="*", default=["gradcam"])
     p.add_argument("--json", type=Path)
+    p.add_argument("--build-study", action="store_true", help="first make a study in --workdir (see above)")
     args = p.parse_args()
 
     from workflow_scripts.demo import generate_collection
 
     workdir = args.workdir.resolve()
+    if args.build_study:
+        args.configfile = [str(build_study(workdir, args.experiment, args.cores)), *args.configfile]
     name = f"speed-{args.seed}-{args.voxel_scale:g}".replace(".", "p")
     source = workdir / "predict_speed_inputs" / name
     if not (source / "collection.csv").is_file():

@@ -1,0 +1,102 @@
+"""Wall time of a whole workflow run, and the job time of each rule family, from Snakemake's own log.
+
+Runs `snakemake [--profile P] TARGET` in a fresh folder (or reads the log of a finished run) and
+prints the run's wall time and, per rule, the number of jobs, their summed and longest wall time
+(each job from its start line to its `Finished jobid` line; 1 s resolution):
+
+    python benchmarks/run_time.py --workdir /tmp/quick --profile profiles/quick      # the quick profile
+    python benchmarks/run_time.py --workdir /tmp/full --cores 2                        # the default `all`
+    python benchmarks/run_time.py --log /tmp/full/.snakemake/log/<time>.snakemake.log  # a finished run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+STAMP = re.compile(r"^\[(?P<when>\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+STARTED = re.compile(r"^(local)?(checkpoint|rule) (?P<rule>\w+):$")
+JOBID = re.compile(r"^\s+jobid: (?P<jobid>\d+)$")
+FINISHED = re.compile(r"^Finished jobid: (?P<jobid>\d+) \(Rule: (?P<rule>\w+)\)$")
+
+
+def job_times(log_lines: list[str]) -> pd.DataFrame:
+    """One row per finished job of a Snakemake log: rule, jobid, start, end, seconds."""
+    stamp, pending, started, rows = None, None, {}, []
+    for line in log_lines:
+        if m := STAMP.match(line):
+            stamp = datetime.strptime(m["when"], "%a %b %d %H:%M:%S %Y")
+        elif (m := STARTED.match(line)) and stamp is not None:
+            pending = (m["rule"], stamp)
+        elif (m := JOBID.match(line)) and pending is not None:
+            started[int(m["jobid"])], pending = pending, None
+        elif (m := FINISHED.match(line)) and int(m["jobid"]) in started:
+            rule, start = started.pop(int(m["jobid"]))
+            rows.append({"rule": rule, "jobid": int(m["jobid"]), "start": start, "end": stamp,
+                         "seconds": (stamp - start).total_seconds()})
+    return pd.DataFrame(rows, columns=["rule", "jobid", "start", "end", "seconds"])
+
+
+def rule_table(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Per rule: jobs, summed and longest job seconds, in the order the rules first started."""
+    table = (jobs.groupby("rule", sort=False)
+             .agg(jobs=("seconds", "size"), first_start=("start", "min"), job_seconds=("seconds", "sum"),
+                  longest_job_s=("seconds", "max"))
+             .sort_values("first_start").drop(columns="first_start").reset_index())
+    return table
+
+
+def run(workdir: Path, profile: str | None, cores: str, target: str, extra: list[str]) -> tuple[Path, float]:
+    """Run Snakemake in ``workdir``; returns its log file and the wall seconds."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    cmd += ["--profile", str((REPO / profile).resolve())] if profile else ["--cores", cores]
+    cmd += [*extra, target]
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=workdir, check=True, env=os.environ)
+    wall = time.perf_counter() - started
+    log = max((workdir / ".snakemake" / "log").glob("*.snakemake.log"), key=lambda p: p.stat().st_mtime)
+    return log, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, help="a folder to run in (fresh: the demo is generated there)")
+    p.add_argument("--profile", help="a profile of this repository, e.g. profiles/quick")
+    p.add_argument("--cores", default="2", help="without --profile")
+    p.add_argument("--target", default="all")
+    p.add_argument("--log", type=Path, help="only read this finished run's Snakemake log")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("extra", nargs="*", help="further Snakemake arguments (after --)")
+    args = p.parse_args()
+    if args.log:
+        log, wall = args.log, None
+    elif args.workdir:
+        log, wall = run(args.workdir.resolve(), args.profile, args.cores, args.target, args.extra)
+    else:
+        p.error("give --workdir to run, or --log to read a finished run")
+    jobs = job_times(log.read_text().splitlines())
+    if wall is None and not jobs.empty:
+        wall = (jobs["end"].max() - jobs["start"].min()).total_seconds()
+    table = rule_table(jobs)
+    print(table.to_markdown(index=False))
+    print(f"\n{len(jobs)} jobs, wall {wall / 60:.1f} min ({wall:.0f} s), job seconds summed "
+          f"{table['job_seconds'].sum():.0f}; {platform.machine()}, {os.cpu_count()} CPUs; log {log}")
+    if args.json:
+        args.json.write_text(json.dumps({"log": str(log), "profile": args.profile, "wall_s": round(wall, 1),
+                                         "cpus": os.cpu_count(), "machine": platform.machine(),
+                                         "rules": table.to_dict("records")}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
