@@ -182,7 +182,7 @@ rule run_summary:
     params:
         metrics=lambda wildcards, input: " ".join(shlex.quote(f"{n}={m}") for n, m in zip(EXPERIMENTS, input.metrics)),
         classes=" ".join(shlex.quote(c) for c in DATA["classes"]),
-        results=RESULTS,
+        results=lambda wildcards, input: os.path.dirname(input.usable),
     log:
         f"{RESULTS}/logs/report/run_summary.log",
     threads: 1
