@@ -320,6 +320,9 @@ def test_long_jobs_log_their_start_size_progress_and_end(demo_run):
     assert "voxels in" in per_scan["hippocampus_atlas"]  # its end: the label sizes and seconds
     assert re.search(r"segmenting \S+ \(32x32x32 voxels of [\d.]+x[\d.]+x[\d.]+ mm\) with ", per_scan["hippocampus_unet"])
     assert "voxels in" in per_scan["hippocampus_unet"]
+    unet = (results / "logs" / "segmentation" / "train.log").read_text()
+    assert re.search(r"training unet3d on \d+ scans .*\n(.*\n)*.*step 300/300: training loss [\d.]+, validation Dice "
+                     r"[\d.]+, ETA 0:00", unet)
 
 
 def test_all_ends_with_a_run_summary_of_scans_metrics_and_the_report(demo_run):

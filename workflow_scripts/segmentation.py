@@ -339,7 +339,9 @@ def fit(settings: dict[str, Any], items: Sequence[dict[str, Any]], out_dir: str 
         val = validation_dice(model, val_set, settings, device)
         history.append({"step": step, "train_loss": float(np.mean(pending)), "val_dice": val,
                         "seconds": round(time.perf_counter() - started, 2)})
-        LOG.info("step %d: training loss %.4f, validation Dice %.4f", step, history[-1]["train_loss"], val)
+        eta = (time.perf_counter() - started) / step * (settings["steps"] - step)
+        LOG.info("step %d/%d: training loss %.4f, validation Dice %.4f, ETA %d:%02d", step, settings["steps"],
+                 history[-1]["train_loss"], val, eta // 60, eta % 60)
         save_checkpoint(out / "last.pt", model, optimizer, step, settings, val, subjects)
         if val > best or best < 0:
             best = val
