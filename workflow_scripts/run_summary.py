@@ -11,6 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from workflow_scripts import cli
+from workflow_scripts.evaluate import MIN_SUBJECTS_PER_CLASS
 from workflow_scripts.nifti_io import write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -40,12 +41,15 @@ def metric_text(block: dict, name: str, estimable: bool) -> str:
 
 
 def experiment_lines(name: str, metrics: dict, classes: Sequence[str]) -> list[str]:
-    """One experiment's test metrics at subject and scan level."""
+    """One experiment's test metrics at subject and scan level (``classes``: data.classes, label 1 first)."""
+    from workflow_scripts.model_package import classes_by_label
+
     estimable = bool(metrics.get("intervals_estimable"))
-    per_label = metrics.get("subjects_per_label") or {}
-    counts = ", ".join(f"{per_label.get(str(k), per_label.get(k, 0))} {c}" for k, c in enumerate(classes))
+    per_label = {int(k): n for k, n in (metrics.get("subjects_per_label") or {}).items()}
+    counts = ", ".join(f"{per_label.get(k, 0)} {c}" for k, c in enumerate(classes_by_label(classes)))
     lines = [f"- **{name}**: {metrics['n_subjects']} test subjects ({counts}), {metrics['n_scans']} scans"
-             + ("" if estimable else "; fewer than 5 test subjects in a class, so no interval is estimable")]
+             + ("" if estimable else f"; fewer than {MIN_SUBJECTS_PER_CLASS} test subjects in a class, so no "
+                                     "interval is estimable")]
     for level in ("subject", "scan"):
         shown = ", ".join(f"{label} {metric_text(metrics[level], key, estimable)}" for key, label in SHOWN_METRICS)
         lines.append(f"  - {level} level: {shown}")
@@ -57,8 +61,8 @@ def summary_text(results: str | Path, metrics_files: dict[str, str | Path], clas
     from workflow_scripts.usable_scans import outcome_line
 
     results = Path(results)
-    lines = ["# Run summary", "", "## Scans", "",
-             f"- used: {len(pd.read_csv(results / 'usable.tsv', sep=chr(9)))}",
+    used = len(pd.read_csv(results / "usable.tsv", sep="\t"))
+    lines = ["# Run summary", "", "## Scans", "", f"- used: {used}",
              f"- dropped after ingest: {reason_counts(results / 'dropped.tsv')}, see {results / 'dropped.tsv'}",
              f"- left out by ingest: {reason_counts(results / 'excluded.tsv')}, see {results / 'excluded.tsv'}",
              "", "## Test metrics (the held-out test split; 95% bootstrap intervals resample subjects)", ""]
@@ -77,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--results", required=True, help="the results folder (usable.tsv, dropped.tsv, excluded.tsv)")
     p.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
                    help="each experiment's evaluation/metrics.json")
-    p.add_argument("--classes", nargs=2, required=True, help="the class names in label order")
+    p.add_argument("--classes", nargs=2, required=True, help="data.classes: the positive (label 1) class first")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     metrics = dict(item.split("=", 1) for item in args.metrics)
