@@ -26,8 +26,7 @@ sys.path.insert(0, str(REPO))
 
 
 def timed(function, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (after one warm-up call)."""
-    function()
+    """Median seconds of ``repeats`` calls (the model is warmed up once before, in main)."""
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -60,6 +59,8 @@ def main() -> None:
     model = build_model(args.arch, weights="none").to(device).eval()
     x = torch.randn(1, 1, args.size, args.size, args.size, device=device)
     occlusions = len(range(0, args.size - args.patch + 1, args.stride)) ** 3
+    with torch.no_grad():  # warm-up: one pass at the largest batch size
+        model(x.expand(max(args.batch), -1, -1, -1, -1))
     rows = [{"method": "gradcam (layer4)", "forward passes": 1, "seconds per map": timed(
         lambda: gradcam_map(model, x, 1), args.repeats)}]
     for batch in args.batch:

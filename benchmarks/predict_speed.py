@@ -77,7 +77,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", str(args.cores), "--nolock", "--rerun-triggers", "mtime", "--forcerun", "predict_scans",
            "--configfile", *args.configfile, str(overlay), "--", "predict"]
-    started = time.perf_counter()
+    started, clock_start = time.perf_counter(), time.time()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
 
@@ -86,6 +86,9 @@ def main() -> None:
     rows = []
     for folder in sorted((out / "benchmarks").iterdir()):
         files = [folder] if folder.is_file() else sorted(folder.glob("*/*.tsv"))
+        files = [f for f in files if f.stat().st_mtime >= clock_start]  # this run's jobs, not an earlier run's
+        if not files:
+            continue
         seconds = [float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in files]
         family = folder.stem if folder.is_file() else folder.name
         per_scan = sum(seconds) / (len(scored) if family == "predict" else max(1, len(files)))
