@@ -337,7 +337,7 @@ def test_all_ends_with_a_run_summary_of_scans_metrics_and_the_report(demo_run):
         metrics = json.loads((results / "evaluation" / name / "metrics.json").read_text())
         assert f"- **{name}**: {metrics['n_subjects']} test subjects" in summary
         accuracy = metrics["subject"]["accuracy"]
-        assert metrics["intervals_estimable"] is False  # the tiny test split: 2-3 subjects per class
+        assert metrics["intervals_estimable"] is False  # the tiny test split: one or two subjects per class
         assert f"accuracy {accuracy:.3f} (interval not estimable)" in summary
     assert "95% CI" not in summary.split("## Test metrics")[1].split("## Report")[0].replace(
         "95% bootstrap intervals", "")
