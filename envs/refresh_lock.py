@@ -58,9 +58,9 @@ def main() -> None:
     frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
                             capture_output=True, text=True).stdout
     requirements = sorted((line for line in frozen.splitlines() if "==" in line), key=str.lower)
-    header = (f"# Exact versions the suite and the README's figures were produced with: Python "
-              f"{platform.python_version()}, {platform.system()} {platform.machine()}, written "
-              f"{datetime.date.today().isoformat()} by envs/refresh_lock.py.\n"
+    header = (f"# Exact versions the test suite runs with, and the README's figures measured from "
+              f"{datetime.date.today().isoformat()} on: Python {platform.python_version()}, {platform.system()} "
+              f"{platform.machine()}; written by envs/refresh_lock.py.\n"
               "# Use: pip install -c envs/requirements.lock -e \".[test]\"\n")
     LOCK.write_text(header + "\n".join(requirements) + "\n")
     PIPELINE_ENV.write_text(pin_environment(PIPELINE_ENV.read_text(), read_lock(LOCK)))
