@@ -148,15 +148,10 @@ def test_offline_profile_downloads_nothing_and_says_what_it_uses_instead(tmp_pat
     """profiles/offline: without the files, deepbet and random weights replace the downloads; with them
     in the caches, those copies are used; the log says which at each place."""
     import os
-    import subprocess
-    import sys
 
     def dry_run() -> str:
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-               "--profile", str(REPO / "profiles" / "offline"), "--cores", "2", "-n", "all"]
-        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_snakemake(tmp_path, "--profile", str(REPO / "profiles" / "offline"), "-n", "all", timeout=300,
+                               env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
         return result.stdout + result.stderr
 
     kinetics = tmp_path / "torch" / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth"
