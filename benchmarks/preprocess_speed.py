@@ -32,7 +32,8 @@ def collect(results: Path, stages: list[str] = STAGES) -> pd.DataFrame:
         for tsv in sorted((results / "benchmarks" / stage).glob("*/*.tsv")):
             bench = pd.read_csv(tsv, sep="\t").iloc[0]
             rows.append({"stage": stage, "subject": tsv.parent.name, "image_id": tsv.stem,
-                         "seconds": float(bench["s"]), "max_rss_mb": float(bench["max_rss"])})
+                         "seconds": float(bench["s"]), "cpu_s": float(bench["cpu_time"]),
+                         "max_rss_mb": float(bench["max_rss"])})
     if not rows:
         raise SystemExit(f"no benchmark files under {results}/benchmarks: run the workflow first")
     return pd.DataFrame(rows)

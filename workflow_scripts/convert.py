@@ -35,7 +35,7 @@ def convert_series(dicom_dir: str | Path) -> nib.Nifti1Image:
     if not dicom_dir.is_dir():
         raise cli.PipelineError(f"DICOM folder {dicom_dir} does not exist; re-run ingest or restore the download")
     with tempfile.TemporaryDirectory(prefix="dicom2nifti_") as tmp:
-        out = Path(tmp) / "series.nii.gz"
+        out = Path(tmp) / "series.nii"  # uncompressed: it is read once, right here
         try:
             dicom2nifti.dicom_series_to_nifti(str(dicom_dir), str(out), reorient_nifti=True)
         except (ConversionValidationError, ConversionError, InvalidDicomError) as err:
@@ -45,7 +45,7 @@ def convert_series(dicom_dir: str | Path) -> nib.Nifti1Image:
             raise ScanDataError("conversion_failed", f"dicom2nifti cannot convert {dicom_dir}: "
                                                      f"{type(err).__name__}: {err}") from err
         converted = nib.load(out)
-        data = np.asanyarray(converted.dataobj)
+        data = np.array(converted.dataobj)  # a copy in memory, not a map of a file about to be deleted
         affine = converted.affine
     if data.ndim != 3:
         raise ScanDataError("not_3d", f"{dicom_dir} converts to a {data.ndim}-D image of shape {data.shape}; "

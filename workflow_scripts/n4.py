@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from workflow_scripts import cli
-from workflow_scripts.ants_bridge import to_ants
+from workflow_scripts.ants_bridge import import_ants, to_ants
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
 from workflow_scripts.scan_failure import ScanDataError, run_stage
 
@@ -23,7 +23,7 @@ def n4_correct(img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, *, shr
                iterations: Sequence[int] = (50, 50, 50, 50), tolerance: float = 1e-7,
                spline_param: float | Sequence[int] | None = None) -> nib.Nifti1Image:
     """N4-corrected image (antspyx ``n4_bias_field_correction`` with these settings)."""
-    import ants
+    ants = import_ants()
 
     kwargs = dict(shrink_factor=int(shrink_factor),
                   convergence={"iters": [int(i) for i in iterations], "tol": float(tolerance)})

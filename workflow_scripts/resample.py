@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from workflow_scripts import cli
-from workflow_scripts.ants_bridge import ants_affine, to_ants
+from workflow_scripts.ants_bridge import ants_affine, import_ants, to_ants
 from workflow_scripts.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
 from workflow_scripts.scan_failure import ScanDataError, run_stage
 
@@ -22,26 +22,53 @@ LOG = logging.getLogger(__name__)
 INTERPOLATORS = {"linear": 0, "nearest": 1, "gaussian": 2, "windowed_sinc": 3, "bspline": 4}
 
 
+def resampled_grid(image, spacing: Sequence[float]):
+    """An empty image on the grid ``ants.resample_image(image, spacing)`` makes: same origin and axes, each axis
+    ``floor(n * old / new + 0.5)`` voxels (ANTs ResampleImage's rule, checked against it in the tests)."""
+    ants = import_ants()
+    size = tuple(int(np.floor(n * old / new + 0.5)) for n, old, new in zip(image.shape, image.spacing, spacing))
+    return ants.make_image(size, 0.0, spacing=tuple(spacing), origin=image.origin, direction=image.direction)
+
+
+def bspline_in_box(image, grid, mask: np.ndarray) -> np.ndarray:
+    """Cubic B-spline values of ``image`` on ``grid``, evaluated only in the bounding box of ``mask`` (zero
+    elsewhere): the voxels kept are those of the whole-grid resampling, to float32 rounding, in a third of
+    the time (a 1 mm head grid is about four times the brain's box)."""
+    ants = import_ants()
+    hits = np.argwhere(mask)
+    low, high = hits.min(axis=0), hits.max(axis=0) + 1
+    origin = np.asarray(grid.origin) + np.asarray(grid.direction) @ (low * np.asarray(grid.spacing))
+    box = ants.make_image(tuple(int(n) for n in high - low), 0.0, spacing=grid.spacing,
+                          origin=tuple(float(v) for v in origin), direction=grid.direction)
+    values = np.zeros(grid.shape, np.float32)
+    values[tuple(slice(lo, hi) for lo, hi in zip(low, high))] = \
+        ants.resample_image_to_target(image, box, interp_type="bSpline").numpy()
+    return values
+
+
 def resample_to_spacing(img: nib.Nifti1Image, mask: nib.Nifti1Image, spacing: Sequence[float] = (1, 1, 1),
                         interpolation: str = "bspline") -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Resample image and mask onto a grid of ``spacing`` mm covering the same field of view.
 
     B-spline overshoot is clipped: no voxel outside the resampled mask, and none below zero.
     """
-    import ants
+    ants = import_ants()
 
     if interpolation not in INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
     spacing = tuple(float(s) for s in spacing)
-    resampled = ants.resample_image(to_ants(img), spacing, use_voxels=False,
-                                    interp_type=INTERPOLATORS[interpolation])
-    resampled_mask = ants.resample_image_to_target(to_ants(mask), resampled, interp_type="nearestNeighbor")
-    mask_data = resampled_mask.numpy() > 0.5
+    image = to_ants(img)
+    grid = resampled_grid(image, spacing)
+    mask_data = ants.resample_image_to_target(to_ants(mask), grid, interp_type="nearestNeighbor").numpy() > 0.5
     if not mask_data.any():
         raise ScanDataError("empty_brain_mask", f"the brain mask is empty after resampling to {spacing} mm "
                                                 f"(a mask thinner than one voxel of the new grid)")
-    data = np.where(mask_data, np.clip(resampled.numpy(), 0, None), 0).astype(np.float32)
-    affine = ants_affine(resampled)
+    if interpolation == "bspline":  # only voxels inside the mask are kept
+        values = bspline_in_box(image, grid, mask_data)
+    else:
+        values = ants.resample_image(image, spacing, use_voxels=False, interp_type=INTERPOLATORS[interpolation]).numpy()
+    data = np.where(mask_data, np.clip(values, 0, None), 0).astype(np.float32)
+    affine = ants_affine(grid)
     step = "bspline" if interpolation == "bspline" else interpolation
     label = f"{step}{'x'.join(f'{s:g}' for s in spacing)}mm"
     provenance = extend_provenance(provenance_of(img), label)

@@ -1,0 +1,227 @@
+"""The workflow's preprocessing against a plain in-memory loop doing the same stages, on the same scans.
+
+    python benchmarks/preprocess_vs_loop.py --workdir /tmp/pvl --scans 5 --cores 2
+    python benchmarks/preprocess_vs_loop.py --workdir /tmp/pvl --scans 16 --cores 2 --json pvl16.json
+
+The loop is what a researcher would write without a workflow: one Python process that, for each
+scan, converts the series with dicom2nifti, skull-strips it with one network loaded once, resamples,
+crops and zooms, runs N4 and reorients, all in memory with the libraries' default threads, and
+writes the final image and mask. It calls the workflow's own stage functions with the same
+settings, so both compute the same thing. The workflow runs ``snakemake`` on the same scans' final
+files, QC montages and QC metrics (what ``preprocess`` makes per scan) in a fresh results folder.
+
+Printed: each stage's seconds summed over the scans (the workflow's from its benchmark files, wall
+and CPU, against the loop's timers), the per-stage ratio, and the wall-time ratio. The demo
+collection (ADNI-shaped sagittal series) is generated and ingested in ``--workdir`` first, untimed.
+``--method synthstrip`` plants a SynthStrip checkpoint of the official architecture (see
+preprocess_speed.py): the compute is that of the official weights, only the masks are meaningless.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from preprocess_speed import collect, plant_synthstrip  # noqa: E402
+
+LOOP_STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
+WORKFLOW_STAGES = LOOP_STAGES + ["qc", "qc_metrics"]
+
+
+def bench_config(workdir: Path, n_subjects: int, skullstrip: dict) -> Path:
+    """A config file for the benchmark's demo: one scan per subject, no distractors, the chosen stripper."""
+    config = {"demo": {"n_subjects": n_subjects, "visits": 1, "n_mci": 0},
+              "preprocess": {"skullstrip": skullstrip}}
+    path = workdir / "bench.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, cores: int, targets: list[str]) -> float:
+    """Run the workflow on ``targets``; its wall seconds, Snakemake's start-up and planning included."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", str(cores), "--quiet", "progress", "--", *targets]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - started
+
+
+def scan_targets(scans: pd.DataFrame) -> list[str]:
+    """What ``preprocess`` makes for each of these scans: the final image and mask, QC montage and metrics."""
+    targets = []
+    for row in scans.itertuples():
+        stem = f"{row.subject}/{row.image_id}"
+        targets += [f"results/ras/{stem}.nii.gz", f"results/ras/{stem}_mask.nii.gz",
+                    f"results/qc/{stem}.png", f"results/qc/{stem}.json"]
+    return targets
+
+
+def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None) -> dict:
+    """The plain loop (run in its own process by ``--loop``): seconds and CPU seconds per stage, summed."""
+    started = time.perf_counter()
+    from workflow_scripts import convert, crop, n4, reorient, resample, skullstrip
+    from workflow_scripts.nifti_io import save_nifti_atomic
+
+    scans = pd.read_csv(scans_tsv, sep="\t")
+    pre = settings["preprocess"]
+    wall = dict.fromkeys(LOOP_STAGES, 0.0)
+    cpu = dict.fromkeys(LOOP_STAGES, 0.0)
+
+    def timed(stage, fn, *args, **kwargs):
+        w, c = time.perf_counter(), time.process_time()
+        result = fn(*args, **kwargs)
+        wall[stage] += time.perf_counter() - w
+        cpu[stage] += time.process_time() - c
+        return result
+
+    strip_mask = load_stripper(pre["skullstrip"], weights)
+    for row in scans.itertuples():
+        img = timed("nifti", convert.convert_series, row.dicom_dir)
+
+        def strip_one(img=img):
+            mask = strip_mask(img)
+            skullstrip.check_mask(mask, img, pre["skullstrip"]["method"])
+            return skullstrip.strip(img, mask, pre["skullstrip"]["method"])
+
+        brain, mask = timed("stripped", strip_one)
+        brain, mask = timed("resampled", resample.resample_to_spacing, brain, mask, pre["resample"]["spacing"],
+                            pre["resample"]["interpolation"])
+        brain, mask = timed("cropped128", crop.crop_and_zoom, brain, mask, margin=pre["crop"]["margin"],
+                            target_shape=pre["target_shape"], order=pre["crop"]["zoom_order"],
+                            keep_aspect=pre["crop"]["keep_aspect"])
+        brain = timed("n4", n4.n4_correct, brain, mask if pre["n4"]["use_mask"] else None,
+                      shrink_factor=pre["n4"]["shrink_factor"], iterations=pre["n4"]["iterations"],
+                      tolerance=pre["n4"]["tolerance"], spline_param=pre["n4"]["spline_param"])
+
+        def ras_and_write(brain=brain, mask=mask, row=row):
+            target = out_dir / row.subject
+            save_nifti_atomic(reorient.to_ras(mask), target / f"{row.image_id}_mask.nii.gz")
+            save_nifti_atomic(reorient.to_ras(brain), target / f"{row.image_id}.nii.gz")
+
+        timed("ras", ras_and_write)
+    return {"wall_s": wall, "cpu_s": cpu, "process_s": time.perf_counter() - started}
+
+
+def load_stripper(skullstrip_settings: dict, weights: str | None):
+    """A mask function with its network loaded once, as a loop would (deepbet or SynthStrip)."""
+    import nibabel as nib
+    import numpy as np
+
+    if skullstrip_settings["method"] == "deepbet":
+        from deepbet import BrainExtraction
+
+        extractor = BrainExtraction(no_gpu=True)
+
+        def deepbet_mask(img):
+            float_img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+            _, mask, _ = extractor.run(float_img, threshold=skullstrip_settings["deepbet_threshold"],
+                                       n_dilate=skullstrip_settings["deepbet_dilate"])
+            return np.asanyarray(mask.dataobj) > 0
+
+        return deepbet_mask
+    from workflow_scripts.skullstrip import synthstrip_mask
+
+    return lambda img: synthstrip_mask(img, weights, threads=os.cpu_count() or 1,
+                                       border=skullstrip_settings["synthstrip_border"])
+
+
+def stage_table(workflow: pd.DataFrame, loop: dict) -> pd.DataFrame:
+    """Seconds per stage summed over the scans: workflow jobs (wall, CPU) against the loop."""
+    sums = workflow.groupby("stage", sort=False)[["seconds", "cpu_s"]].sum()
+    rows = []
+    for stage in WORKFLOW_STAGES:
+        job_s = float(sums.loc[stage, "seconds"]) if stage in sums.index else float("nan")
+        job_cpu = float(sums.loc[stage, "cpu_s"]) if stage in sums.index else float("nan")
+        loop_s = loop["wall_s"].get(stage)
+        rows.append({"stage": stage, "workflow_job_s": round(job_s, 1), "workflow_cpu_s": round(job_cpu, 1),
+                     "loop_s": None if loop_s is None else round(loop_s, 1),
+                     "loop_cpu_s": None if loop_s is None else round(loop["cpu_s"][stage], 1),
+                     "ratio": None if not loop_s else round(job_s / loop_s, 2)})
+    return pd.DataFrame(rows).set_index("stage")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--scans", type=int, default=5, help="how many scans both preprocess")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--method", choices=["deepbet", "synthstrip"], default="deepbet")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
+    p.add_argument("--loop", nargs=3, metavar=("SCANS_TSV", "OUT_DIR", "SETTINGS_JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.loop:  # the loop's own process: prints its timers as JSON
+        scans_tsv, out_dir, settings_json = args.loop
+        settings = json.loads(Path(settings_json).read_text())
+        print(json.dumps(run_loop(Path(scans_tsv), Path(out_dir), settings, settings.get("weights"))))
+        return
+
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = None
+    if args.method == "synthstrip":
+        weights = workdir / "planted" / "synthstrip.1.pt"
+        plant_synthstrip(weights)
+    n_subjects = args.scans + args.scans % 2  # the demo splits subjects evenly between AD and CN
+    skullstrip = {"method": args.method, **({"synthstrip_weights": str(weights)} if weights else {})}
+    configfile = bench_config(workdir, n_subjects, skullstrip)
+    snakemake(workdir, configfile, args.cores, ["results/scans.tsv"])  # demo + ingest, not timed
+    scans = pd.read_csv(workdir / "results" / "scans.tsv", sep="\t").head(args.scans)
+    if len(scans) < args.scans:
+        raise SystemExit(f"the demo gave {len(scans)} scans, fewer than --scans {args.scans}")
+    chosen = workdir / "bench_scans.tsv"
+    scans.to_csv(chosen, sep="\t", index=False)
+
+    # The loop's settings: config.yaml's, with this benchmark's skull stripper.
+    import yaml
+
+    settings = yaml.safe_load((REPO / "config.yaml").read_text())
+    settings["preprocess"]["skullstrip"].update(skullstrip)
+    settings["weights"] = str(weights) if weights else None
+    settings_json = workdir / "loop_settings.json"
+    settings_json.write_text(json.dumps(settings, default=str))
+
+    loop_out = workdir / "loop_output"
+    shutil.rmtree(loop_out, ignore_errors=True)
+    started = time.perf_counter()
+    loop_run = subprocess.run([sys.executable, __file__, "--workdir", str(workdir), "--loop", str(chosen),
+                               str(loop_out), str(settings_json)], check=True, capture_output=True, text=True)
+    loop_wall = time.perf_counter() - started
+    loop = json.loads(loop_run.stdout.strip().splitlines()[-1])
+
+    for stage in WORKFLOW_STAGES + ["benchmarks", "logs"]:
+        if stage in ("benchmarks", "logs"):
+            for sub in WORKFLOW_STAGES:
+                shutil.rmtree(workdir / "results" / stage / sub, ignore_errors=True)
+        else:
+            shutil.rmtree(workdir / "results" / stage, ignore_errors=True)
+    workflow_wall = snakemake(workdir, configfile, args.cores, scan_targets(scans))
+    workflow = collect(workdir / "results", WORKFLOW_STAGES)
+    table = stage_table(workflow, loop)
+
+    print(f"# {len(scans)} scans, {args.method}, --cores {args.cores}, {os.cpu_count()} CPUs "
+          f"({platform.machine()}), {time.strftime('%Y-%m-%d')}")
+    print(table.to_markdown())
+    ratio = workflow_wall / loop_wall
+    print(f"\nwall: workflow {workflow_wall:.1f} s, loop {loop_wall:.1f} s (its process), ratio {ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "scans": len(scans), "method": args.method, "cores": args.cores, "cpus": os.cpu_count(),
+            "workflow_wall_s": round(workflow_wall, 1), "loop_wall_s": round(loop_wall, 1),
+            "wall_ratio": round(ratio, 3), "stages": table.reset_index().to_dict(orient="records")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
