@@ -73,6 +73,39 @@ def test_synthstrip_path_runs_the_network_with_planted_weights(demo_scan, tmp_pa
     assert nib.load(out["brain"]).header["descrip"].tobytes().rstrip(b"\x00") == b"dicom2nifti>synthstrip"
 
 
+
+def test_synthstrip_grid_and_resampling_are_nipreps_conform(demo_scan):
+    # the job runs SynthStrip's steps itself (faster resampling, one process): the network's input grid must be
+    # nipreps' own, and the conformed voxels its values but for float32 rounding of its coordinates (1 unit)
+    from nipreps.synthstrip.cli import conform
+
+    img, _ = demo_scan
+    upstream = conform(img)
+    shape, affine = skullstrip.synthstrip_grid(img)
+    assert shape == upstream.shape
+    np.testing.assert_allclose(affine, upstream.affine, rtol=0, atol=1e-9)
+    data = np.asanyarray(img.dataobj)
+    ours = skullstrip.resample_spline(data, img.affine, shape, affine, threads=2)
+    theirs = np.asanyarray(upstream.dataobj)
+    assert ours.dtype == theirs.dtype
+    differ = np.abs(ours.astype(np.int64) - theirs.astype(np.int64))
+    assert differ.max() <= 1 and np.count_nonzero(differ) < 1e-3 * differ.size
+
+
+def test_synthstrip_distance_goes_back_like_nipreps_resample_like(demo_scan):
+    from nipreps.synthstrip.cli import resample_like
+    from scipy import ndimage
+
+    img, _ = demo_scan
+    shape, affine = skullstrip.synthstrip_grid(img)
+    rng = np.random.default_rng(0)
+    distance = (ndimage.gaussian_filter(rng.normal(size=shape), 3) * 200).astype(np.float32)
+    theirs = np.asanyarray(resample_like(nib.Nifti1Image(distance, affine, None), img, output_dtype="int16",
+                                         cval=100).dataobj).astype("int16")
+    ours = skullstrip.resample_spline(distance, affine, img.shape, img.affine, cval=100, threads=2).astype(np.int16)
+    differ = np.abs(ours.astype(np.int64) - theirs)
+    assert differ.max() <= 1 and np.count_nonzero(differ) < 1e-4 * differ.size
+
 def test_synthstrip_mask_follows_the_network_output(demo_scan, tmp_path):
     img, _ = demo_scan
     img = img.slicer[:24, :24, :24]  # a 72 mm block: the network runs on 64^3 instead of a whole head
