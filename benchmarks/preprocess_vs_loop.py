@@ -12,7 +12,10 @@ settings, so both compute the same thing. The workflow runs ``snakemake`` on the
 files, QC montages and QC metrics (what ``preprocess`` makes per scan) in a fresh results folder.
 
 Printed: each stage's seconds summed over the scans (the workflow's from its benchmark files, wall
-and CPU, against the loop's timers), the per-stage ratio, and the wall-time ratio. The demo
+and CPU, against the loop's timers), the per-stage ratio, and the wall-time ratio. ``--estimate``
+turns a run's JSON into an estimate for a large collection on more cores (see ``scale_estimate``):
+
+    python benchmarks/preprocess_vs_loop.py --estimate pvl16.json --estimate-scans 1300 --estimate-cores 8 32 The demo
 collection (ADNI-shaped sagittal series) is generated and ingested in ``--workdir`` first, untimed.
 ``--method synthstrip`` plants a SynthStrip checkpoint of the official architecture (see
 preprocess_speed.py): the compute is that of the official weights, only the masks are meaningless.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -138,19 +142,52 @@ def load_stripper(skullstrip_settings: dict, weights: str | None):
                                        border=skullstrip_settings["synthstrip_border"])
 
 
-def stage_table(workflow: pd.DataFrame, loop: dict) -> pd.DataFrame:
-    """Seconds per stage summed over the scans: workflow jobs (wall, CPU) against the loop."""
+def stage_table(workflow: pd.DataFrame, loop: dict, threads: dict) -> pd.DataFrame:
+    """Seconds per stage summed over the scans: workflow jobs (wall, CPU, threads) against the loop."""
     sums = workflow.groupby("stage", sort=False)[["seconds", "cpu_s"]].sum()
     rows = []
     for stage in WORKFLOW_STAGES:
         job_s = float(sums.loc[stage, "seconds"]) if stage in sums.index else float("nan")
         job_cpu = float(sums.loc[stage, "cpu_s"]) if stage in sums.index else float("nan")
         loop_s = loop["wall_s"].get(stage)
-        rows.append({"stage": stage, "workflow_job_s": round(job_s, 1), "workflow_cpu_s": round(job_cpu, 1),
+        rows.append({"stage": stage, "threads": threads[stage], "workflow_job_s": round(job_s, 1), "workflow_cpu_s": round(job_cpu, 1),
                      "loop_s": None if loop_s is None else round(loop_s, 1),
                      "loop_cpu_s": None if loop_s is None else round(loop["cpu_s"][stage], 1),
                      "ratio": None if not loop_s else round(job_s / loop_s, 2)})
     return pd.DataFrame(rows).set_index("stage")
+
+
+def overhead_per_job(figures: dict) -> float:
+    """Core-seconds per job that the workflow's run left idle or spent outside the jobs: its wall time times
+    the cores, less every job's wall time times its threads, shared over the jobs (Snakemake's start-up,
+    planning and scheduling, and cores idle while a job waits for its inputs)."""
+    busy = sum(row["workflow_job_s"] * row["threads"] for row in figures["stages"])
+    jobs = figures["scans"] * len(figures["stages"])
+    return (figures["workflow_wall_s"] * figures["cores"] - busy) / jobs
+
+
+def scale_estimate(figures: dict, n_scans: int, cores: int, planning_s: float) -> dict:
+    """Wall time of the workflow and of the loop on ``n_scans`` scans and ``cores`` cores, from one run's figures.
+
+    Workflow: planning, then every job's core-seconds (wall x threads, as measured) plus the measured overhead
+    per job, spread over the cores. Loop: each stage's serial and parallel parts from its 2-core wall and CPU
+    seconds (Amdahl), the parallel part spread over all cores: optimistic for the loop, whose libraries scale
+    less than linearly past a few threads.
+    """
+    n, measured_cores = figures["scans"], figures["cores"]
+    per_job = overhead_per_job(figures)
+    workflow_core_s = sum(row["workflow_job_s"] * row["threads"] for row in figures["stages"]) / n
+    workflow = planning_s + n_scans * (workflow_core_s + len(figures["stages"]) * per_job) / cores
+    loop_per_scan = 0.0
+    for row in figures["stages"]:
+        if row["loop_s"] is None or math.isnan(row["loop_s"]):  # a stage the loop does not run (QC)
+            continue
+        cpu, wall = row["loop_cpu_s"] / n, row["loop_s"] / n
+        parallel = min(1.0, max(0.0, (1 - wall / cpu) * measured_cores / (measured_cores - 1))) if cpu else 0.0
+        loop_per_scan += cpu * (1 - parallel) + cpu * parallel / cores
+    loop = n_scans * loop_per_scan
+    return {"scans": n_scans, "cores": cores, "workflow_h": round(workflow / 3600, 2), "loop_h": round(loop / 3600, 2),
+            "ratio": round(workflow / loop, 2), "overhead_core_s_per_job": round(per_job, 2)}
 
 
 def main() -> None:
@@ -160,9 +197,20 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--method", choices=["deepbet", "synthstrip"], default="deepbet")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
+    p.add_argument("--estimate", type=Path, help="a previous run's --json: print the scale estimate only")
+    p.add_argument("--estimate-scans", type=int, default=1300)
+    p.add_argument("--estimate-cores", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--planning-s", type=float, default=75.0,
+                   help="Snakemake's planning time for the large collection (75 s: a dry run of 8,527 jobs "
+                        "on 1,300 scans)")
     p.add_argument("--loop", nargs=3, metavar=("SCANS_TSV", "OUT_DIR", "SETTINGS_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args()
 
+    if args.estimate:
+        figures = json.loads(args.estimate.read_text())
+        rows = [scale_estimate(figures, args.estimate_scans, c, args.planning_s) for c in args.estimate_cores]
+        print(pd.DataFrame(rows).to_markdown(index=False))
+        return
     if args.loop:  # the loop's own process: prints its timers as JSON
         scans_tsv, out_dir, settings_json = args.loop
         settings = json.loads(Path(settings_json).read_text())
@@ -210,18 +258,22 @@ def main() -> None:
             shutil.rmtree(workdir / "results" / stage, ignore_errors=True)
     workflow_wall = snakemake(workdir, configfile, args.cores, scan_targets(scans))
     workflow = collect(workdir / "results", WORKFLOW_STAGES)
-    table = stage_table(workflow, loop)
+    resources = settings["resources"]
+    table = stage_table(workflow, loop, {stage: resources["qc" if stage == "qc_metrics" else stage]["threads"]
+                                         for stage in WORKFLOW_STAGES})
 
     print(f"# {len(scans)} scans, {args.method}, --cores {args.cores}, {os.cpu_count()} CPUs "
           f"({platform.machine()}), {time.strftime('%Y-%m-%d')}")
     print(table.to_markdown())
     ratio = workflow_wall / loop_wall
-    print(f"\nwall: workflow {workflow_wall:.1f} s, loop {loop_wall:.1f} s (its process), ratio {ratio:.2f}")
+    figures = {"scans": len(scans), "method": args.method, "cores": args.cores, "cpus": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d"), "workflow_wall_s": round(workflow_wall, 1),
+               "loop_wall_s": round(loop_wall, 1), "wall_ratio": round(ratio, 3),
+               "stages": table.reset_index().to_dict(orient="records")}
+    print(f"\nwall: workflow {workflow_wall:.1f} s, loop {loop_wall:.1f} s (its process), ratio {ratio:.2f}; "
+          f"workflow overhead {overhead_per_job(figures):.2f} core-s per job")
     if args.json:
-        args.json.write_text(json.dumps({
-            "scans": len(scans), "method": args.method, "cores": args.cores, "cpus": os.cpu_count(),
-            "workflow_wall_s": round(workflow_wall, 1), "loop_wall_s": round(loop_wall, 1),
-            "wall_ratio": round(ratio, 3), "stages": table.reset_index().to_dict(orient="records")}, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -217,8 +217,8 @@ def skullstrip_flags(skullstrip=None):
         flags.append(f"--synthstrip-border {s['synthstrip_border']}")
     else:
         flags.append(f"--deepbet-threshold {s['deepbet_threshold']} --deepbet-dilate {s['deepbet_dilate']}")
-    if s["gpu"]:
-        flags.append("--gpu")
+    if s["gpu"]:  # false: the CPU; auto: the GPU where torch sees one; true: a GPU or stop
+        flags.append(f"--device {'auto' if s['gpu'] == 'auto' else 'gpu'}")
     return " ".join(flags)
 
 

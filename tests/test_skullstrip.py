@@ -156,3 +156,14 @@ def test_a_corrupt_cached_file_is_refused(tmp_path):
     (tmp_path / "synthstrip.1.pt").write_bytes(b"truncated")
     with pytest.raises(PipelineError, match="not the official synthstrip.1.pt"):
         skullstrip.fetch_synthstrip_weights(tmp_path, ["http://127.0.0.1:9/x"])
+
+
+def test_gpu_setting_auto_falls_back_to_the_cpu_and_true_stops_without_a_gpu(monkeypatch):
+    # preprocess.skullstrip.gpu: false / auto / true reach the job as --device cpu / auto / gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert skullstrip.use_gpu("cpu") is False and skullstrip.use_gpu("auto") is False
+    with pytest.raises(PipelineError, match="torch sees no CUDA GPU on .*set it to auto"):
+        skullstrip.use_gpu("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert skullstrip.use_gpu("auto") is True and skullstrip.use_gpu("gpu") is True
+    assert skullstrip.use_gpu("cpu") is False

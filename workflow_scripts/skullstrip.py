@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from workflow_scripts.scan_failure import ScanDataError, run_stage
 LOG = logging.getLogger(__name__)
 
 METHODS = ("synthstrip", "deepbet")
+DEVICES = ("cpu", "auto", "gpu")
 SYNTHSTRIP_FILENAME = "synthstrip.1.pt"
 SYNTHSTRIP_BYTES = 30_851_709
 SYNTHSTRIP_SHA256 = "37417f802196186441aae3e7f385d94f8a98c64a88acaeaa2723af995c653e33"
@@ -247,12 +249,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--synthstrip-border", type=int, default=1, help="mask border in mm (whole mm)")
     p.add_argument("--deepbet-threshold", type=float, default=0.5)
     p.add_argument("--deepbet-dilate", type=int, default=0)
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu; auto: the GPU when torch sees one, else the CPU; gpu: a GPU or stop")
     p.add_argument("--brain-volume-ml", type=json.loads, metavar="[MIN, MAX]",
                    help="JSON [min, max] (null: no bound): a mask outside drops the scan (implausible_brain_mask)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     run_stage("stripped", [args.input], [args.output, args.mask, args.sidecar], lambda: strip_scan(args))
+
+
+def use_gpu(device: str) -> bool:
+    """Whether the network runs on a GPU under preprocess.skullstrip.gpu (false / auto / true as cpu / auto / gpu)."""
+    if device == "cpu":
+        return False
+    import torch
+
+    present = torch.cuda.is_available()
+    if device == "gpu" and not present:
+        raise cli.PipelineError(f"preprocess.skullstrip.gpu is true but torch sees no CUDA GPU on {platform.node()}; "
+                                f"set it to auto (the GPU where there is one, else the CPU) or false")
+    return present
 
 
 def strip_scan(args: argparse.Namespace) -> None:
@@ -268,18 +284,19 @@ def strip_scan(args: argparse.Namespace) -> None:
         if digest != SYNTHSTRIP_SHA256:
             LOG.warning("%s is not the official %s (SHA-256 %s); using it as configured",
                         weights, SYNTHSTRIP_FILENAME, digest)
+    gpu = use_gpu(args.device)
     img = load_nifti(args.input)
     started = time.perf_counter()
-    LOG.info("%s on %s: %s, %d threads%s", args.method, args.input, describe_volume(img), args.threads,
-             ", GPU if present" if args.gpu else "")
+    LOG.info("%s on %s: %s, on the %s, %d threads", args.method, args.input, describe_volume(img),
+             "GPU" if gpu else "CPU", args.threads)
     if args.method == "synthstrip":
-        mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=args.gpu)
+        mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=gpu)
         record["border_mm"] = args.synthstrip_border
     else:
         import deepbet
         import torch
         torch.set_num_threads(args.threads)
-        mask = deepbet_mask(img, threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate, gpu=args.gpu)
+        mask = deepbet_mask(img, threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate, gpu=gpu)
         record.update(threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate,
                       deepbet_version=getattr(deepbet, "__version__", _dist_version("deepbet")))
     record["brain_volume_ml"] = round(check_mask(mask, img, args.method, args.brain_volume_ml), 2)
