@@ -314,7 +314,8 @@ def test_long_jobs_log_their_start_size_progress_and_end(demo_run):
     scan = pd.read_csv(results / "usable.tsv", sep="\t", dtype=str).iloc[0]
     per_scan = {stage: (results / "logs" / stage / scan["subject"] / f"{scan['image_id']}.log").read_text()
                 for stage in ("stripped", "hippocampus_atlas", "hippocampus_unet")}
-    assert re.search(r"deepbet on \S+: \d+x\d+x\d+ voxels of [\d.]+x[\d.]+x[\d.]+ mm, \d+ threads", per_scan["stripped"])
+    assert re.search(r"deepbet on \S+: \d+x\d+x\d+ voxels of [\d.]+x[\d.]+x[\d.]+ mm, \d+ threads, on the CPU",
+                     per_scan["stripped"])
     assert re.search(r"deepbet: brain volume [\d.]+ ml in [\d.]+ s", per_scan["stripped"])
     assert re.search(r"registering the mni152_fsl template to \S+ \(32x32x32 voxels of", per_scan["hippocampus_atlas"])
     assert "voxels in" in per_scan["hippocampus_atlas"]  # its end: the label sizes and seconds

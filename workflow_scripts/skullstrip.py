@@ -287,8 +287,8 @@ def strip_scan(args: argparse.Namespace) -> None:
     gpu = use_gpu(args.device)
     img = load_nifti(args.input)
     started = time.perf_counter()
-    LOG.info("%s on %s: %s, on the %s, %d threads", args.method, args.input, describe_volume(img),
-             "GPU" if gpu else "CPU", args.threads)
+    LOG.info("%s on %s: %s, %d threads, on the %s", args.method, args.input, describe_volume(img), args.threads,
+             "GPU" if gpu else "CPU")
     if args.method == "synthstrip":
         mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=gpu)
         record["border_mm"] = args.synthstrip_border
