@@ -15,8 +15,9 @@ Printed: each stage's seconds summed over the scans (the workflow's from its ben
 and CPU, against the loop's timers), the per-stage ratio, and the wall-time ratio. ``--estimate``
 turns a run's JSON into an estimate for a large collection on more cores (see ``scale_estimate``):
 
-    python benchmarks/preprocess_vs_loop.py --estimate pvl16.json --estimate-scans 1300 --estimate-cores 8 32 The demo
-collection (ADNI-shaped sagittal series) is generated and ingested in ``--workdir`` first, untimed.
+    python benchmarks/preprocess_vs_loop.py --estimate pvl16.json --estimate-scans 1300 --estimate-cores 8 32
+
+The demo collection (ADNI-shaped sagittal series) is generated and ingested in ``--workdir`` first, untimed.
 ``--method synthstrip`` plants a SynthStrip checkpoint of the official architecture (see
 preprocess_speed.py): the compute is that of the official weights, only the masks are meaningless.
 """
@@ -120,24 +121,15 @@ def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None
 
 
 def load_stripper(skullstrip_settings: dict, weights: str | None):
-    """A mask function with its network loaded once, as a loop would (deepbet or SynthStrip)."""
-    import nibabel as nib
-    import numpy as np
+    """A mask function as a loop would have it: deepbet's network loaded once, or SynthStrip's function."""
+    from workflow_scripts.skullstrip import deepbet_mask, synthstrip_mask
 
     if skullstrip_settings["method"] == "deepbet":
         from deepbet import BrainExtraction
 
         extractor = BrainExtraction(no_gpu=True)
-
-        def deepbet_mask(img):
-            float_img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-            _, mask, _ = extractor.run(float_img, threshold=skullstrip_settings["deepbet_threshold"],
-                                       n_dilate=skullstrip_settings["deepbet_dilate"])
-            return np.asanyarray(mask.dataobj) > 0
-
-        return deepbet_mask
-    from workflow_scripts.skullstrip import synthstrip_mask
-
+        return lambda img: deepbet_mask(img, threshold=skullstrip_settings["deepbet_threshold"],
+                                        n_dilate=skullstrip_settings["deepbet_dilate"], extractor=extractor)
     return lambda img: synthstrip_mask(img, weights, threads=os.cpu_count() or 1,
                                        border=skullstrip_settings["synthstrip_border"])
 
@@ -150,7 +142,8 @@ def stage_table(workflow: pd.DataFrame, loop: dict, threads: dict) -> pd.DataFra
         job_s = float(sums.loc[stage, "seconds"]) if stage in sums.index else float("nan")
         job_cpu = float(sums.loc[stage, "cpu_s"]) if stage in sums.index else float("nan")
         loop_s = loop["wall_s"].get(stage)
-        rows.append({"stage": stage, "threads": threads[stage], "workflow_job_s": round(job_s, 1), "workflow_cpu_s": round(job_cpu, 1),
+        rows.append({"stage": stage, "threads": threads[stage], "workflow_job_s": round(job_s, 1),
+                     "workflow_cpu_s": round(job_cpu, 1),
                      "loop_s": None if loop_s is None else round(loop_s, 1),
                      "loop_cpu_s": None if loop_s is None else round(loop["cpu_s"][stage], 1),
                      "ratio": None if not loop_s else round(job_s / loop_s, 2)})
@@ -250,12 +243,10 @@ def main() -> None:
     loop_wall = time.perf_counter() - started
     loop = json.loads(loop_run.stdout.strip().splitlines()[-1])
 
-    for stage in WORKFLOW_STAGES + ["benchmarks", "logs"]:
-        if stage in ("benchmarks", "logs"):
-            for sub in WORKFLOW_STAGES:
-                shutil.rmtree(workdir / "results" / stage / sub, ignore_errors=True)
-        else:
-            shutil.rmtree(workdir / "results" / stage, ignore_errors=True)
+    for stage in WORKFLOW_STAGES:  # a fresh start for every stage: its files, benchmarks and logs
+        for folder in (workdir / "results" / stage, workdir / "results" / "benchmarks" / stage,
+                       workdir / "results" / "logs" / stage):
+            shutil.rmtree(folder, ignore_errors=True)
     workflow_wall = snakemake(workdir, configfile, args.cores, scan_targets(scans))
     workflow = collect(workdir / "results", WORKFLOW_STAGES)
     resources = settings["resources"]

@@ -186,13 +186,16 @@ def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int =
 
 
 def deepbet_mask(img: nib.Nifti1Image, *, threshold: float = 0.5, n_dilate: int = 0,
-                 gpu: bool = False) -> np.ndarray:
-    """Brain mask from deepbet (weights inside its wheel)."""
-    from deepbet import BrainExtraction
+                 gpu: bool = False, extractor=None) -> np.ndarray:
+    """Brain mask from deepbet (weights inside its wheel); ``extractor``: a ``BrainExtraction`` already
+    loaded, for a caller that strips many scans in one process."""
+    if extractor is None:
+        from deepbet import BrainExtraction
 
+        extractor = BrainExtraction(no_gpu=not gpu)
     float_img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
     try:
-        _, mask, _ = BrainExtraction(no_gpu=not gpu).run(float_img, threshold=threshold, n_dilate=n_dilate)
+        _, mask, _ = extractor.run(float_img, threshold=threshold, n_dilate=n_dilate)
     except ValueError as err:
         if NO_BRAIN in str(err):
             raise ScanDataError("empty_brain_mask", "deepbet found no brain in the image") from err
