@@ -6,7 +6,8 @@ The official weights cannot be downloaded on the build machine, so the network i
 StripModel with seeded random weights whose last layer is rescaled so that the mask border
 falls at the 70th percentile of its distance map: masks then depend on every step (conform,
 network, resampling back, components), which is what the comparison needs. Prints the upstream
-command's wall seconds, the in-process function's, and how many mask voxels differ (Dice).
+command's wall seconds, the in-process function's, how many mask voxels differ (Dice), and how the
+network's input grid and voxels compare with upstream's ``conform``.
 """
 from __future__ import annotations
 
@@ -65,7 +66,17 @@ def main() -> None:
         started = time.perf_counter()
         ours = synthstrip_mask(img, weights, threads=args.threads, border=1)
         ours_s = time.perf_counter() - started
+    from nipreps.synthstrip.cli import conform
+
+    upstream_conformed = conform(img)
+    shape, affine = synthstrip_grid(img)
+    conformed = resample_spline(np.asanyarray(img.dataobj), img.affine, shape, affine, threads=args.threads)
+    conform_diff = np.abs(conformed.astype(np.float64) - np.asanyarray(upstream_conformed.dataobj))
     figures = {"image": str(args.image), "shape": list(img.shape), "threads": args.threads,
+               "same_conform_grid": bool(shape == upstream_conformed.shape
+                                         and np.allclose(affine, upstream_conformed.affine)),
+               "conform_max_diff": float(conform_diff.max()),
+               "conform_share_differing": float(np.count_nonzero(conform_diff) / conform_diff.size),
                "upstream_command_s": round(upstream_s, 1), "in_process_s": round(ours_s, 1),
                "mask_voxels": int(upstream.sum()), "voxels_differing": int(np.count_nonzero(upstream != ours)),
                "dice": dice(upstream, ours)}
