@@ -47,13 +47,13 @@ include: "rules/predict.smk"
 
 # The last line of every successful run: scans used, dropped and left out, and where the reasons are.
 onsuccess:
-    from workflow_scripts.usable_scans import outcome_line
+    from workflow_scripts.preprocess.usable_scans import outcome_line
 
     if not PREDICT_ON or Path(RESULTS, "usable.tsv").is_file():  # a predict run without the study has no study line
         if not print_run_summary():  # the summary of `all` ends with the same line
             print(outcome_line(RESULTS))
     if PREDICT_ON:
-        from workflow_scripts.predict import outcome_line as predict_outcome_line
+        from workflow_scripts.predict.predict import outcome_line as predict_outcome_line
 
         if line := predict_outcome_line(PREDICTED):
             print(line)

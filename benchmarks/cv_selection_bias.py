@@ -38,7 +38,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import cli  # noqa: E402
+from workflow_scripts.common import cli  # noqa: E402
 
 
 def read_json(path: Path) -> dict:
@@ -72,7 +72,7 @@ def new_protocol(fold_dir: Path) -> dict:
 
 def old_protocol(workdir: Path, fold_dir: Path, out_root: Path, device: str) -> dict:
     """Train the fold as the dissertation did (validate, i.e. select, on the reported fold) and score it."""
-    from workflow_scripts.train import CHECKPOINTS, fit, predict
+    from workflow_scripts.learning.train import CHECKPOINTS, fit, predict
 
     k = int(re.fullmatch(r"fold(\d+)", fold_dir.name).group(1))
     manifests = workdir / "results" / "splits" / "cv" / f"fold{k}"

@@ -1,4 +1,4 @@
-"""Seconds per explanation map of workflow_scripts.explain: Grad-CAM, and occlusion with several
+"""Seconds per explanation map of workflow_scripts.explain.explain: Grad-CAM, and occlusion with several
 perturbations per forward pass (`explain.occlusion_batch`, captum's `perturbations_per_eval`).
 
 Times the workflow's own functions on one volume and network (random weights: the cost does not
@@ -38,8 +38,8 @@ def timed(function, repeats: int) -> float:
 
 
 def main() -> None:
-    from workflow_scripts.explain import gradcam_map, occlusion_map
-    from workflow_scripts.models import build_model
+    from workflow_scripts.explain.explain import gradcam_map, occlusion_map
+    from workflow_scripts.learning.models import build_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="r3d_18")

@@ -5,7 +5,7 @@
     python benchmarks/gpu_train_speed.py --plan full --batch-sizes 8 32   # every combination of the axes
     python benchmarks/gpu_train_speed.py --device cpu --size 16 --batch-sizes 2 --steps 1   # smoke test
 
-The training step is the one of ``workflow_scripts.train`` (model from ``build_model`` with the
+The training step is the one of ``workflow_scripts.learning.train`` (model from ``build_model`` with the
 dissertation's freezing, stem..layer3 frozen; AdamW over ``parameter_groups``; ``train_mode``;
 cross-entropy; cuDNN benchmark mode on CUDA), on random weights and synthetic
 float16 volumes written like the tensor cache writes them (``train_speed.write_scans``).
@@ -26,7 +26,7 @@ run cut short still has the eager rows (the JSON is rewritten after every row); 
 (25 settings) is sized for about 8 minutes on one H100, most of it compilation: ``--compile off``
 to leave that out. On CPU, bf16 and compile are dropped with a note.
 
-``augment_on_device`` lives here, not in ``workflow_scripts.train``: training does not use it yet.
+``augment_on_device`` lives here, not in ``workflow_scripts.learning.train``: training does not use it yet.
 tests/test_gpu_benchmark.py checks its statistics against ``VolumeTransform``'s; move it into
 the product together with a resident-data training path if the benchmark says that path pays.
 
@@ -79,8 +79,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.train_speed import write_scans  # noqa: E402
-from workflow_scripts.models import build_model, parameter_groups, train_mode  # noqa: E402
-from workflow_scripts.train import ScanDataset, VolumeTransform, forward, make_loader, pick_device  # noqa: E402
+from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
+from workflow_scripts.learning.train import ScanDataset, VolumeTransform, forward, make_loader, pick_device  # noqa: E402
 
 CROSS_ENTROPY = nn.CrossEntropyLoss()
 

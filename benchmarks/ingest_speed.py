@@ -4,7 +4,7 @@
     python benchmarks/ingest_speed.py --series 400 --voxel-scale 1.5 --root /scratch/bench
 
 A small demo collection is generated, and its MPRAGE series are copied (as new subjects, with
-their own UIDs: workflow_scripts.demo_faults.copy_series) until the collection holds
+their own UIDs: workflow_scripts.data.demo_faults.copy_series) until the collection holds
 ``--series`` scans. Then, each timed ``--repeats`` times (best kept):
 
 - read: every file read to its end, as ``cat`` would (1 MiB chunks, nothing parsed);
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from workflow_scripts import ingest
-from workflow_scripts.demo import generate_collection
-from workflow_scripts.demo_faults import copy_series
+from workflow_scripts.data import ingest
+from workflow_scripts.data.demo import generate_collection
+from workflow_scripts.data.demo_faults import copy_series
 
 SMALL_DEMO = dict(n_subjects=2, visits=1, n_mci=0, distractors=False, seed=3)
 

@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--build-study", action="store_true", help="first make a study in --workdir (see above)")
     args = p.parse_args()
 
-    from workflow_scripts.demo import generate_collection
+    from workflow_scripts.data.demo import generate_collection
 
     workdir = args.workdir.resolve()
     if args.build_study:

@@ -77,8 +77,8 @@ def scan_targets(scans: pd.DataFrame) -> list[str]:
 def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None) -> dict:
     """The plain loop (run in its own process by ``--loop``): seconds and CPU seconds per stage, summed."""
     started = time.perf_counter()
-    from workflow_scripts import convert, crop, n4, reorient, resample, skullstrip
-    from workflow_scripts.nifti_io import save_nifti_atomic
+    from workflow_scripts.preprocess import convert, crop, n4, reorient, resample, skullstrip
+    from workflow_scripts.common.nifti_io import save_nifti_atomic
 
     scans = pd.read_csv(scans_tsv, sep="\t")
     pre = settings["preprocess"]
@@ -122,7 +122,7 @@ def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None
 
 def load_stripper(skullstrip_settings: dict, weights: str | None):
     """A mask function as a loop would have it: deepbet's network loaded once, or SynthStrip's function."""
-    from workflow_scripts.skullstrip import deepbet_mask, synthstrip_mask
+    from workflow_scripts.preprocess.skullstrip import deepbet_mask, synthstrip_mask
 
     if skullstrip_settings["method"] == "deepbet":
         from deepbet import BrainExtraction

@@ -30,10 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.segmentation import (STUDY_STEPS_PER_HOUR_T4, add_settings, build_loss,  # noqa: E402
+from workflow_scripts.hippocampus.segmentation import (STUDY_STEPS_PER_HOUR_T4, add_settings, build_loss,  # noqa: E402
                                            build_unet, segment, settings_from, train_steps, training_loader)
-from workflow_scripts.segmentation_data import eval_transforms  # noqa: E402
-from workflow_scripts.train import pick_device  # noqa: E402
+from workflow_scripts.hippocampus.segmentation_data import eval_transforms  # noqa: E402
+from workflow_scripts.learning.train import pick_device  # noqa: E402
 
 def default_settings() -> dict:
     """The training CLI's defaults (config.yaml's segmentation: section), so the benchmark times what runs."""

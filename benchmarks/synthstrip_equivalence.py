@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.skullstrip import dice, resample_spline, synthstrip_grid, synthstrip_mask  # noqa: E402
+from workflow_scripts.preprocess.skullstrip import dice, resample_spline, synthstrip_grid, synthstrip_mask  # noqa: E402
 
 
 def spread_checkpoint(img: nib.Nifti1Image, path: Path, threads: int) -> None:

@@ -6,7 +6,7 @@
 
 Writes ``--scans`` float16 volumes (a noisy ball on a zero background, like the tensor
 cache's output) to a temporary folder and runs the training step of
-``workflow_scripts.train`` on them: the same DataLoader (workers, augmentation,
+``workflow_scripts.learning.train`` on them: the same DataLoader (workers, augmentation,
 z-normalisation), model (random weights, stem..layer3 frozen), optimizer and forward path
 (bf16 autocast and channels_last_3d on CUDA). The first step of each setting warms up and
 is not timed. Data wait is the time the loop blocks on the DataLoader.
@@ -34,8 +34,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.models import build_model, parameter_groups, train_mode  # noqa: E402
-from workflow_scripts.train import (ScanDataset, VolumeTransform, forward, make_loader,  # noqa: E402
+from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
+from workflow_scripts.learning.train import (ScanDataset, VolumeTransform, forward, make_loader,  # noqa: E402
                                     pick_device)
 
 

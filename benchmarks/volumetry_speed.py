@@ -6,7 +6,7 @@ track the demo's planted (true) hippocampal volumes.
 
 With ``--run`` the workflow's ``preprocess`` target first runs on a demo collection in ``--workdir``
 (8 subjects, one visit, 2 mm voxels, deepbet, 128^3 model inputs; ``--configfile`` adds to or
-overrides that). Then, for each transform and scan, ``workflow_scripts.hippocampus_atlas`` labels the
+overrides that). Then, for each transform and scan, ``workflow_scripts.hippocampus.hippocampus_atlas`` labels the
 scan's RAS volume in this process with ``--threads`` ITK threads (as the rule does), and each scan's
 volumes are compared with the demo truth: Pearson r of recovered and planted volumes (raw, and
 divided by ICV / the true brain volume), the recovered-to-planted ratio per group (equal ratios mean
@@ -38,8 +38,8 @@ def label_scan(workdir: Path, row, transform: str) -> dict:
     import nibabel as nib
     from nibabel.processing import resample_from_to
 
-    from workflow_scripts.hippocampus_atlas import atlas_hippocampus
-    from workflow_scripts.volumetry import mask_volume, voxel_volume_mm3
+    from workflow_scripts.hippocampus.hippocampus_atlas import atlas_hippocampus
+    from workflow_scripts.hippocampus.volumetry import mask_volume, voxel_volume_mm3
 
     ras = workdir / "results" / "ras" / row.subject
     scan, brain = nib.load(ras / f"{row.image_id}.nii.gz"), nib.load(ras / f"{row.image_id}_mask.nii.gz")
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the tables as JSON")
     args = p.parse_args()
 
-    from workflow_scripts import cli
+    from workflow_scripts.common import cli
 
     cli.limit_threads(args.threads)  # before ants is imported
     if args.run:

@@ -36,7 +36,7 @@ rule bayes:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.bayes posterior --metrics {input:q} --experiment {wildcards.experiment:q}"
+        "python -m workflow_scripts.evaluation.bayes posterior --metrics {input:q} --experiment {wildcards.experiment:q}"
         " {params.flags} --json {output.posterior:q} --markdown {output.markdown:q} --html {output.table:q}"
         " --figure {output.figure:q} > {log:q} 2>&1"
 
@@ -68,6 +68,6 @@ rule clinicians:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.bayes clinicians --posterior {input.posterior:q} --metrics {input.metrics:q}"
+        "python -m workflow_scripts.evaluation.bayes clinicians --posterior {input.posterior:q} --metrics {input.metrics:q}"
         " --literature {input.literature:q} --level {params.level} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --html {output.html:q} > {log:q} 2>&1"

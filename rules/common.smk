@@ -11,8 +11,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
-from workflow_scripts.cli import PipelineError, machine_memory_mb
-from workflow_scripts.recipe import merge_recipe
+from workflow_scripts.common.cli import PipelineError, machine_memory_mb
+from workflow_scripts.learning.recipe import merge_recipe
 
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
@@ -32,9 +32,9 @@ shell.prefix(
 )
 
 # offline: true resolves every download before anything reads the config: the file on this machine,
-# or what needs none (workflow_scripts/offline.py); the log says which.
+# or what needs none (workflow_scripts/common/offline.py); the log says which.
 if config["offline"]:
-    from workflow_scripts.offline import offline_config
+    from workflow_scripts.common.offline import offline_config
 
     for note in offline_config(config):
         logger.warning(note)
@@ -98,7 +98,7 @@ def check_classes_have_rows():
     csv = Path(DATA["collection_csv"])
     if not workflow.is_main_process or not csv.is_file() or DATA["label_policy"] == "visit_diagnosis":
         return
-    from workflow_scripts.ingest import classes_without_rows, groups_in
+    from workflow_scripts.data.ingest import classes_without_rows, groups_in
 
     try:
         missing = classes_without_rows(csv, DATA["classes"])
@@ -361,7 +361,7 @@ def embedding_figures(wildcards):
 
 
 # --- cross-validation -------------------------------------------------------------------
-# Per fold k the split writes three manifests (workflow_scripts.split.fold_manifest_path): train.csv,
+# Per fold k the split writes three manifests (workflow_scripts.learning.split.fold_manifest_path): train.csv,
 # val.csv (the inner validation split: early stopping and checkpoint choice) and held_out.csv (fold k,
 # only reported on). The fold's model predicts its held-out fold and the test set.
 FOLD_ROLES = ["train", "val", "held_out"]
@@ -448,7 +448,7 @@ def volumetry_flags(wildcards):
 BAYES = config["bayes"]
 # The published visual MTA rating figures placed next to the models (literature, not measured here).
 LITERATURE_TABLE = BAYES["literature"] or str(
-    Path(workflow.basedir) / "workflow_scripts" / "data" / "mta_visual_rating_literature.tsv"
+    Path(workflow.basedir) / "workflow_scripts" / "evaluation" / "mta_visual_rating_literature.tsv"
 )
 REPORT = f"{RESULTS}/report"
 
@@ -713,8 +713,8 @@ def predict_not_configured(wildcards):
 
 
 if PREDICT_ON:
-    from workflow_scripts.model_package import read_card
-    from workflow_scripts.predict import list_new_scans, preprocessing_settings, scan_id
+    from workflow_scripts.learning.model_package import read_card
+    from workflow_scripts.predict.predict import list_new_scans, preprocessing_settings, scan_id
 
     PREDICT_LISTING = {**PREDICT, "descriptions": DATA["descriptions"], "types": DATA["types"]}
     try:

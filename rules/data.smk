@@ -22,7 +22,7 @@ if DATA["source"] == "demo":
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m workflow_scripts.demo --root {params.root:q} --csv-name {params.csv_name:q}"
+            "python -m workflow_scripts.data.demo --root {params.root:q} --csv-name {params.csv_name:q}"
             " --n-subjects {params.demo[n_subjects]} --visits {params.demo[visits]}"
             " --n-mci {params.demo[n_mci]} --seed {params.demo[seed]} --phase {params.demo[phase]}"
             " --voxel-scale {params.demo[voxel_scale]}"
@@ -65,7 +65,7 @@ checkpoint ingest:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.ingest --collection-csv {input.csv:q} --adni-root {params.adni_root:q}"
+        "python -m workflow_scripts.data.ingest --collection-csv {input.csv:q} --adni-root {params.adni_root:q}"
         " --classes {params.classes:q} --descriptions {params.descriptions:q} --types {params.types:q}"
         " --phase-ranges {params.phase_ranges:q} --check-cache {params.check_cache:q}"
         " --min-slice-share {params.min_slice_share} --min-extent-mm {params.min_extent_mm} --threads {threads}"

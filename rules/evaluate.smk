@@ -33,7 +33,7 @@ rule evaluate_test:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
+        "python -m workflow_scripts.evaluation.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
         " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
@@ -59,7 +59,7 @@ rule evaluate_fold:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
+        "python -m workflow_scripts.evaluation.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
         " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
@@ -88,7 +88,7 @@ rule cv_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.cv_summary --fold-metrics {input.held_out:q} --test-metrics {input.test:q}"
+        "python -m workflow_scripts.evaluation.cv_summary --fold-metrics {input.held_out:q} --test-metrics {input.test:q}"
         " --fold-summaries {input.summaries:q} --experiment {wildcards.experiment:q} --output {output.summary:q}"
         " --table {output.table:q} --page {output.page:q} > {log:q} 2>&1"
 
@@ -137,5 +137,5 @@ rule compare:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.compare --main {params.main:q} {params.flags} --csv {output.table:q}"
+        "python -m workflow_scripts.evaluation.compare --main {params.main:q} {params.flags} --csv {output.table:q}"
         " --markdown {output.markdown:q} --figure {output.figure:q} > {log:q} 2>&1"

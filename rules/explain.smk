@@ -24,7 +24,7 @@ checkpoint explain_scans:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.explain choose --predictions {input:q} --n-correct {params.n_correct}"
+        "python -m workflow_scripts.explain.explain choose --predictions {input:q} --n-correct {params.n_correct}"
         " --n-wrong {params.n_wrong} --output {output:q} > {log:q} 2>&1"
 
 
@@ -87,7 +87,7 @@ rule explain_experiment:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.explain run --threads {threads} --scans {input.scans:q}"
+        "python -m workflow_scripts.explain.explain run --threads {threads} --scans {input.scans:q}"
         " --checkpoint {params.checkpoint:q} --tensor-pattern {params.tensor:q} --image-pattern {params.image:q}"
         " --brain-pattern {params.brain:q} --hippocampus-pattern {params.hippocampus:q} --out-dir {params.out_dir:q}"
         " --experiment {wildcards.experiment} {params.flags} > {log:q} 2>&1"

@@ -1,4 +1,4 @@
-# A trained model on new scans (config predict:, workflow_scripts/predict.py). The scans go through
+# A trained model on new scans (config predict:, workflow_scripts/predict/predict.py). The scans go through
 # the study's own stage rules (`use rule`), with the settings the model package records, under
 # results/predict/<cohort>/; a guard job first refuses scans the model learnt from.
 
@@ -38,7 +38,7 @@ else:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m workflow_scripts.predict scans --settings {params.settings:q}"
+            "python -m workflow_scripts.predict.predict scans --settings {params.settings:q}"
             " --package {params.package:q} --output {output:q} > {log:q} 2>&1"
 
     rule predict_nifti:
@@ -58,7 +58,7 @@ else:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m workflow_scripts.predict import --scans {input.scans:q} --image-id {wildcards.image_id:q}"
+            "python -m workflow_scripts.predict.predict import --scans {input.scans:q} --image-id {wildcards.image_id:q}"
             " --output {output:q} > {log:q} 2>&1"
 
     use rule stripped as predict_stripped with:
@@ -223,7 +223,7 @@ else:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m workflow_scripts.predict --threads {threads} score --scans {input.scans:q}"
+            "python -m workflow_scripts.predict.predict --threads {threads} score --scans {input.scans:q}"
             " --package {params.package:q} --out-dir {params.out_dir:q} --cohort {params.cohort:q}"
             " --settings {params.settings:q} --ras-pattern {params.ras:q} --mask-pattern {params.mask:q}"
             " --qc-pattern {params.qc:q} --montage-pattern {params.montage:q}"

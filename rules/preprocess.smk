@@ -21,7 +21,7 @@ rule synthstrip_weights:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.skullstrip fetch --cache-dir {params.cache:q}"
+        "python -m workflow_scripts.preprocess.skullstrip fetch --cache-dir {params.cache:q}"
         " $(printf -- '--url %s ' {params.urls:q}) > {log:q} 2>&1"
 
 
@@ -41,7 +41,7 @@ rule nifti:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.convert --dicom-dir {input.dicom:q} --output {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.preprocess.convert --dicom-dir {input.dicom:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule stripped:
@@ -66,7 +66,7 @@ rule stripped:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.skullstrip --threads {threads} {params.flags} {params.weights}"
+        "python -m workflow_scripts.preprocess.skullstrip --threads {threads} {params.flags} {params.weights}"
         " --input {input.image:q} --output {output.image:q} --mask {output.mask:q}"
         " --sidecar {output.sidecar:q} > {log:q} 2>&1"
 
@@ -92,7 +92,7 @@ rule resampled:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.resample --threads {threads} --spacing {params.spacing}"
+        "python -m workflow_scripts.preprocess.resample --threads {threads} --spacing {params.spacing}"
         " --interpolation {params.interpolation} --input {input.image:q} --input-mask {input.mask:q}"
         " --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
 
@@ -120,7 +120,7 @@ rule cropped128:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.crop --margin {params.margin} --order {params.order}"
+        "python -m workflow_scripts.preprocess.crop --margin {params.margin} --order {params.order}"
         " --target-shape {params.shape} {params.keep_aspect} --input {input.image:q}"
         " --input-mask {input.mask:q} --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
 
@@ -145,7 +145,7 @@ rule n4:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.n4 --threads {threads} {params.flags} {params.mask}"
+        "python -m workflow_scripts.preprocess.n4 --threads {threads} {params.flags} {params.mask}"
         " --input {input.image:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -167,7 +167,7 @@ rule ras:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.reorient --input {input.image:q} --input-mask {input.mask:q}"
+        "python -m workflow_scripts.preprocess.reorient --input {input.image:q} --input-mask {input.mask:q}"
         " --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
 
 
@@ -197,7 +197,7 @@ rule qc:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.qc --title '{wildcards.subject} {wildcards.image_id}'"
+        "python -m workflow_scripts.preprocess.qc --title '{wildcards.subject} {wildcards.image_id}'"
         " --stage nifti {input.nifti:q} --stage stripped {input.stripped:q}"
         " --stage resampled {input.resampled:q} --stage cropped128 {input.cropped128:q}"
         " --stage n4 {input.n4:q} --stage ras {input.ras:q} --mask {input.mask:q}"
@@ -207,7 +207,7 @@ rule qc:
         " --output {output:q} > {log:q} 2>&1"
 
 
-# Per-scan QC numbers (workflow_scripts/qc_metrics.py): brain volume and share of the field of view
+# Per-scan QC numbers (workflow_scripts/preprocess/qc_metrics.py): brain volume and share of the field of view
 # from the native skull-strip mask, intensities inside and outside the brain, SNR, geometry, and
 # the model input's brain share, intensity range and white/grey contrast. The QC table and the
 # thresholds of config qc: are applied to all scans' records at once.
@@ -230,7 +230,7 @@ rule qc_metrics:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.qc_metrics --nifti {input.nifti:q} --mask {input.mask:q} --ras {input.ras:q}"
+        "python -m workflow_scripts.preprocess.qc_metrics --nifti {input.nifti:q} --mask {input.mask:q} --ras {input.ras:q}"
         " --ras-mask {input.ras_mask:q} --subject {wildcards.subject:q} --image-id {wildcards.image_id:q}"
         " --output {output:q} > {log:q} 2>&1"
 
@@ -265,7 +265,7 @@ checkpoint usable_scans:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.usable_scans --scans {input.scans:q} --excluded {input.excluded:q}"
+        "python -m workflow_scripts.preprocess.usable_scans --scans {input.scans:q} --excluded {input.excluded:q}"
         " --ras-pattern {params.ras_pattern:q} --qc-pattern {params.qc_pattern:q} --qc-settings {params.qc_settings:q}"
         " {params.user_exclusions} --usable {output.usable:q}"
         " --dropped {output.dropped:q} > {log:q} 2>&1"

@@ -26,7 +26,7 @@ rule report_dataset:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables dataset --scans {input.scans:q} --excluded {input.excluded:q}"
+        "python -m workflow_scripts.report.report_tables dataset --scans {input.scans:q} --excluded {input.excluded:q}"
         " --dropped {input.dropped:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -49,7 +49,7 @@ rule report_qc:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables qc --records {input:q} --settings-json {params.settings:q}"
+        "python -m workflow_scripts.report.report_tables qc --records {input:q} --settings-json {params.settings:q}"
         " --table {output.table:q} --output {output.html:q} > {log:q} 2>&1"
 
 
@@ -68,7 +68,7 @@ rule report_split:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables split --summary {input.summary:q} --audit {input.audit:q}"
+        "python -m workflow_scripts.report.report_tables split --summary {input.summary:q} --audit {input.audit:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -94,7 +94,7 @@ rule training_curves:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables curves --history {input.history:q} --fold-history {input.folds:q}"
+        "python -m workflow_scripts.report.report_tables curves --history {input.history:q} --fold-history {input.folds:q}"
         " --experiment {wildcards.experiment:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -117,7 +117,7 @@ rule report_metrics:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables metrics --metrics {input:q} --experiment {wildcards.experiment:q}"
+        "python -m workflow_scripts.report.report_tables metrics --metrics {input:q} --experiment {wildcards.experiment:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -139,7 +139,7 @@ rule report_comparison:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables comparison --csv {input:q} --output {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.report.report_tables comparison --csv {input:q} --output {output:q} > {log:q} 2>&1"
 
 
 # Config, code version (git describe), library versions, the scan list's hash, split hashes,
@@ -165,11 +165,11 @@ rule provenance:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report_tables provenance --config-json {params.config:q} --scans {input.scans:q}"
+        "python -m workflow_scripts.report.report_tables provenance --config-json {params.config:q} --scans {input.scans:q}"
         " --split-files {input.splits:q} {params.models} --json {output.json:q} --output {output.html:q} > {log:q} 2>&1"
 
 
-# The run's summary (workflow_scripts/run_summary.py): scans used and dropped with reasons, each
+# The run's summary (workflow_scripts/report/run_summary.py): scans used and dropped with reasons, each
 # experiment's test metrics with intervals, where the report is; `all` prints it at its end.
 rule run_summary:
     input:
@@ -192,5 +192,5 @@ rule run_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.run_summary --results {params.results:q} --metrics {params.metrics}"
+        "python -m workflow_scripts.report.run_summary --results {params.results:q} --metrics {params.metrics}"
         " --classes {params.classes} --output {output:q} > {log:q} 2>&1"

@@ -46,7 +46,7 @@ if DATA["source"] == "demo":
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m workflow_scripts.segmentation_data --truth {params.labels:q} --reference {input.reference:q}"
+            "python -m workflow_scripts.hippocampus.segmentation_data --truth {params.labels:q} --reference {input.reference:q}"
             " --output {output:q} > {log:q} 2>&1"
 
 
@@ -79,7 +79,7 @@ rule train_segmentation:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.segmentation train --threads {threads} {params.source} {params.flags}"
+        "python -m workflow_scripts.hippocampus.segmentation train --threads {threads} {params.source} {params.flags}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -113,7 +113,7 @@ checkpoint segmentation_mask_models:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.segmentation assign --scans {input.scans:q} --train {input.train:q}"
+        "python -m workflow_scripts.hippocampus.segmentation assign --scans {input.scans:q} --train {input.train:q}"
         " --val {input.val:q} --test {input.test:q} --held-out {params.held_out} --output {output:q} > {log:q} 2>&1"
 
 
@@ -138,6 +138,6 @@ rule hippocampus_unet:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.segmentation predict --threads {threads} --checkpoint {input.model:q}"
+        "python -m workflow_scripts.hippocampus.segmentation predict --threads {threads} --checkpoint {input.model:q}"
         " --image {input.image:q} --brain-mask {input.mask:q} --subject {wildcards.subject:q}"
         " --device {params.device} --output {output.mask:q} --sidecar {output.sidecar:q} > {log:q} 2>&1"

@@ -17,7 +17,7 @@ rule tensor_cache:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.tensor_cache --input {input:q} --output {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.learning.tensor_cache --input {input:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -57,7 +57,7 @@ rule split:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
+        "python -m workflow_scripts.learning.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
         " --classes {params.classes:q} --ratios {params.ratios} --folds {params.folds} --seed {params.seed}"
         " --inner-val-share {params.inner_val_share} {params.balance} {params.stable} --out-dir {params.out_dir:q}"
         " --label-policy {params.label_policy} --excluded {input.excluded:q}"

@@ -19,7 +19,7 @@ rule pretrained_weights:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.models fetch --arch {wildcards.arch} --weights {wildcards.weights}"
+        "python -m workflow_scripts.learning.models fetch --arch {wildcards.arch} --weights {wildcards.weights}"
         " --record {output:q} > {log:q} 2>&1"
 
 
@@ -51,7 +51,7 @@ rule train_model:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.train --threads {threads} --train {input.train:q} --val {input.val:q}"
+        "python -m workflow_scripts.learning.train --threads {threads} --train {input.train:q} --val {input.val:q}"
         " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q} --run-name {params.run_name:q}"
         " {params.flags} > {log:q} 2>&1"
 
@@ -102,7 +102,7 @@ rule predict_fold:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.train --threads {threads} --predict {input.manifest:q}"
+        "python -m workflow_scripts.learning.train --threads {threads} --predict {input.manifest:q}"
         " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
         " --predictions-out {output:q} > {log:q} 2>&1"
 
@@ -130,7 +130,7 @@ rule predict_test:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.train --threads {threads} --predict {input.test:q}"
+        "python -m workflow_scripts.learning.train --threads {threads} --predict {input.test:q}"
         " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
         " --predictions-out {output.predictions:q} --embeddings-out {output.embeddings:q} > {log:q} 2>&1"
 
@@ -160,11 +160,11 @@ rule embeddings_projection:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.train --projection {params.val:q} {input.test:q} --projection-out {output:q}"
+        "python -m workflow_scripts.learning.train --projection {params.val:q} {input.test:q} --projection-out {output:q}"
         " > {log:q} 2>&1"
 
 
-# The portable package of a trained network (workflow_scripts/model_package.py): its selected
+# The portable package of a trained network (workflow_scripts/learning/model_package.py): its selected
 # checkpoint as a plain state dict and a TorchScript module, and a model card with the test metrics,
 # the preprocessing settings and hashed training identifiers; `snakemake predict` and users elsewhere
 # read only this folder.
@@ -192,6 +192,6 @@ rule model_package:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.model_package --summary {input.model:q} --checkpoint {params.checkpoint:q}"
+        "python -m workflow_scripts.learning.model_package --summary {input.model:q} --checkpoint {params.checkpoint:q}"
         " --test-metrics {input.metrics:q} --scans {input.scans:q} --preprocess {params.preprocess:q}"
         " --experiment {wildcards.experiment:q} --classes {params.classes} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -38,7 +38,7 @@ rule hippocampus_atlas:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.hippocampus_atlas --threads {threads} {params.flags} --input {input.image:q}"
+        "python -m workflow_scripts.hippocampus.hippocampus_atlas --threads {threads} {params.flags} --input {input.image:q}"
         " --mask {input.mask:q} --output {output.labels:q} --sidecar {output.sidecar:q} --figure {output.figure:q}"
         " > {log:q} 2>&1"
 
@@ -72,7 +72,7 @@ rule hippocampal_volumes:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.volumetry volumes --scans {input.scans:q} --masks-pattern {params.masks_pattern:q}"
+        "python -m workflow_scripts.hippocampus.volumetry volumes --scans {input.scans:q} --masks-pattern {params.masks_pattern:q}"
         " --icv-pattern {params.icv_pattern:q} --output {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
 
 
@@ -101,7 +101,7 @@ rule fit_volumetry:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.volumetry --threads {threads} fit --volumes {input.volumes:q}"
+        "python -m workflow_scripts.hippocampus.volumetry --threads {threads} fit --volumes {input.volumes:q}"
         " --train {input.train:q} --val {input.val:q} {params.flags} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -142,7 +142,7 @@ rule predict_volumetry_test:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.volumetry --threads {threads} predict --model {input.model:q}"
+        "python -m workflow_scripts.hippocampus.volumetry --threads {threads} predict --model {input.model:q}"
         " --summary {input.summary:q} --volumes {input.volumes:q} --manifest {input.test:q} --output {output:q}"
         " > {log:q} 2>&1"
 

@@ -100,8 +100,8 @@ def run_snakemake(workdir: Path, *args: str, configfiles: list[Path] = (), check
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> dict:
     """A tiny demo collection (3 mm voxels) generated once per test session."""
-    from workflow_scripts.demo import generate_collection
-    from workflow_scripts.ingest import find_image_dir
+    from workflow_scripts.data.demo import generate_collection
+    from workflow_scripts.data.ingest import find_image_dir
 
     root = tmp_path_factory.mktemp("tiny_demo")
     generate_collection(root, n_subjects=4, seed=7, visits=1, voxel_scale=3.0)
@@ -113,7 +113,7 @@ def tiny_demo(tmp_path_factory) -> dict:
 
 # The workflow's `all` on a tiny demo collection: the quick profile's settings (3 mm voxels, 32^3 inputs,
 # two epochs, every experiment kind), read from its file, not copied, plus the broken series a real
-# download has that reach the workflow (workflow_scripts/demo_faults.py; the kinds ingest uses,
+# download has that reach the workflow (workflow_scripts/data/demo_faults.py; the kinds ingest uses,
 # duplicate_copy and lower_case_group, are checked at ingest in tests/test_ingest.py): each must be
 # excluded or dropped with its reason while the rest of the study runs to the end. With 12 subjects,
 # ratios 0.6/0.2/0.2 and 2 CV folds, after the scan the demo_run fixture excludes by hand and class

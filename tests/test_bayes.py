@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from scipy import integrate, stats
 
-from workflow_scripts import bayes, cli
-from workflow_scripts.evaluate import evaluate_predictions
+from workflow_scripts.evaluation import bayes
+from workflow_scripts.common import cli
+from workflow_scripts.evaluation.evaluate import evaluate_predictions
 
 PREVALENCES = [{"name": "balanced", "value": 0.5, "source": "test set"},
                {"name": "memory clinic", "value": 0.46, "source": "clinic"},

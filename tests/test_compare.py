@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from workflow_scripts import cli
-from workflow_scripts.compare import (PAIRED_COLUMNS, SUBJECT_PAIRED_COLUMNS, _p_text, comparison_table, delong_test,
+from workflow_scripts.common import cli
+from workflow_scripts.evaluation.compare import (PAIRED_COLUMNS, SUBJECT_PAIRED_COLUMNS, _p_text, comparison_table, delong_test,
                                       main as compare_main, markdown_table, mcnemar_test, paired_predictions)
-from workflow_scripts.evaluate import METRIC_NAMES, evaluate_predictions
+from workflow_scripts.evaluation.evaluate import METRIC_NAMES, evaluate_predictions
 from conftest import REPO
 
 
@@ -308,7 +308,7 @@ def test_cli_writes_a_table_that_round_trips_and_a_figure(tmp_path, three_experi
         args += _write_experiment(tmp_path, name, *three_experiments[name])
     out_csv, figure, markdown = tmp_path / "results" / "comparison.csv", tmp_path / "comparison.png", \
         tmp_path / "comparison.md"
-    run = subprocess.run([sys.executable, "-m", "workflow_scripts.compare", "--main", "main_model", *args,
+    run = subprocess.run([sys.executable, "-m", "workflow_scripts.evaluation.compare", "--main", "main_model", *args,
                           "--csv", str(out_csv), "--figure", str(figure), "--markdown", str(markdown)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

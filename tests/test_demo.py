@@ -16,7 +16,8 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from workflow_scripts import cli, demo, ingest
+from workflow_scripts.common import cli
+from workflow_scripts.data import demo, ingest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(voxel_scale=3.0, seed=11)
@@ -267,7 +268,7 @@ def test_bad_arguments_are_named():
 
 
 def test_command_line_prints_a_summary_and_writes_the_named_csv(tmp_path):
-    cmd = [sys.executable, "-m", "workflow_scripts.demo", "--root", str(tmp_path), "--n-subjects", "2",
+    cmd = [sys.executable, "-m", "workflow_scripts.data.demo", "--root", str(tmp_path), "--n-subjects", "2",
            "--seed", "5", "--visits", "1", "--voxel-scale", "3", "--n-mci", "0", "--no-distractors",
            "--phase", "ADNI3", "--csv-name", "my_collection.csv"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import cli
-from workflow_scripts.evaluate import (METRIC_NAMES, _weighted_metrics, bootstrap_intervals, evaluate_predictions,
+from workflow_scripts.common import cli
+from workflow_scripts.evaluation.evaluate import (METRIC_NAMES, _weighted_metrics, bootstrap_intervals, evaluate_predictions,
                                        group_codes, metrics, read_predictions, resample_weights, subject_level,
                                        validate_predictions)
 from conftest import REPO
@@ -225,7 +225,7 @@ def test_evaluate_cli_writes_metrics_and_figures(tmp_path):
     csv = tmp_path / "test_predictions.csv"
     table.to_csv(csv, index=False)
     out = tmp_path / "results" / "evaluation" / "r3d18"
-    run = subprocess.run([sys.executable, "-m", "workflow_scripts.evaluate", "--predictions", str(csv),
+    run = subprocess.run([sys.executable, "-m", "workflow_scripts.evaluation.evaluate", "--predictions", str(csv),
                           "--out-dir", str(out), "--n-boot", "200", "--seed", "3"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -247,7 +247,7 @@ def test_evaluate_cli_writes_metrics_and_figures(tmp_path):
 def test_evaluate_cli_names_a_bad_file(tmp_path, capsys):
     bad = tmp_path / "val_predictions.csv"
     prediction_table(3, 1).drop(columns="subject").to_csv(bad, index=False)
-    from workflow_scripts.evaluate import main
+    from workflow_scripts.evaluation.evaluate import main
     assert cli.run(main, ["--predictions", str(bad), "--out-dir", str(tmp_path / "out")]) == 1
     assert "val_predictions.csv" in capsys.readouterr().err and not (tmp_path / "out").exists()
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from conftest import discard_unless_failed
-from workflow_scripts import cli, explain
+from workflow_scripts.common import cli
+from workflow_scripts.explain import explain
 
 SIDE = 32
 
@@ -99,7 +100,7 @@ def test_occlusion_rejects_a_patch_larger_than_the_input():
 
 @pytest.fixture(scope="module")
 def random_r3d():
-    from workflow_scripts.models import build_model
+    from workflow_scripts.learning.models import build_model
 
     torch.manual_seed(0)
     return build_model("r3d_18", "none", 2, 1, "layer4").eval()
@@ -192,9 +193,9 @@ def _blocks(volume: np.ndarray, shift: np.ndarray) -> np.ndarray:
 def planted_heads(root: Path, seed: int = 0) -> pd.DataFrame:
     """Tensors, RAS scans, brain masks and hippocampus labels of heads whose classes differ only in
     hippocampal atrophy; returns one row per scan with its split part and file paths."""
-    from workflow_scripts import demo
-    from workflow_scripts.nifti_io import clean_image, save_nifti_atomic
-    from workflow_scripts.tensor_cache import rescale_intensities, save_npy_atomic
+    from workflow_scripts.data import demo
+    from workflow_scripts.common.nifti_io import clean_image, save_nifti_atomic
+    from workflow_scripts.learning.tensor_cache import rescale_intensities, save_npy_atomic
 
     model = demo.head_model()
     rows = []
@@ -238,7 +239,7 @@ RECIPE = ["--weights", "none", "--trainable-from", "layer4", "--lr-head", "1e-3"
 def trained(tmp_path_factory, request) -> dict:
     """Heads with planted hippocampal atrophy, r3d_18 trained on them with the project's training code,
     its test predictions, and `explain choose` + `explain run` on every test scan (occlusion: 8^3 cubes)."""
-    from workflow_scripts.train import build_parser, fit, predict, resolved_config
+    from workflow_scripts.learning.train import build_parser, fit, predict, resolved_config
 
     failed_before = request.session.testsfailed
     root = tmp_path_factory.mktemp("explain_trained")
@@ -289,7 +290,7 @@ def test_its_occlusion_maps_favour_the_hippocampi_and_randomised_weights_lose_th
 
 
 def test_randomised_weights_change_the_maps_while_the_trained_maps_are_reproducible(trained):
-    from workflow_scripts.train import load_trained_model
+    from workflow_scripts.learning.train import load_trained_model
 
     sanity = trained["sanity"]
     assert set(sanity["method"]) == {"gradcam", "occlusion"}

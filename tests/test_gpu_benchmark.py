@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.train import VolumeTransform
+from workflow_scripts.learning.train import VolumeTransform
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,10 @@ import pytest
 from scipy import ndimage
 
 from conftest import REPO
-from workflow_scripts import cli, demo, hippocampus_atlas, volumetry
-from workflow_scripts.nifti_io import save_nifti_atomic
+from workflow_scripts.common import cli
+from workflow_scripts.data import demo
+from workflow_scripts.hippocampus import hippocampus_atlas, volumetry
+from workflow_scripts.common.nifti_io import save_nifti_atomic
 
 # (group, share of hippocampus turned to CSF, head scale relative to the MNI brain). The AD heads are
 # not all the smallest, so raw volumes alone would not sort the groups; atrophy must be seen.
@@ -141,7 +143,7 @@ def test_one_thread_and_the_seed_give_the_same_labels_on_a_rerun(tmp_path):
     outputs = []
     for n in range(2):  # separate processes: ITK takes its thread count once, at start-up
         outputs.append(tmp_path / f"labels{n}.nii.gz")
-        subprocess.run([sys.executable, "-m", "workflow_scripts.hippocampus_atlas", "--threads", "1", "--input",
+        subprocess.run([sys.executable, "-m", "workflow_scripts.hippocampus.hippocampus_atlas", "--threads", "1", "--input",
                         str(tmp_path / "scan.nii.gz"), "--output", str(outputs[-1])], check=True, cwd=REPO)
     first, second = (np.asarray(nib.load(p).dataobj) for p in outputs)
     assert np.count_nonzero(first) > 0 and np.array_equal(first, second)

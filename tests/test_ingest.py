@@ -18,8 +18,8 @@ import yaml
 
 from conftest import (COLLECTION_HEADER, REPO, VENDOR_DICOM, VENDOR_FAILING, VENDOR_GOOD, collection_row,
                       place_series)
-from workflow_scripts import demo_faults, ingest
-from workflow_scripts.convert import convert_series
+from workflow_scripts.data import demo_faults, ingest
+from workflow_scripts.preprocess.convert import convert_series
 
 DESCRIPTIONS = ["MPRAGE", "MP-RAGE REPEAT", "Accelerated Sagittal MPRAGE"]
 DATA_DEFAULTS = yaml.safe_load((REPO / "config.yaml").read_text())["data"]
@@ -214,7 +214,7 @@ def test_same_image_id_in_two_folders_is_ambiguous_unless_the_copies_are_identic
 
     shutil.rmtree(other)
     shutil.copytree(first, other)   # an identical copy: one image, used once, from the first folder
-    with caplog.at_level(logging.INFO, logger="workflow_scripts.ingest"):
+    with caplog.at_level(logging.INFO, logger="workflow_scripts.data.ingest"):
         scans, excluded = tables(tmp_path / "collection.csv", tmp_path)
     assert excluded.empty and list(scans["image_id"]) == ["I1"] and scans.loc[0, "dicom_dir"] == str(first)
     assert f"identical copies (same SeriesInstanceUID and SOPInstanceUIDs); using {first}" in caplog.text
@@ -290,7 +290,7 @@ def test_a_cache_written_by_another_version_of_the_checks_is_never_reused(tmp_pa
 
 def test_cli_writes_both_tables_and_reuses_the_series_check_cache(vendor_collection, tmp_path):
     cache = tmp_path / "cache.json"
-    cmd = [sys.executable, "-m", "workflow_scripts.ingest", "--collection-csv", str(vendor_collection["csv"]),
+    cmd = [sys.executable, "-m", "workflow_scripts.data.ingest", "--collection-csv", str(vendor_collection["csv"]),
            "--adni-root", str(vendor_collection["root"]), "--classes", "AD", "CN",
            "--descriptions", *DESCRIPTIONS, "--check-cache", str(cache),
            "--min-slice-share", str(VENDOR_LIMITS["min_slice_share"]),
@@ -313,7 +313,7 @@ def test_cli_writes_both_tables_and_reuses_the_series_check_cache(vendor_collect
 def test_cli_with_no_usable_scan_exits_0_with_an_empty_scans_table_and_an_error_line(tmp_path):
     folder = one_series(tmp_path)
     _cut(sorted(folder.iterdir())[0], 500)
-    cmd = [sys.executable, "-m", "workflow_scripts.ingest", "--collection-csv", str(tmp_path / "collection.csv"),
+    cmd = [sys.executable, "-m", "workflow_scripts.data.ingest", "--collection-csv", str(tmp_path / "collection.csv"),
            "--adni-root", str(tmp_path), "--classes", "AD", "CN", "--descriptions", "MPRAGE",
            "--min-slice-share", "0.5", "--min-extent-mm", "1",
            "--scans", str(tmp_path / "scans.tsv"), "--excluded", str(tmp_path / "excluded.tsv")]
@@ -355,7 +355,7 @@ def _encoded_collection(tmp_path: Path, encoding: str) -> Path:
 def test_csv_encodings_blank_rows_and_case_folded_groups(tmp_path, caplog, encoding):
     csv = _encoded_collection(tmp_path, encoding)
     place_series(tmp_path, SIEMENS, "002_S_0001", "I1")
-    with caplog.at_level(logging.WARNING, logger="workflow_scripts.ingest"):
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts.data.ingest"):
         table = ingest.read_collection_csv(csv)
         scans, excluded = tables(csv, tmp_path)
     assert list(table.columns[:1]) == ["Image Data ID"] and list(table["Image Data ID"]) == ["I1", "I2"]

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from conftest import COLLECTION_HEADER, VENDOR_DICOM, collection_row, place_series
-from workflow_scripts import cli, ingest, labels, split
+from workflow_scripts.common import cli
+from workflow_scripts.data import ingest, labels
+from workflow_scripts.learning import split
 
 CLASSES = ["AD", "CN"]
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
-from workflow_scripts import cli
-from workflow_scripts.models import (build_model, count_parameters, fetch_pretrained_weights, parameter_groups,
+from workflow_scripts.common import cli
+from workflow_scripts.learning.models import (build_model, count_parameters, fetch_pretrained_weights, parameter_groups,
                                      recalibrate_batchnorm, train_mode)
 
 
@@ -125,7 +125,7 @@ def test_unknown_architecture_and_block_are_named():
 
 
 def test_fetch_records_the_cached_weights_file(planted_kinetics, tmp_path):
-    from workflow_scripts.models import main
+    from workflow_scripts.learning.models import main
 
     record_path = tmp_path / "results" / "weights" / "r3d_18_kinetics400.json"
     main(["fetch", "--arch", "r3d_18", "--record", str(record_path)])

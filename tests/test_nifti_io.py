@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from workflow_scripts import nifti_io
+from workflow_scripts.common import nifti_io
 
 
 def test_a_failed_write_leaves_no_file_and_no_temporary(tmp_path, monkeypatch):

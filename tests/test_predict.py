@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY, chromium, run_snakemake, write_config
-from workflow_scripts import cli
-from workflow_scripts.predict import class_label, list_new_scans, preprocessing_settings, scan_id
+from workflow_scripts.common import cli
+from workflow_scripts.predict.predict import class_label, list_new_scans, preprocessing_settings, scan_id
 
 pytestmark = pytest.mark.workflow
 
@@ -89,8 +89,8 @@ def test_package_predictions_equal_evaluate_with_torch_and_torchvision_only(demo
 def new_cohort(tmp_path_factory, demo_run):
     """Held-out demo subjects (a seed the study did not use) as a flat folder of DICOM series, one of them
     truncated as an interrupted download leaves it, and a labels table."""
-    from workflow_scripts.demo import generate_collection
-    from workflow_scripts.ingest import find_image_dir
+    from workflow_scripts.data.demo import generate_collection
+    from workflow_scripts.data.ingest import find_image_dir
 
     root = tmp_path_factory.mktemp("new_subjects")
     collection = generate_collection(root / "ida", n_subjects=4, seed=101, visits=1, voxel_scale=3.0, n_mci=0,

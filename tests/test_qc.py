@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts import cli, qc, qc_metrics, report_tables
-from workflow_scripts.scan_failure import MARKER, write_failure
+from workflow_scripts.common import cli
+from workflow_scripts.preprocess import qc, qc_metrics
+from workflow_scripts.report import report_tables
+from workflow_scripts.common.scan_failure import MARKER, write_failure
 
 # Array axes (i, j, k) point anterior, superior and right: the RAS x axis is k, y is i, z is j.
 ZOOMS = (1.0, 1.5, 1.2)

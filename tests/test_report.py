@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from conftest import chromium, run_snakemake
-from workflow_scripts import cli, report_tables
-from workflow_scripts.evaluate import evaluate_predictions
+from workflow_scripts.common import cli
+from workflow_scripts.report import report_tables
+from workflow_scripts.evaluation.evaluate import evaluate_predictions
 
 # The categories a reader browses, in the report's menu.
 CATEGORIES = ("Dataset", "Preprocessing QC", "Split", "Training", "Evaluation", "Cross-validation", "Comparison",

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_snakemake, write_config
-from workflow_scripts import nifti_io
+from workflow_scripts.common import nifti_io
 
 # Two demo subjects (one AD, one CN) at 3 mm voxels and a 32^3 model input: preprocessing takes seconds.
 SMALL = {"demo": {"n_subjects": 2, "visits": 1, "n_mci": 0, "seed": 5, "voxel_scale": 3.0},
@@ -121,7 +121,7 @@ def test_the_environments_snakemake_runs_without_activating_it(small_run, tmp_pa
 
 
 def test_a_local_run_never_declares_more_memory_than_the_machine_has(small_run):
-    from workflow_scripts.cli import machine_memory_mb
+    from workflow_scripts.common.cli import machine_memory_mb
 
     reference, config = small_run
     machine = machine_memory_mb()

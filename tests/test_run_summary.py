@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 
-from workflow_scripts.run_summary import summary_text
+from workflow_scripts.report.run_summary import summary_text
 
 
 def block(accuracy: float, ci: list[float]) -> dict:

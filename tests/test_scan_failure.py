@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from conftest import VENDOR_DICOM
-from workflow_scripts import cli, nifti_io, scan_failure, usable_scans
-from workflow_scripts.n4 import check_finite
-from workflow_scripts.skullstrip import check_mask
+from workflow_scripts.common import cli, nifti_io, scan_failure
+from workflow_scripts.preprocess import usable_scans
+from workflow_scripts.preprocess.n4 import check_finite
+from workflow_scripts.preprocess.skullstrip import check_mask
 
 
 def image(shape=(20, 20, 20), zoom=2.0) -> nib.Nifti1Image:
@@ -61,7 +62,7 @@ def test_a_series_with_truncated_pixel_data_is_dropped_at_conversion_not_fatal(t
     first = sorted(series.iterdir())[0]
     os.truncate(first, first.stat().st_size - 2000)  # headers intact, pixel data cut short
     out = tmp_path / "nifti" / "002_S_0001" / "I7.nii.gz"
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.convert", "--dicom-dir", str(series),
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.convert", "--dicom-dir", str(series),
                              "--output", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     record = scan_failure.read_failure(out)

@@ -16,14 +16,14 @@ import pytest
 import torch
 from scipy import stats
 
-from workflow_scripts import cli
-from workflow_scripts.nifti_io import load_nifti, provenance_of
-from workflow_scripts.segmentation import (LOSSES, assign_sides, build_loss, build_unet, check_settings, dice_row,
+from workflow_scripts.common import cli
+from workflow_scripts.common.nifti_io import load_nifti, provenance_of
+from workflow_scripts.hippocampus.segmentation import (LOSSES, assign_sides, build_loss, build_unet, check_settings, dice_row,
                                            fit, keep_largest, load_segmenter, main as segmentation_main, segment,
                                            subjects_digest)
-from workflow_scripts.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
+from workflow_scripts.hippocampus.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
                                                 msd_items, train_transforms, truth_on_grid)
-from workflow_scripts.skullstrip import dice
+from workflow_scripts.preprocess.skullstrip import dice
 from conftest import REPO, TINY
 
 # The settings of the tiny runs: the TINY config's U-Net (a 3D U-Net on the whole 32^3 volume).
@@ -289,13 +289,13 @@ def study(tmp_path_factory) -> dict:
     2 val, 8 test subjects)."""
     from nibabel.processing import resample_from_to
 
-    from workflow_scripts.convert import convert_series
-    from workflow_scripts.crop import crop_and_zoom
-    from workflow_scripts.demo import generate_collection
-    from workflow_scripts.ingest import find_image_dir
-    from workflow_scripts.nifti_io import clean_image, save_nifti_atomic
-    from workflow_scripts.reorient import to_ras
-    from workflow_scripts.split import make_split
+    from workflow_scripts.preprocess.convert import convert_series
+    from workflow_scripts.preprocess.crop import crop_and_zoom
+    from workflow_scripts.data.demo import generate_collection
+    from workflow_scripts.data.ingest import find_image_dir
+    from workflow_scripts.common.nifti_io import clean_image, save_nifti_atomic
+    from workflow_scripts.preprocess.reorient import to_ras
+    from workflow_scripts.learning.split import make_split
 
     root = tmp_path_factory.mktemp("segmentation_study")
     generate_collection(root, n_subjects=20, seed=5, visits=1, voxel_scale=3.0, n_mci=0, distractors=False)
@@ -359,7 +359,7 @@ def test_held_out_volumes_follow_the_planted_volumes_and_atrophy(study, study_3d
     (truth/volumes.tsv): correlated over their 20 hippocampi (the masks' own truth on this grid
     correlates about 0.8 with the planted volumes: that is the ceiling at 32^3), and smaller in AD
     than in CN, raw and divided by the brain mask's volume (the demo plants a 25% loss in AD)."""
-    from workflow_scripts.volumetry import label_volumes, mask_volume
+    from workflow_scripts.hippocampus.volumetry import label_volumes, mask_volume
 
     model, trained = load_segmenter(study_3d["out"] / "best.pt")
     planted = pd.read_csv(study["root"] / "truth" / "volumes.tsv", sep="\t", dtype={"image_id": str})

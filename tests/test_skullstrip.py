@@ -14,9 +14,9 @@ import pytest
 import torch
 from nibabel.processing import resample_from_to
 
-from workflow_scripts import skullstrip
-from workflow_scripts.cli import PipelineError
-from workflow_scripts.convert import convert_series
+from workflow_scripts.preprocess import skullstrip
+from workflow_scripts.common.cli import PipelineError
+from workflow_scripts.preprocess.convert import convert_series
 
 
 def plant_synthstrip_checkpoint(path: Path, bias: float = -5.0) -> Path:
@@ -58,7 +58,7 @@ def test_synthstrip_path_runs_the_network_with_planted_weights(demo_scan, tmp_pa
     weights = plant_synthstrip_checkpoint(tmp_path / "synthstrip.1.pt")
     out = {k: tmp_path / f"{k}.nii.gz" for k in ("brain", "mask")}
     sidecar = tmp_path / "stripped.json"
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.skullstrip", "--threads", "2",
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.skullstrip", "--threads", "2",
                              "--method", "synthstrip", "--synthstrip-weights", str(weights), "--input", str(src),
                              "--output", str(out["brain"]), "--mask", str(out["mask"]),
                              "--sidecar", str(sidecar)], capture_output=True, text=True)
@@ -118,7 +118,7 @@ def test_synthstrip_mask_follows_the_network_output(demo_scan, tmp_path):
 
 def test_missing_weights_fail_at_once_naming_both_remedies(tmp_path):
     src = tmp_path / "never-read.nii.gz"  # does not exist: the weights are checked first
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.skullstrip", "--method", "synthstrip",
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.skullstrip", "--method", "synthstrip",
                              "--synthstrip-weights", str(tmp_path / "none.pt"), "--input", str(src),
                              "--output", str(tmp_path / "o.nii.gz"), "--mask", str(tmp_path / "m.nii.gz"),
                              "--sidecar", str(tmp_path / "s.json")], capture_output=True, text=True)

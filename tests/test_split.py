@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from workflow_scripts import cli, split
+from workflow_scripts.common import cli
+from workflow_scripts.learning import split
 
 CLASSES = ["AD", "CN"]
 
@@ -178,7 +179,7 @@ def test_the_cli_fails_on_a_leak_naming_the_subject_after_writing_the_audit(tmp_
     duplicated = scans.iloc[[4]]  # the same scan listed twice
     pd.concat([scans, duplicated]).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
     out = tmp_path / "splits"
-    run = subprocess.run([sys.executable, "-m", "workflow_scripts.split", "--scans", str(tmp_path / "scans.tsv"),
+    run = subprocess.run([sys.executable, "-m", "workflow_scripts.learning.split", "--scans", str(tmp_path / "scans.tsv"),
                           "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     subject = duplicated["subject"].iloc[0]
     assert run.returncode == 1

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from workflow_scripts.crop import bounding_box, crop_and_zoom, zoom_affine
-from workflow_scripts.n4 import n4_correct
-from workflow_scripts.nifti_io import clean_image, provenance_of
-from workflow_scripts.reorient import to_ras
-from workflow_scripts.resample import resampled_grid, resample_to_spacing
+from workflow_scripts.preprocess.crop import bounding_box, crop_and_zoom, zoom_affine
+from workflow_scripts.preprocess.n4 import n4_correct
+from workflow_scripts.common.nifti_io import clean_image, provenance_of
+from workflow_scripts.preprocess.reorient import to_ras
+from workflow_scripts.preprocess.resample import resampled_grid, resample_to_spacing
 
 
 def ellipsoid(shape, centre, radii) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_bspline_interpolation_is_not_nearest_neighbour():
 def test_resampled_grid_is_the_one_ants_resample_image_makes(seed):
     # the stage builds the 1 mm grid itself (to evaluate the B-spline only in the brain's box): it must be
     # exactly ANTs ResampleImage's grid, odd sizes, oblique axes and rounding halves included
-    from workflow_scripts.ants_bridge import import_ants
+    from workflow_scripts.common.ants_bridge import import_ants
 
     ants = import_ants()
     rng = np.random.default_rng(seed)
@@ -170,7 +170,7 @@ def test_resampled_grid_is_the_one_ants_resample_image_makes(seed):
 def test_bspline_in_the_brain_box_equals_the_whole_grid_resampling_inside_the_mask():
     # what the stage keeps (voxels inside the resampled mask) is what ants.resample_image's B-spline gives
     # on the whole grid, to float32 rounding; nothing outside the mask survives either way
-    from workflow_scripts.ants_bridge import import_ants, to_ants
+    from workflow_scripts.common.ants_bridge import import_ants, to_ants
 
     ants = import_ants()
     rng = np.random.default_rng(3)
@@ -197,7 +197,7 @@ def test_lean_ants_import_skips_the_heavy_subpackages_and_resamples_alike(tmp_pa
 import sys, numpy as np
 lean = sys.argv[1] == "lean"
 if lean:
-    from workflow_scripts.ants_bridge import import_ants
+    from workflow_scripts.common.ants_bridge import import_ants
     ants = import_ants()
 else:
     import ants
@@ -219,7 +219,7 @@ print(",".join(heavy))
 
 
 def test_a_skipped_ants_subpackage_says_why_when_used():
-    from workflow_scripts.ants_bridge import _NotLoaded
+    from workflow_scripts.common.ants_bridge import _NotLoaded
 
     with pytest.raises(ImportError, match="import_ants skips it"):
         _NotLoaded("ants.plotting").plot

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import discard_unless_failed
-from workflow_scripts import cli
-from workflow_scripts.tensor_cache import cache_scan, rescale_intensities
-from workflow_scripts.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, check_no_overlap,
+from workflow_scripts.common import cli
+from workflow_scripts.learning.tensor_cache import cache_scan, rescale_intensities
+from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, check_no_overlap,
                                     class_weights, data_record, fit, load_checkpoint, load_volume, main, predict,
                                     resolved_config, restore_rng_states, rng_states, tensor_sources)
 
@@ -101,7 +101,7 @@ def test_a_nifti_path_reads_like_its_cached_tensor(tmp_path):
 
 def test_tensor_cache_cli_and_empty_volume_error(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "empty.nii.gz")
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.tensor_cache", "--input",
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.learning.tensor_cache", "--input",
                              str(tmp_path / "empty.nii.gz"), "--output", str(tmp_path / "empty.npy")],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "empty.nii.gz has no voxel above 0" in result.stderr
@@ -213,7 +213,7 @@ def full_run(tiny) -> Path:
     """An uninterrupted 2-epoch run through the command line, as the workflow calls it."""
     out = tiny["root"] / "full"
     result = subprocess.run(
-        [sys.executable, "-m", "workflow_scripts.train", "--train", str(tiny["train"]), "--val", str(tiny["val"]),
+        [sys.executable, "-m", "workflow_scripts.learning.train", "--train", str(tiny["train"]), "--val", str(tiny["val"]),
          "--out-dir", str(out), "--weights", "none", "--max-epochs", "2", "--batch-size", "2", "--num-workers", "2",
          "--wandb-mode", "disabled"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -356,7 +356,7 @@ def test_a_grown_training_manifest_restarts_the_run_from_epoch_1(full_run, tiny,
     assert fit(_config(tiny, out, "--train", str(train), "--stop-after-epoch", "1")) is None
     old_hash = load_checkpoint(out / "last.pt")["data"]["hash"]
     _manifest(tiny, train, "train")
-    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    caplog.set_level(logging.INFO, logger="workflow_scripts.learning.train")
     summary = fit(_config(tiny, out, "--train", str(train), "--on-changed-settings", "restart"))  # as the workflow
     assert f"training manifest {train}: 2 scan(s) added (It4, It5)" in caplog.text
     assert "starting afresh" in caplog.text and "resuming" not in caplog.text
@@ -385,7 +385,7 @@ def test_changed_tensor_contents_alone_stop_or_restart_the_run(tiny, tmp_path, c
     with pytest.raises(cli.PipelineError, match=r"training manifest .*: tensor contents changed \(It2\)"):
         fit({**config, "on_changed_settings": "error"})
     assert load_checkpoint(out / "last.pt")["data"] == before["data"]  # untouched
-    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    caplog.set_level(logging.INFO, logger="workflow_scripts.learning.train")
     fit({**config, "on_changed_settings": "restart"})
     assert "tensor contents changed (It2)" in caplog.text and "resuming" not in caplog.text
     after = load_checkpoint(out / "last.pt")
@@ -407,7 +407,7 @@ def test_a_re_split_reuses_no_checkpoint_of_the_old_run(tiny, tmp_path, caplog):
     rows_train, rows_val = pd.read_csv(train, dtype=str), pd.read_csv(val, dtype=str)
     pd.concat([rows_val.iloc[[0]], rows_train.iloc[1:]]).to_csv(train, index=False)
     pd.concat([rows_train.iloc[[0]], rows_val.iloc[1:]]).to_csv(val, index=False)
-    caplog.set_level(logging.INFO, logger="workflow_scripts.train")
+    caplog.set_level(logging.INFO, logger="workflow_scripts.learning.train")
     summary = fit(config)
     assert f"training manifest {train}: 1 scan(s) added (Iv0), 1 scan(s) removed (It0)" in caplog.text
     assert f"validation manifest {val}: 1 scan(s) added (It0), 1 scan(s) removed (Iv0)" in caplog.text
@@ -454,7 +454,7 @@ def test_recalibrate_bn_leaves_the_trained_layers_statistics_of_the_training_sca
     """With --recalibrate-bn the saved model's trained BatchNorm statistics are exactly those of
     its own weights over the unaugmented training scans: recomputing them changes nothing.
     Without it, they are the lagging running averages, and recomputing does change them."""
-    from workflow_scripts.models import build_model, recalibrate_batchnorm
+    from workflow_scripts.learning.models import build_model, recalibrate_batchnorm
 
     def recomputed_gap(out_dir: Path, *extra: str) -> float:
         fit(_config(tiny, out_dir, "--max-epochs", "1", "--trainable-from", "layer4", *extra))

@@ -15,11 +15,11 @@ from torch import nn
 
 from conftest import run_snakemake, write_config
 from test_train import SIDE, _config, tiny  # noqa: F401  (the tiny tensors and manifests fixture)
-from workflow_scripts import cli
-from workflow_scripts.models import (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, SliceResNet, _pretrained_enum,
+from workflow_scripts.common import cli
+from workflow_scripts.learning.models import (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, SliceResNet, _pretrained_enum,
                                      build_model, count_parameters, parameter_groups, stage_of)
-from workflow_scripts.recipe import check_recipe, merge_recipe
-from workflow_scripts.train import (EarlyStopping, EpochSampler, EpochScheduler, StepOptions, autocast_dtype, fit,
+from workflow_scripts.learning.recipe import check_recipe, merge_recipe
+from workflow_scripts.learning.train import (EarlyStopping, EpochSampler, EpochScheduler, StepOptions, autocast_dtype, fit,
                                     forward, hierarchy_key, load_checkpoint, main, new_training_state,
                                     optimizer_step)
 
@@ -296,11 +296,11 @@ def test_phased_unfreezing_trains_layer4_from_the_named_epoch_and_survives_a_res
 
 def test_progress_is_logged_after_the_first_step_then_every_interval_and_at_the_end(caplog):
     """A CPU epoch of ADNI-sized data takes hours: its log shows step, running loss and ETA."""
-    from workflow_scripts.train import Progress
+    from workflow_scripts.learning.train import Progress
 
     now = [0.0]
     progress = Progress("epoch 3 training", 100, every=60, clock=lambda: now[0])
-    with caplog.at_level("INFO", logger="workflow_scripts.train"):
+    with caplog.at_level("INFO", logger="workflow_scripts.learning.train"):
         for step in range(1, 101):
             now[0] = 10.0 * step
             progress.step(step, float(step))

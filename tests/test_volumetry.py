@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from workflow_scripts import cli, volumetry
-from workflow_scripts.evaluate import PREDICTION_COLUMNS, validate_predictions
+from workflow_scripts.common import cli
+from workflow_scripts.hippocampus import volumetry
+from workflow_scripts.evaluation.evaluate import PREDICTION_COLUMNS, validate_predictions
 
 
 def _image(data: np.ndarray, zooms, path=None, rotate: bool = False) -> nib.Nifti1Image:
@@ -139,7 +140,7 @@ def test_features_carry_no_signal_gives_chance_auc(tmp_path):
 
 
 def test_a_cv_fold_is_fitted_on_its_training_manifest_and_predicts_its_inner_validation_split(tmp_path):
-    from workflow_scripts import split
+    from workflow_scripts.learning import split
 
     manifest, volumes = _cohort(30, seed=5, shift=1.0)
     manifest["fold"] = np.arange(len(manifest)) % 3

@@ -15,8 +15,8 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from conftest import TINY, USER_EXCLUSION_REASON, run_snakemake, write_config
-from workflow_scripts.scan_failure import read_failure
-from workflow_scripts.skullstrip import dice
+from workflow_scripts.common.scan_failure import read_failure
+from workflow_scripts.preprocess.skullstrip import dice
 
 pytestmark = pytest.mark.workflow
 STAGES = ["nifti", "stripped", "resampled", "cropped128", "n4", "ras"]
@@ -166,8 +166,8 @@ def test_the_2d_baseline_follows_its_own_recipe_and_exports_embeddings(demo_run)
 def test_every_broken_series_is_left_out_with_its_reason_and_the_rest_of_the_study_completes(demo_run):
     """The demo's planted faults (truncated pixel data, a partial series, two series in one folder, an ambiguous
     image id, an Excel CSV, a phantom that is not a head) and the scan excluded by hand."""
-    from workflow_scripts.demo_faults import NOT_A_HEAD_DROPS
-    from workflow_scripts.scan_failure import read_failure
+    from workflow_scripts.data.demo_faults import NOT_A_HEAD_DROPS
+    from workflow_scripts.common.scan_failure import read_failure
 
     results = demo_run / "results"
 
@@ -218,7 +218,7 @@ def searchable_bytes(path: Path) -> bytes:
 
 
 def test_no_personal_identifier_reaches_any_output(demo_run):
-    from workflow_scripts.demo import planted_identifier_strings
+    from workflow_scripts.data.demo import planted_identifier_strings
 
     needles = [s.encode() for s in planted_identifier_strings()]
     dicom = next((demo_run / "demo_data" / "ADNI").rglob("*.dcm")).read_bytes()
@@ -266,7 +266,7 @@ def _scheduled(dry_run_output: str) -> list[tuple[str, str]]:
 
 
 def test_new_phase_and_changed_parameter_schedule_only_what_they_affect(tmp_path):
-    from workflow_scripts.demo import generate_collection
+    from workflow_scripts.data.demo import generate_collection
 
     root = tmp_path / "adni"
     first = generate_collection(root, n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
@@ -300,7 +300,7 @@ def test_kinetics_weights_are_fetched_once_by_a_local_job_before_training(tmp_pa
     kinetics = write_config(tmp_path / "k.yaml", {**TINY, "experiments": {
         "r3d_18_kinetics400": {"arch": "r3d_18", "weights": "kinetics400"}}})
     dry = run_snakemake(tmp_path, "all", "-n", configfiles=[kinetics], timeout=300).stdout
-    assert "python -m workflow_scripts.models fetch --arch r3d_18 --weights kinetics400" in dry
+    assert "python -m workflow_scripts.learning.models fetch --arch r3d_18 --weights kinetics400" in dry
     assert re.search(r"pretrained_weights\s+1\b", dry)  # one fetch for the main model and every fold
     without = write_config(tmp_path / "none.yaml", TINY)  # weights: none
     assert "pretrained_weights" not in run_snakemake(tmp_path, "all", "-n", configfiles=[without], timeout=300).stdout

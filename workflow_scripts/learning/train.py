@@ -1,0 +1,1299 @@
+"""Train one classifier (one experiment, or one cross-validation fold): dissertation section 4.5.
+
+    python -m workflow_scripts.learning.train --train splits/train.csv --val splits/val.csv --out-dir results/train/main
+    python -m workflow_scripts.learning.train --folds-csv splits/cv_folds.csv --fold 0 --out-dir results/cv/main/fold0
+    python -m workflow_scripts.learning.train --predict splits/test.csv --checkpoint results/train/main/best_acc.pt \\
+        --predictions-out results/train/main/test_predictions.csv
+
+Manifests are CSVs with columns ``path, subject, image_id, group, label``. Each scan's
+tensor is found, in this order: a ``tensor_path`` column; ``--tensor-dir`` as
+``<tensor-dir>/<subject>/<image_id>.npy``; ``path`` itself when it ends in .npy; else
+``path`` is a NIfTI volume rescaled on every read like ``tensor_cache`` does (correct
+but slow: cache the tensors). Relative paths are relative to the working directory.
+
+A volume of shape (x, y, z) enters the video network as one channel with x as its time
+axis. Training scans get RandomGamma then RandomNoise (gamma first: it sees only the
+non-negative [0, 1] intensities, so it never makes NaN), then z-normalisation over the
+brain voxels (> 0 in the volume *before* noise, carried as a label map, so background
+noise never counts as brain; ``--znorm-mask none`` uses the whole volume). Validation and
+test scans are only z-normalised.
+
+The dissertation's recipe is the default (AdamW, cosine warm restarts, early stopping when
+validation accuracy and loss both stalled, the best-accuracy checkpoint); the options of the
+comparisons (optimizer, warmup and scheduler, phased unfreezing, precision and loss scaling,
+gradient clipping, weighted sampling, early-stopping monitor, selection rule, deterministic
+mode, embeddings export) are switches of this one module, so every model is trained by the
+same loop. The 2D baseline (``--arch resnet50``) sees [0, 1] intensities, not z-scores: its
+model normalises slices with ImageNet's statistics.
+
+A run resumes from ``last.pt`` only on the very scans it started on: every checkpoint and
+summary.json carry a data record (per role, the subjects and each scan's image id, subject,
+label and tensor SHA-256, and one hash of them all); a changed manifest row or tensor restarts
+the run (or stops it, ``--on-changed-settings error``) with the change named. Prediction refuses
+a manifest that shares a subject with the model's training or validation scans.
+
+Randomness is keyed to (seed, epoch, scan): the shuffle of epoch e comes from a generator
+seeded by (seed, e), each scan's augmentation from (seed, e, index), whichever DataLoader
+worker loads it. An interrupted run resumed from ``last.pt`` therefore ends exactly where
+an uninterrupted one does (on CPU, with the same --threads).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+
+from workflow_scripts.common import cli
+from workflow_scripts.learning.models import (ARCHS, BLOCKS, PLANES, build_model, count_parameters, parameter_groups,
+                                     recalibrate_batchnorm, train_mode, unfreeze_from)
+from workflow_scripts.learning.recipe import check_recipe
+from workflow_scripts.common.nifti_io import partial_prefix, remove_stale_partials, write_atomic, write_text_atomic
+
+LOG = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
+# The checkpoint kept for each best-model selection rule (train.selection).
+CHECKPOINTS = {"accuracy": "best_acc.pt", "loss": "best_loss.pt", "hierarchy": "best_hierarchy.pt"}
+# Everything a training run writes in its folder (glob patterns), removed before a fresh start.
+RUN_FILES = ("*.pt", "history.json", "summary.json", "*predictions*.csv", "embeddings_*.npz")
+# Settings that may differ between an interrupted run and its resumption: they change how
+# or how long the run goes on, not what one epoch computes.
+RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
+                  "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
+                  "predictions_out", "run_name", "embeddings_out", "projection", "projection_out",
+                  "export_embeddings"}
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """A manifest CSV with its required columns checked and integer labels."""
+    try:
+        table = pd.read_csv(path, dtype={"subject": str, "image_id": str, "group": str, "path": str})
+    except (OSError, pd.errors.ParserError) as err:
+        raise cli.PipelineError(f"cannot read manifest {path}: {err}") from err
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
+    if missing:
+        raise cli.PipelineError(f"manifest {path} lacks columns {missing}; it needs {', '.join(MANIFEST_COLUMNS)}")
+    if table.empty:
+        raise cli.PipelineError(f"manifest {path} has no scans")
+    table["label"] = table["label"].astype(int)
+    return table.reset_index(drop=True)
+
+
+def fold_manifests(folds_csv: str | os.PathLike, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, inner validation) of one CV fold: the split's cv/fold<k>/train.csv and val.csv beside
+    cv_folds.csv. Fold k itself (held_out.csv) is only reported on, never used for selection."""
+    from workflow_scripts.learning.split import fold_manifest_path
+
+    table = read_manifest(folds_csv)
+    if "fold" not in table.columns:
+        raise cli.PipelineError(f"{folds_csv} has no 'fold' column; pass the split's cv_folds.csv")
+    folds = sorted(table["fold"].astype(int).unique())
+    if fold not in folds:
+        raise cli.PipelineError(f"fold {fold} is not in {folds_csv} (folds {folds})")
+    paths = [fold_manifest_path(Path(folds_csv).parent, fold, role) for role in ("train", "val")]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise cli.PipelineError(f"fold {fold} of {folds_csv} has no {' or '.join(missing)}; re-run the split with "
+                                f"--inner-val-share (config cv.inner_val_share) to write the per-fold manifests")
+    train, val = (read_manifest(path) for path in paths)
+    held_out = set(table.loc[table["fold"].astype(int).eq(fold), "subject"])
+    leaked = sorted(held_out & (set(train["subject"]) | set(val["subject"])))
+    if leaked:
+        raise cli.PipelineError(f"{paths[0].parent} trains or validates on subject(s) of fold {fold} in {folds_csv} "
+                                f"({', '.join(leaked[:5])}): the manifests are stale; re-run the split")
+    return train, val
+
+
+def tensor_sources(table: pd.DataFrame, tensor_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where each scan's volume is read from (see the module docstring for the order)."""
+    sources = []
+    for row in table.itertuples(index=False):
+        tensor_path = getattr(row, "tensor_path", None)
+        if isinstance(tensor_path, str) and tensor_path:
+            sources.append(Path(tensor_path))
+        elif tensor_dir is not None:
+            sources.append(Path(tensor_dir) / str(row.subject) / f"{row.image_id}.npy")
+        else:
+            sources.append(Path(row.path))
+    missing = [(i, p) for i, p in zip(table["image_id"], sources) if not p.is_file()]
+    if missing:
+        listing = ", ".join(f"{i}: {p}" for i, p in missing[:5])
+        raise cli.PipelineError(f"{len(missing)} scan tensors missing ({listing}{', ...' if len(missing) > 5 else ''});"
+                                " run the tensor_cache step for them or fix the manifest's paths")
+    return sources
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """The volume's shape without reading its voxels (from the .npy header or the NIfTI header)."""
+    if path.suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r").shape)
+    from workflow_scripts.common.nifti_io import load_nifti
+
+    return tuple(load_nifti(path).shape[:3])
+
+
+def check_shapes(sources: Sequence[Path], image_ids: Sequence[str]) -> tuple[int, ...]:
+    """The common volume shape; scans of other shapes are named, as a batch cannot mix them."""
+    shapes = [volume_shape(p) for p in sources]
+    common = max(set(shapes), key=shapes.count)
+    odd = [f"{i} {s}" for i, s in zip(image_ids, shapes) if s != common]
+    if odd:
+        raise cli.PipelineError(f"scans of a shape other than {common}: {', '.join(odd[:5])}; "
+                                "re-run their preprocessing with the configured target shape")
+    return common
+
+
+def load_volume(path: Path) -> torch.Tensor:
+    """One scan as a float32 tensor of shape (1, x, y, z), values in [0, 1]."""
+    if path.suffix == ".npy":
+        array = np.load(path)
+    else:
+        from workflow_scripts.learning.tensor_cache import normalised_volume
+
+        array = normalised_volume(path)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+
+
+class VolumeTransform:
+    """TorchIO intensity transforms on one (1, x, y, z) tensor; picklable for DataLoader workers."""
+
+    def __init__(self, train: bool, gamma_log_range: Sequence[float] = (-0.2, 0.2), gamma_p: float = 0.3,
+                 noise_std_range: Sequence[float] = (0.0, 0.1), noise_p: float = 0.3, znorm_mask: str = "brain",
+                 znorm: bool = True):
+        import torchio as tio
+
+        if znorm_mask not in ("brain", "none"):
+            raise cli.PipelineError(f"znorm_mask must be 'brain' or 'none', not {znorm_mask!r}")
+        self.znorm_mask = znorm_mask if znorm else "off"
+        steps = []
+        if train:
+            steps += [tio.RandomGamma(log_gamma=tuple(gamma_log_range), p=gamma_p),
+                      tio.RandomNoise(std=tuple(noise_std_range), p=noise_p)]
+        if znorm:
+            steps.append(tio.ZNormalization(masking_method="brain" if znorm_mask == "brain" else None))
+        self.transform = tio.Compose(steps) if steps else None
+        self.random = bool(train)
+
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        import torchio as tio
+
+        if self.transform is None:
+            return volume
+        images = {"image": tio.ScalarImage(tensor=volume)}
+        if self.znorm_mask == "brain":
+            images["brain"] = tio.LabelMap(tensor=(volume > 0).to(torch.uint8))
+        return self.transform(tio.Subject(**images))["image"].data
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one scan's augmentation in one epoch, independent of worker and batch order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ScanDataset(Dataset):
+    """Scans of one split; indexed by (epoch, index) so augmentation is keyed to both."""
+
+    def __init__(self, sources: Sequence[Path], labels: Sequence[int], transform: VolumeTransform, seed: int,
+                 names: Sequence[str] | None = None):
+        self.sources, self.labels = list(sources), [int(v) for v in labels]
+        self.transform, self.seed = transform, seed
+        self.names = [str(n) for n in names] if names is not None else [p.name for p in self.sources]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        volume = load_volume(self.sources[index])
+        if self.transform.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                volume = self.transform(volume)
+        else:
+            volume = self.transform(volume)
+        return volume, self.labels[index], index
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index); the order of epoch e depends only on (seed, e).
+
+    With ``weights`` an epoch is ``n`` draws with replacement by torch's WeightedRandomSampler
+    (class balancing by sampling), from the same (seed, e) generator.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, weights: Sequence[float] | None = None):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(entropy))
+        if self.weights is not None:
+            order = list(WeightedRandomSampler(self.weights, self.n, replacement=True, generator=generator))
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        return iter([(self.epoch, i) for i in order])
+
+
+def _worker_init(worker_id: int) -> None:
+    """One thread per worker (the main process does the math); numpy/random seeded from torch's seed."""
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: ScanDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                pin_memory: bool = False, weights: Sequence[float] | None = None) -> DataLoader:
+    """A DataLoader over ``dataset`` whose sampler carries the epoch (and draws by ``weights`` when given)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed, weights),
+                      num_workers=num_workers, worker_init_fn=_worker_init, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- training pieces
+
+def class_weights(labels: Sequence[int], num_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency weights w_c = N / (K * n_c), so each class contributes equally to the loss."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes)
+    if len(counts) > num_classes or (counts == 0).any():
+        raise cli.PipelineError(f"training labels per class {counts.tolist()}: every one of the {num_classes} "
+                                "classes needs at least one training scan (check the split)")
+    return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+
+
+def sample_weights(labels: Sequence[int], num_classes: int = 2) -> list[float]:
+    """Per-scan drawing weights 1 / n_class, so each class is drawn equally often (``sampler: weighted``)."""
+    per_class = class_weights(labels, num_classes)
+    return [float(per_class[int(label)]) for label in labels]
+
+
+class EarlyStopping:
+    """Stop when neither validation accuracy rose nor validation loss fell for ``patience`` epochs
+    (``monitor="both"``, the dissertation's rule), or when the one monitored metric did not.
+
+    Each metric has its own counter of epochs without a strict improvement.
+    """
+
+    def __init__(self, patience: int = 5, monitor: str = "both"):
+        if monitor not in ("both", "accuracy", "loss"):
+            raise cli.PipelineError(f"early stopping monitors 'both', 'accuracy' or 'loss', not {monitor!r}")
+        self.patience, self.monitor = patience, monitor
+        self.best_accuracy, self.best_loss = -math.inf, math.inf
+        self.accuracy_wait = self.loss_wait = 0
+        self.stopped = False
+
+    def update(self, accuracy: float, loss: float) -> dict[str, bool]:
+        """Record one epoch; says which metric improved and whether to stop."""
+        better_accuracy, better_loss = accuracy > self.best_accuracy, loss < self.best_loss
+        if better_accuracy:
+            self.best_accuracy, self.accuracy_wait = accuracy, 0
+        else:
+            self.accuracy_wait += 1
+        if better_loss:
+            self.best_loss, self.loss_wait = loss, 0
+        else:
+            self.loss_wait += 1
+        stalled = {"accuracy": self.accuracy_wait >= self.patience, "loss": self.loss_wait >= self.patience}
+        self.stopped = all(stalled.values()) if self.monitor == "both" else stalled[self.monitor]
+        return {"accuracy": better_accuracy, "loss": better_loss, "stop": self.stopped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> dict:
+    """Weighted cross-entropy over the whole split, accuracy, balanced accuracy and AUC (None with one class)."""
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score
+
+    logits, labels = logits.float().cpu(), labels.cpu()
+    loss = F.cross_entropy(logits, labels, weight=None if weight is None else weight.cpu()).item()
+    probs = torch.softmax(logits, dim=1).numpy()
+    y, pred = labels.numpy(), probs.argmax(axis=1)
+    auc = None
+    if len(np.unique(y)) > 1:
+        auc = float(roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2
+                    else roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
+    balanced = float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float((pred == y).mean())
+    kappa = float(cohen_kappa_score(y, pred)) if len(np.unique(np.concatenate([y, pred]))) > 1 else 0.0
+    return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "kappa": kappa,
+            "auc": auc}
+
+
+def hierarchy_key(metrics: dict) -> tuple[float, float, float]:
+    """The selection hierarchy's order: balanced accuracy, then Cohen's kappa, then AUC (missing AUC last)."""
+    auc = metrics.get("auc")
+    return (metrics["balanced_accuracy"], metrics["kappa"], -math.inf if auc is None else auc)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: full fp32).
+
+    ``auto`` is bf16 on CUDA (no loss scaling needed) and fp32 elsewhere; ``fp16`` needs CUDA,
+    where a GradScaler keeps small gradients from vanishing.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise cli.PipelineError(f"precision fp16 needs a CUDA device (this run is on {device}); use bf16, fp32 or "
+                                "auto")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in dtypes:
+        raise cli.PipelineError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    return dtypes[precision]
+
+
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
+            precision: str = "auto", channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch under ``precision``'s autocast; channels_last_3d inputs on CUDA by
+    default (the fast path). The loss is always computed in fp32."""
+    dtype = autocast_dtype(precision, device)
+    channels_last = device.type == "cuda" and x.dim() == 5 if channels_last is None else channels_last
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    return logits, criterion(logits.float(), y.to(device, non_blocking=True))
+
+
+@dataclass
+class StepOptions:
+    """How one optimisation step runs: mixed precision, its loss scaler (fp16) and gradient clipping."""
+    precision: str = "auto"
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip_norm: float | None = None
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   options: StepOptions) -> float:
+    """Backward, optional clipping of the gradients' global norm, step; returns the norm before clipping
+    (NaN when not clipped). With fp16 the scaler unscales before clipping, as clipping needs true norms."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler = options.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    norm = float("nan")
+    if options.grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip_norm))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm
+
+
+# A pass over the data logs its progress after the first step and then at least this often (wall
+# seconds, checked after each step): an epoch of ADNI-sized data on a CPU takes hours.
+PROGRESS_SECONDS = 60.0
+
+
+class Progress:
+    """Logs the step, the running loss and the pass's ETA after the first step and every ``every`` s."""
+
+    def __init__(self, what: str, steps: int, every: float = PROGRESS_SECONDS, clock=time.perf_counter):
+        self.what, self.steps, self.every, self.clock = what, steps, every, clock
+        self.start = self.last = clock()
+        self.loss_sum = 0.0
+
+    def step(self, step: int, loss: float) -> None:
+        self.loss_sum += loss
+        now = self.clock()
+        if step != 1 and step != self.steps and now - self.last < self.every:
+            return
+        self.last = now
+        per_step = (now - self.start) / step
+        eta = per_step * (self.steps - step)
+        LOG.info("%s: step %d/%d, running loss %.4f, %.1f s/step, ETA %d:%02d", self.what, step, self.steps,
+                 self.loss_sum / step, per_step, eta // 60, eta % 60)
+
+
+def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight: torch.Tensor | None,
+              optimizer: torch.optim.Optimizer | None = None, epoch: int = 1,
+              options: StepOptions | None = None) -> tuple[dict, torch.Tensor, list[int]]:
+    """One pass over ``loader``: trains when an optimizer is given, else evaluates.
+
+    Returns the split's metrics (plus the share of time spent waiting for data), its
+    softmax probabilities and the dataset indices in the order seen.
+    """
+    options = options or StepOptions()
+    training = optimizer is not None
+    progress = Progress(f"epoch {epoch} training" if training else f"epoch {epoch} validation" if epoch
+                        else "prediction", len(loader))
+    train_mode(model) if training else model.eval()
+    loader.sampler.set_epoch(epoch)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+    all_logits, all_labels, all_indices = [], [], []
+    wait = 0.0
+    start = tick = time.perf_counter()
+    with torch.set_grad_enabled(training):
+        for step, (x, y, index) in enumerate(loader, start=1):
+            wait += time.perf_counter() - tick
+            logits, loss = forward(model, x, y, criterion, device, options.precision)
+            if not torch.isfinite(loss):
+                ids = [loader.dataset.names[i] for i in index.tolist()]
+                raise cli.PipelineError(
+                    f"non-finite {'training' if training else 'validation'} loss ({loss.item()}) at epoch {epoch}, "
+                    f"step {step} (scans {', '.join(ids)}): check these scans' tensors for NaN/inf, or lower the "
+                    "learning rates")
+            if training:
+                optimizer_step(model, loss, optimizer, options)
+            progress.step(step, loss.item())
+            all_logits.append(logits.detach().float().cpu())
+            all_labels.append(y)
+            all_indices += index.tolist()
+            tick = time.perf_counter()
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    metrics = classification_metrics(logits, labels, weight)
+    metrics["data_wait_share"] = wait / max(time.perf_counter() - start, 1e-9)
+    return metrics, torch.softmax(logits, dim=1), all_indices
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The classifier's last linear layer, whose input is the penultimate-layer embedding."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+@contextlib.contextmanager
+def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects, per forward pass, the penultimate-layer embedding of each scan in the batch (the
+    mean over a scan's slices for the 2D baseline)."""
+    captured: list[torch.Tensor] = []
+    slices = getattr(model, "n_slices", None)
+
+    def hook(module, inputs, output):
+        features = inputs[0].detach().float().cpu()
+        captured.append(features.reshape(-1, slices, features.shape[-1]).mean(dim=1) if slices else features)
+
+    handle = final_linear(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def save_embeddings(path: Path, table: pd.DataFrame, probs: torch.Tensor, indices: Sequence[int],
+                    captured: Sequence[torch.Tensor]) -> Path:
+    """embeddings_*.npz: one row per scan in manifest order (image_id, subject, label, prob, embedding)."""
+    order = np.argsort(indices)
+    rows = table.iloc[np.asarray(indices)[order]]
+    embedding = torch.cat(list(captured)).numpy()[order]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, image_id=np.asarray(rows["image_id"], dtype=str),
+                                subject=np.asarray(rows["subject"], dtype=str), label=rows["label"].to_numpy(),
+                                prob=probs.numpy()[order][:, 1], embedding=embedding)
+    return write_atomic(path, write)
+
+
+def plot_embeddings(files: Sequence[str | os.PathLike], output: str | os.PathLike, title: str = "") -> Path:
+    """A 2D principal-component projection of the embeddings of ``files`` (e.g. val and test), one
+    colour per class and one marker per file; PCA because it is deterministic and needs no tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    from workflow_scripts.common.figures import save_figure
+    from workflow_scripts.evaluation.evaluate import CLASS_NAMES
+
+    parts = [np.load(f) for f in files]
+    stacked = np.concatenate([p["embedding"] for p in parts])
+    centred = stacked - stacked.mean(axis=0)
+    n_components = min(2, *centred.shape)
+    points = PCA(n_components=n_components).fit_transform(centred) if n_components else np.zeros((len(centred), 0))
+    points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    start = 0
+    for file, part, marker in zip(files, parts, "os^Dv"):
+        end = start + len(part["label"])
+        for label, colour in ((0, "tab:blue"), (1, "tab:red")):
+            chosen = part["label"] == label
+            ax.scatter(*points[start:end][chosen].T, c=colour, marker=marker, alpha=0.8, edgecolors="k",
+                       label=f"{CLASS_NAMES[label]}, {Path(file).stem.removeprefix('embeddings_')}")
+        start = end
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(title or "penultimate-layer embeddings")
+    ax.legend(fontsize=8)
+    return save_figure(fig, Path(output))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically: no half-written checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to (or, failing that, a copy of) ``source``, atomically.
+
+    ``last.pt`` is replaced by a new file each epoch, so the link keeps the old contents.
+    """
+    import shutil
+
+    remove_stale_partials(target)
+    tmp = target.with_name(f"{partial_prefix(target)}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    states = {"torch": torch.get_rng_state(),
+              "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                        "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                        "gauss": float(np_state["gauss"])},
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the RNG states saved by ``rng_states``."""
+    torch.set_rng_state(states["torch"])
+    np_state = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by this module, read safely (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise cli.PipelineError(f"cannot read checkpoint {path}: {err}; delete it to start the run afresh") from err
+
+
+def changed_settings(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Settings that differ from those of a saved run, other than the ones a resumption may change."""
+    return [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(saved) | set(config))
+            if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k)]
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove a previous run's checkpoints, history, summary, predictions and embeddings, so nothing
+    of it is resumed or mistaken for the new run's."""
+    for pattern in RUN_FILES:
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Path) -> None:
+    """Continue from out_dir/last.pt only when it was written on this run's scans (``state.data``:
+    the same manifest rows and tensor contents) with this run's settings.
+
+    Otherwise ``on_changed_settings`` decides: "error" stops, naming what changed; "restart"
+    clears the old run's files and starts afresh. --no-resume always starts afresh, and so does
+    a folder without last.pt (clearing any files an older run left there).
+    """
+    last = out_dir / "last.pt"
+    if not config["resume"] or not last.is_file():
+        clear_run(out_dir)
+        return
+    saved = load_checkpoint(last)
+    changed = changed_settings(saved["config"], config) + data_changes(saved.get("data"), state.data, config)
+    if changed and config["on_changed_settings"] == "restart":
+        LOG.warning("settings or training data changed since %s was written (%s): starting afresh", last,
+                    "; ".join(changed))
+        clear_run(out_dir)
+        return
+    if changed:
+        raise cli.PipelineError(f"{last} was written with other settings or training data ({'; '.join(changed)}); "
+                                f"delete the checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings "
+                                "restart")
+    state.restore(saved, config)
+    LOG.info("resuming %s after epoch %d (same settings; same scans, data hash %s)", out_dir, state.epoch,
+             state.data["hash"][:12])
+
+
+# ----------------------------------------------------------------------------- training data record
+
+def scan_digests(sources: Sequence[Path]) -> list[str]:
+    """SHA-256 of each file a scan is read from: new contents under an old name are new data."""
+    from workflow_scripts.preprocess.skullstrip import sha256_of
+
+    return [sha256_of(path) for path in sources]
+
+
+def data_record(tables: dict[str, pd.DataFrame], digests: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """What a model learnt from, per role (train, val): its subjects and, in manifest order, each
+    scan's image id, subject, label and content digest; ``hash`` is the SHA-256 of all of it.
+
+    Saved in every checkpoint and summary.json, so resuming and prediction can check a model's
+    scans and subjects without its manifests.
+    """
+    record: dict[str, Any] = {}
+    rows = []
+    for role, table in tables.items():
+        scans = [{"image_id": str(i), "subject": str(s), "label": int(v), "sha256": str(d)}
+                 for i, s, v, d in zip(table["image_id"], table["subject"], table["label"], digests[role], strict=True)]
+        record[role] = {"subjects": sorted({scan["subject"] for scan in scans}), "scans": scans}
+        rows += [[role, scan["image_id"], scan["subject"], scan["label"], scan["sha256"]] for scan in scans]
+    record["hash"] = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+    return record
+
+
+def training_data(splits: Splits) -> dict[str, Any]:
+    """The run's data record: the manifests' rows and the SHA-256 of every scan's tensor."""
+    return data_record({"train": splits.train, "val": splits.val},
+                       {"train": scan_digests(splits.train_sources), "val": scan_digests(splits.val_sources)})
+
+
+def _ids(ids: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def data_changes(saved: dict[str, Any] | None, current: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """How the scans of a saved run differ from this run's, per manifest: scans added or removed (by
+    image id), labels or subjects changed, tensor contents changed, or the same scans reordered."""
+    if not saved or "hash" not in saved:
+        return ["the checkpoint records no training data (written before data records were kept), so its "
+                "scans cannot be checked"]
+    if saved["hash"] == current["hash"]:
+        return []
+    changes = []
+    for role, what in (("train", "training"), ("val", "validation")):
+        source = config.get(role) or (f"{config['folds_csv']} fold {config['fold']}" if config.get("folds_csv") else "")
+        name = f"{what} manifest{f' {source}' if source else ''}"
+        old = {scan["image_id"]: scan for scan in saved.get(role, {}).get("scans", [])}
+        new = {scan["image_id"]: scan for scan in current[role]["scans"]}
+        added, removed = [i for i in new if i not in old], [i for i in old if i not in new]
+        both = [i for i in new if i in old]
+        parts = [f"{len(added)} scan(s) added ({_ids(added)})"] if added else []
+        parts += [f"{len(removed)} scan(s) removed ({_ids(removed)})"] if removed else []
+        for key, label in (("label", "labels"), ("subject", "subjects")):
+            differ = [f"{i} {old[i][key]} -> {new[i][key]}" for i in both if old[i][key] != new[i][key]]
+            parts += [f"{label} changed ({_ids(differ)})"] if differ else []
+        altered = [i for i in both if old[i]["sha256"] != new[i]["sha256"]]
+        parts += [f"tensor contents changed ({_ids(altered)})"] if altered else []
+        if not parts and list(old) != list(new):
+            parts.append("the same scans in another order")
+        changes += [f"{name}: {', '.join(parts)}"] if parts else []
+    return changes or [f"data hash {saved['hash'][:12]} -> {current['hash'][:12]}"]
+
+
+def check_no_overlap(table: pd.DataFrame, record: dict[str, Any] | None, model: str | os.PathLike,
+                     manifest: str | os.PathLike) -> None:
+    """Refuse to score subjects a model was trained or selected on: its figures on them would be optimistic
+    (the leakage a re-split with a reused model causes)."""
+    if not record or not all(role in record for role in ("train", "val")):
+        raise cli.PipelineError(f"model {model} records no training and validation subjects (written before "
+                                f"data records were kept), so {manifest} cannot be checked for overlap with them; "
+                                "re-train the model")
+    subjects = set(table["subject"].astype(str))
+    for role, what in (("train", "training"), ("val", "validation")):
+        shared = sorted(subjects & set(record[role]["subjects"]))
+        if shared:
+            raise cli.PipelineError(
+                f"{manifest} holds {len(shared)} subject(s) that model {model} used as {what} data: {_ids(shared)}; "
+                "a model must not be scored on subjects it was trained or selected on: predict a manifest of other "
+                "subjects, or re-train the model on a split that holds these out")
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def code_version() -> str:
+    """``git describe`` of this repository, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, capture_output=True,
+                             text=True, timeout=20)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import torchio
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torchio": torchio.__version__, "numpy": np.__version__}
+
+
+def split_counts(table: pd.DataFrame) -> dict[str, Any]:
+    """Scans and subjects of one split, in all and per label (with its group name)."""
+    per_class = {}
+    for label, part in table.groupby("label"):
+        per_class[str(label)] = {"group": "/".join(sorted(part["group"].astype(str).unique())),
+                                 "scans": len(part), "subjects": int(part["subject"].nunique())}
+    return {"scans": len(table), "subjects": int(table["subject"].nunique()), "per_class": per_class}
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
+
+
+# ----------------------------------------------------------------------------- Weights & Biases
+
+def start_wandb(config: dict[str, Any], out_dir: Path, run_id: str | None):
+    """A W&B run (None when disabled); offline runs write under ``out_dir/wandb`` and need no account.
+
+    An online run reads its key from the environment (WANDB_API_KEY) or ~/.netrc, never from arguments.
+    """
+    mode = config["wandb_mode"]
+    if mode == "disabled":
+        return None
+    import wandb
+
+    try:
+        return wandb.init(project=config["wandb_project"], entity=config["wandb_entity"], dir=str(out_dir),
+                          mode=mode, config=config, id=run_id, resume="allow", name=config["run_name"],
+                          reinit="finish_previous")
+    except Exception as err:
+        raise cli.PipelineError(f"Weights & Biases could not start in {mode} mode ({err}); for online mode set "
+                                "WANDB_API_KEY in the environment, or use --wandb-mode offline") from err
+
+
+def log_artifacts(run, out_dir: Path, name: str) -> None:
+    """The best checkpoints as W&B model artifacts, referenced in place until synced or uploaded.
+
+    ``policy="immutable"`` keeps W&B from copying each checkpoint (hundreds of MB) into its
+    staging folder under the home directory.
+    """
+    import wandb
+
+    for file, alias in (("best_acc.pt", "best-accuracy"), ("best_loss.pt", "best-loss")):
+        if (out_dir / file).is_file():
+            artifact = wandb.Artifact(f"{name}-{alias}", type="model")
+            artifact.add_file(str(out_dir / file), policy="immutable")
+            run.log_artifact(artifact, aliases=[alias])
+
+
+# ----------------------------------------------------------------------------- the run
+
+def epoch_row(epoch: int, train: dict, val: dict, lrs: dict, seconds: float) -> dict[str, Any]:
+    """One flat history row (``pd.DataFrame(history)`` gives the curves)."""
+    row: dict[str, Any] = {"epoch": epoch}
+    for split, metrics in (("train", train), ("val", val)):
+        for key, value in metrics.items():
+            row[f"{split}_{key}"] = value
+    row.update({f"lr_{name}": lr for name, lr in lrs.items()})
+    row["seconds"] = seconds
+    return row
+
+
+def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequence[int]) -> pd.DataFrame:
+    """image_id, subject, label, prob (of class 1, AD) and pred, in manifest order."""
+    order = np.argsort(indices)
+    p = probs.numpy()[order]
+    rows = table.iloc[np.asarray(indices)[order]]
+    return pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "subject": rows["subject"].to_numpy(),
+                         "label": rows["label"].to_numpy(), "prob": p[:, 1], "pred": p.argmax(axis=1)})
+
+
+def input_transform(config: dict[str, Any], train: bool) -> VolumeTransform:
+    """The run's transform; the 2D baseline (resnet50) takes [0, 1] intensities and applies ImageNet's
+    normalisation itself, so it skips z-normalisation."""
+    return VolumeTransform(train, config["gamma_log_range"], config["gamma_p"], config["noise_std_range"],
+                           config["noise_p"], config["znorm_mask"], znorm=config["arch"] != "resnet50")
+
+
+@dataclass
+class Splits:
+    """The training and validation scans of one run, with where their tensors are."""
+    train: pd.DataFrame
+    val: pd.DataFrame
+    train_sources: list[Path]
+    val_sources: list[Path]
+    shape: tuple[int, ...]
+
+
+def load_splits(config: dict[str, Any]) -> Splits:
+    """The run's manifests (--train/--val, or one fold of --folds-csv), checked for tensors and shapes."""
+    if config["folds_csv"]:
+        train, val = fold_manifests(config["folds_csv"], config["fold"])
+    elif config["train"] and config["val"]:
+        train, val = read_manifest(config["train"]), read_manifest(config["val"])
+    else:
+        raise cli.PipelineError("give --train and --val manifests, or --folds-csv with --fold")
+    for name, table in (("training", train), ("validation", val)):
+        bad = table[~table["label"].between(0, config["num_classes"] - 1)]
+        if len(bad):
+            raise cli.PipelineError(f"{name} scans with labels outside 0..{config['num_classes'] - 1}: "
+                                    f"{', '.join(bad['image_id'].head(5))}; fix the split's label column")
+    train_sources, val_sources = tensor_sources(train, config["tensor_dir"]), tensor_sources(val, config["tensor_dir"])
+    shape = check_shapes(train_sources + val_sources, list(train["image_id"]) + list(val["image_id"]))
+    return Splits(train, val, train_sources, val_sources, shape)
+
+
+class EpochScheduler:
+    """The learning-rate schedule, stepped once per epoch: an optional linear warmup over
+    ``warmup_epochs`` (from 1/(warmup+1) of each group's rate up to it), then cosine warm restarts
+    (the dissertation's), a cosine decay to ``eta_min`` over the remaining epochs, or
+    ReduceLROnPlateau on the validation loss."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str = "warm_restarts", warmup_epochs: int = 0,
+                 max_epochs: int = 50, t0: int = 5, t_mult: int = 1, eta_min: float = 0.0,
+                 plateau_factor: float = 0.5, plateau_patience: int = 3):
+        sched = torch.optim.lr_scheduler
+        self.optimizer, self.kind, self.warmup, self.epoch = optimizer, kind, warmup_epochs, 0
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if kind == "warm_restarts":
+            self.after = sched.CosineAnnealingWarmRestarts(optimizer, T_0=t0, T_mult=t_mult, eta_min=eta_min)
+        elif kind == "cosine":
+            self.after = sched.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup_epochs), eta_min=eta_min)
+        elif kind == "plateau":
+            self.after = sched.ReduceLROnPlateau(optimizer, mode="min", factor=plateau_factor,
+                                                 patience=plateau_patience)
+        else:
+            raise cli.PipelineError(f"scheduler must be warm_restarts, cosine or plateau, not {kind!r}")
+        self._set_warmup_lrs()
+
+    def _set_warmup_lrs(self) -> None:
+        if self.epoch < self.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * (self.epoch + 1) / (self.warmup + 1)
+        elif self.epoch == self.warmup and self.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base
+
+    def step(self, val_loss: float) -> None:
+        """End of an epoch whose validation loss was ``val_loss``."""
+        self.epoch += 1
+        if self.epoch <= self.warmup:
+            self._set_warmup_lrs()
+        elif self.kind == "plateau":
+            self.after.step(val_loss)
+        else:
+            self.after.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "after": self.after.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.after.load_state_dict(state["after"])
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores: model, optimizer, scheduler, loss scaler, early stopping, history;
+    and the record of the scans it is trained on (``data_record``), which it does not restore but checks."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: EpochScheduler
+    stopper: EarlyStopping
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    wandb_id: str | None = None
+    step_options: StepOptions = field(default_factory=StepOptions)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint dict (loadable with ``torch.load(weights_only=True)``)."""
+        scaler = self.step_options.scaler
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "metrics": self.history[-1] if self.history else None,
+                "early_stopping": self.stopper.state_dict(), "history": self.history, "best": self.best,
+                "rng": rng_states(), "config": config, "wandb_id": self.wandb_id, "data": self.data}
+
+    def restore(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by ``checkpoint``."""
+        self.model.load_state_dict(saved["model"])
+        apply_unfreezing(self.model, config, saved["epoch"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.step_options.scaler is not None and saved.get("scaler"):
+            self.step_options.scaler.load_state_dict(saved["scaler"])
+        self.stopper.load_state_dict(saved["early_stopping"])
+        restore_rng_states(saved["rng"])
+        self.history, self.best, self.epoch = saved["history"], saved["best"], saved["epoch"]
+        self.wandb_id = saved.get("wandb_id")
+
+
+def model_from_config(config: dict[str, Any], weights: str | None = None) -> nn.Module:
+    """The run's network (``weights`` overrides the configured ones, e.g. 'none' before loading a checkpoint)."""
+    return build_model(config["arch"], config["weights"] if weights is None else weights, config["num_classes"], 1,
+                       config["trainable_from"], plane=config.get("plane", "axial"),
+                       n_slices=config.get("n_slices", 16), slice_spacing=config.get("slice_spacing", 2))
+
+
+def apply_unfreezing(model: nn.Module, config: dict[str, Any], epoch: int) -> None:
+    """Phased unfreezing: from epoch ``unfreeze_epoch`` on, ``unfreeze_from`` and later stages train."""
+    if config.get("unfreeze_epoch") is not None and epoch >= config["unfreeze_epoch"]:
+        if unfreeze_from(model, config["unfreeze_from"]):
+            LOG.info("epoch %d: %s and later stages now train", epoch, config["unfreeze_from"])
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (errors where none exists) and no cuDNN autotuning, for bit-identical reruns."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+
+
+def new_training_state(config: dict[str, Any], device: torch.device) -> TrainingState:
+    """Seeded model, AdamW (or Adam) over the head/backbone groups, the epoch scheduler, early stopping.
+
+    Stages that phased unfreezing will train later are in the optimizer from the start; while
+    frozen they get no gradient, so the optimizer leaves them alone (weight decay included).
+    """
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"] % 2**32)
+    random.seed(config["seed"])
+    set_deterministic(config["deterministic"])
+    model = model_from_config(config)
+    model.to(device)
+    if device.type == "cuda" and config["arch"] != "resnet50":
+        model.to(memory_format=torch.channels_last_3d)
+    later = unfreeze_from(model, config["unfreeze_from"]) if config["unfreeze_epoch"] is not None else []
+    groups = parameter_groups(model, config["lr_head"], config["lr_backbone"])
+    for param in later:
+        param.requires_grad_(False)
+    fused = config["fused_optimizer"] and device.type == "cuda"
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config["optimizer"]]
+    optimizer = optimizer_class(groups, weight_decay=config["weight_decay"], **({"fused": True} if fused else {}))
+    scheduler = EpochScheduler(optimizer, config["scheduler"], config["warmup_epochs"], config["max_epochs"],
+                               config["t0"], config["t_mult"], config["eta_min"], config["plateau_factor"],
+                               config["plateau_patience"])
+    autocast_dtype(config["precision"], device)  # fp16 off CUDA fails here, before any epoch
+    scaler = torch.amp.GradScaler("cuda") if config["precision"] == "fp16" else None
+    options = StepOptions(config["precision"], scaler, config["grad_clip_norm"])
+    return TrainingState(model, optimizer, scheduler, EarlyStopping(config["patience"], config["early_stopping"]),
+                         step_options=options)
+
+
+def save_epoch(state: TrainingState, config: dict[str, Any], out_dir: Path, improved: dict[str, bool]) -> None:
+    """last.pt every epoch; best_acc.pt / best_loss.pt / best_hierarchy.pt when that selection rule's
+    validation metric improved (hard links to last.pt, so no extra disk)."""
+    last = out_dir / "last.pt"
+    _save_torch_atomic(state.checkpoint(config), last)
+    for rule, name in CHECKPOINTS.items():
+        if improved[rule]:
+            _copy_atomic(last, out_dir / name)
+    write_json_atomic(state.history, out_dir / "history.json")
+
+
+def train_epoch(state: TrainingState, loaders: tuple[DataLoader, DataLoader], device: torch.device,
+                weight: torch.Tensor | None, config: dict[str, Any],
+                recalibration: DataLoader | None = None) -> dict[str, bool]:
+    """Train and validate one epoch, step the scheduler, record the history row and the best epochs
+    under each selection rule; says which rules improved."""
+    state.epoch += 1
+    apply_unfreezing(state.model, config, state.epoch)
+    tick = time.perf_counter()
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.optimizer.param_groups)}
+    train_metrics, _, _ = run_epoch(state.model, loaders[0], device, weight, state.optimizer, state.epoch,
+                                    state.step_options)
+    if recalibration is not None:  # --recalibrate-bn
+        recalibrate_batchnorm(state.model, (x for x, _, _ in recalibration), device)
+    val_metrics, _, _ = run_epoch(state.model, loaders[1], device, weight, None, state.epoch, state.step_options)
+    state.scheduler.step(val_metrics["loss"])
+    improved = state.stopper.update(val_metrics["accuracy"], val_metrics["loss"])
+    best_hierarchy = state.best.get("hierarchy")
+    improved["hierarchy"] = best_hierarchy is None or hierarchy_key(val_metrics) > hierarchy_key(
+        {k.removeprefix("val_"): v for k, v in best_hierarchy.items() if k.startswith("val_")})
+    row = epoch_row(state.epoch, train_metrics, val_metrics, lrs, time.perf_counter() - tick)
+    state.history.append(row)
+    for rule in CHECKPOINTS:
+        if improved[rule]:
+            state.best[rule] = row
+    LOG.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | %.1fs", state.epoch,
+             row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_auc"],
+             row["seconds"])
+    return improved
+
+
+def write_results(state: TrainingState, config: dict[str, Any], splits: Splits, val_loader: DataLoader,
+                  device: torch.device, weight: torch.Tensor | None, out_dir: Path) -> dict[str, Any]:
+    """val_predictions.csv (and embeddings_val.npz) from the checkpoint the selection rule picked, then
+    summary.json; returns the summary."""
+    selected = CHECKPOINTS[config["selection"]]
+    state.model.load_state_dict(load_checkpoint(out_dir / selected)["model"])
+    with capture_embeddings(state.model) as captured:
+        _, probs, indices = run_epoch(state.model, val_loader, device, weight, None, 0, state.step_options)
+    write_text_atomic(predictions_table(splits.val, probs, indices).to_csv(index=False),
+                      out_dir / "val_predictions.csv")
+    if config["export_embeddings"]:
+        save_embeddings(out_dir / "embeddings_val.npz", splits.val, probs, indices, captured)
+    write_json_atomic(state.history, out_dir / "history.json")
+    summary = {
+        "config": config, "seed": config["seed"], "code_version": code_version(), "versions": library_versions(),
+        "device": str(device), "input_shape": list(splits.shape),
+        "splits": {"train": split_counts(splits.train), "val": split_counts(splits.val)},
+        "data": state.data,
+        "class_weights": None if weight is None else weight.tolist(),
+        "parameters": count_parameters(state.model),
+        "epochs_run": len(state.history),
+        "stop_reason": "early_stopping" if state.stopper.stopped else "max_epochs",
+        "selection": {"rule": config["selection"], "checkpoint": selected,
+                      "epoch": state.best[config["selection"]]["epoch"]},
+        "best": {rule: state.best.get(rule) for rule in CHECKPOINTS},
+    }
+    write_json_atomic(summary, out_dir / "summary.json")
+    return summary
+
+
+def fit(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train (or resume from last.pt) one run; returns the summary (None if stopped by --stop-after-epoch)."""
+    cli.limit_threads(config["threads"])
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(config)
+    weight = class_weights(splits.train["label"], config["num_classes"]) if config["class_weights"] == "inverse" \
+        else None
+    device = pick_device(config["device"])
+    state = new_training_state(config, device)
+    state.data = training_data(splits)
+    resume_or_restart(state, config, out_dir)
+
+    seed, pin = config["seed"], device.type == "cuda"
+    drawing = sample_weights(splits.train["label"], config["num_classes"]) if config["sampler"] == "weighted" \
+        else None
+    loaders = tuple(
+        make_loader(ScanDataset(sources, table["label"], input_transform(config, train), seed, table["image_id"]),
+                    config["batch_size"], train, seed, config["num_workers"], pin, drawing if train else None)
+        for sources, table, train in ((splits.train_sources, splits.train, True),
+                                      (splits.val_sources, splits.val, False)))
+    recalibration = None
+    if config["recalibrate_bn"]:  # the training scans again, in order and without augmentation
+        recalibration = make_loader(ScanDataset(splits.train_sources, splits.train["label"],
+                                                input_transform(config, False), seed, splits.train["image_id"]),
+                                    config["batch_size"], False, seed, config["num_workers"], pin)
+    run = start_wandb(config, out_dir, state.wandb_id)
+    state.wandb_id = None if run is None else run.id
+    try:
+        while state.epoch < config["max_epochs"] and not state.stopper.stopped:
+            improved = train_epoch(state, loaders, device, weight, config, recalibration)
+            save_epoch(state, config, out_dir, improved)
+            if run is not None:
+                run.log({k: v for k, v in state.history[-1].items() if v is not None}, step=state.epoch)
+            if config["stop_after_epoch"] is not None and state.epoch >= config["stop_after_epoch"]:
+                LOG.warning("stopping after epoch %d as asked (--stop-after-epoch); rerun to resume", state.epoch)
+                return None
+        summary = write_results(state, config, splits, loaders[1], device, weight, out_dir)
+        if run is not None:
+            chosen = state.best[config["selection"]]
+            run.summary.update({"best_val_accuracy": chosen["val_accuracy"], "best_epoch": chosen["epoch"]})
+            log_artifacts(run, out_dir, config["run_name"])
+        return summary
+    finally:
+        if run is not None:
+            run.finish()
+
+
+def load_trained_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a checkpoint written by ``fit``, in eval mode on ``device``, and the run's settings."""
+    return trained_model(load_checkpoint(checkpoint), device)
+
+
+def trained_model(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a loaded checkpoint dict, in eval mode on ``device``, and the run's settings."""
+    config = state["config"]
+    model = model_from_config(config, weights="none")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike,
+            tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
+            num_workers: int = 2, embeddings_out: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV, and
+    optionally the scans' penultimate-layer embeddings (npz). A manifest sharing a subject with the
+    model's training or validation scans is refused (``check_no_overlap``)."""
+    dev = pick_device(device)
+    table = read_manifest(manifest)
+    state = load_checkpoint(checkpoint)
+    check_no_overlap(table, state.get("data"), checkpoint, manifest)
+    model, config = trained_model(state, dev)
+    LOG.info("predicting %s with %s (%s, trained with selection rule %s); none of its %d subjects is among the "
+             "model's training or validation subjects", manifest, checkpoint, config["arch"],
+             config.get("selection", "accuracy"), table["subject"].nunique())
+    sources = tensor_sources(table, tensor_dir)
+    check_shapes(sources, list(table["image_id"]))
+    loader = make_loader(ScanDataset(sources, table["label"], input_transform(config, False), config["seed"],
+                                     table["image_id"]),
+                         batch_size, False, config["seed"], num_workers, dev.type == "cuda")
+    with capture_embeddings(model) as captured:
+        _, probs, indices = run_epoch(model, loader, dev, None, None, 0, StepOptions(config.get("precision", "auto")))
+    predictions = predictions_table(table, probs, indices)
+    write_text_atomic(predictions.to_csv(index=False), output)
+    if embeddings_out:
+        save_embeddings(Path(embeddings_out), table, probs, indices, captured)
+    return predictions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__.splitlines()[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--train", help="training manifest CSV (path, subject, image_id, group, label)")
+    data.add_argument("--val", help="validation manifest CSV")
+    data.add_argument("--folds-csv", help="the split's cv_folds.csv; with --fold, replaces --train/--val")
+    data.add_argument("--fold", type=int, help="outer fold of a CV run (trained on cv/fold<k>/train.csv, "
+                      "selected on its val.csv; the fold itself is only reported on)")
+    data.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
+    data.add_argument("--out-dir", help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default="r3d_18", choices=list(ARCHS))
+    model.add_argument("--weights", default="kinetics400",
+                       help="kinetics400 (video), imagenet (resnet50), none, or a torchvision state-dict file")
+    model.add_argument("--trainable-from", default="layer4", choices=list(BLOCKS))
+    model.add_argument("--num-classes", type=int, default=2)
+    model.add_argument("--plane", default="axial", choices=list(PLANES), help="resnet50: plane of the 2D slices")
+    model.add_argument("--n-slices", type=int, default=16, help="resnet50: slices per scan, around the centre")
+    model.add_argument("--slice-spacing", type=int, default=2, help="resnet50: voxels between those slices")
+    opt = p.add_argument_group("optimisation (dissertation defaults)")
+    opt.add_argument("--lr-head", type=float, default=1e-3)
+    opt.add_argument("--lr-backbone", type=float, default=1e-4)
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--batch-size", type=int, default=2)
+    opt.add_argument("--max-epochs", type=int, default=50)
+    opt.add_argument("--t0", type=int, default=5, help="CosineAnnealingWarmRestarts T_0, in epochs")
+    opt.add_argument("--t-mult", type=int, default=1)
+    opt.add_argument("--eta-min", type=float, default=0.0)
+    opt.add_argument("--patience", type=int, default=5, help="epochs without val accuracy AND val loss improving")
+    opt.add_argument("--class-weights", default="inverse", choices=["inverse", "none"])
+    opt.add_argument("--sampler", default="none", choices=["none", "weighted"],
+                     help="weighted: draw training scans by inverse class frequency (not with --class-weights inverse)")
+    opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    opt.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernels (CUDA only)")
+    opt.add_argument("--scheduler", default="warm_restarts", choices=["warm_restarts", "cosine", "plateau"])
+    opt.add_argument("--warmup-epochs", type=int, default=0, help="linear learning-rate warmup before the scheduler")
+    opt.add_argument("--plateau-factor", type=float, default=0.5)
+    opt.add_argument("--plateau-patience", type=int, default=3)
+    opt.add_argument("--unfreeze-epoch", type=int, help="phased unfreezing: the epoch --unfreeze-from starts training")
+    opt.add_argument("--unfreeze-from", default="layer4", choices=list(BLOCKS))
+    opt.add_argument("--early-stopping", default="both", choices=["both", "accuracy", "loss"],
+                     help="stop when both validation metrics stalled for --patience epochs, or the one named")
+    opt.add_argument("--selection", default="accuracy", choices=list(CHECKPOINTS),
+                     help="the checkpoint used for predictions: best validation accuracy, loss, or the hierarchy "
+                          "balanced accuracy > Cohen's kappa > AUC")
+    opt.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="autocast: auto = bf16 on CUDA, fp32 elsewhere; fp16 (CUDA) uses a GradScaler")
+    opt.add_argument("--grad-clip-norm", type=float, help="clip the gradients' global L2 norm to this value")
+    opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--deterministic", action="store_true",
+                     help="deterministic algorithms only (torch.use_deterministic_algorithms), no cuDNN autotuning")
+    opt.add_argument("--recalibrate-bn", action="store_true",
+                     help="after each training epoch, recompute the trained BatchNorm layers' running statistics "
+                          "over the training scans (not in the dissertation; for training from random weights)")
+    aug = p.add_argument_group("augmentation (training scans only)")
+    aug.add_argument("--gamma-log-range", type=float, nargs=2, default=[-0.2, 0.2])
+    aug.add_argument("--gamma-p", type=float, default=0.3)
+    aug.add_argument("--noise-std-range", type=float, nargs=2, default=[0.0, 0.1])
+    aug.add_argument("--noise-p", type=float, default=0.3)
+    aug.add_argument("--znorm-mask", default="brain", choices=["brain", "none"])
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    run.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    run.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="start afresh, removing an earlier run's checkpoints in --out-dir")
+    run.add_argument("--on-changed-settings", default="error", choices=["error", "restart"],
+                     help="when last.pt was written with other settings or on other scans (manifest rows or "
+                          "tensor contents): stop, or start afresh (for workflows)")
+    run.add_argument("--stop-after-epoch", type=int, help="debug: stop after this epoch as if interrupted")
+    run.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    run.add_argument("--wandb-project", default="alzheimer-mri")
+    run.add_argument("--wandb-entity")
+    run.add_argument("--run-name", help="W&B run and artifact name (default: the out-dir's name)")
+    pred = p.add_argument_group("prediction mode")
+    pred.add_argument("--predict", help="manifest to predict with --checkpoint instead of training")
+    pred.add_argument("--checkpoint", help="checkpoint written by a training run (e.g. best_acc.pt)")
+    pred.add_argument("--predictions-out", help="CSV to write: image_id, subject, label, prob, pred")
+    pred.add_argument("--embeddings-out", help="npz of the scans' penultimate-layer embeddings")
+    pred.add_argument("--projection", nargs="+", metavar="NPZ",
+                      help="with --projection-out: plot these embeddings files (after prediction, if any)")
+    pred.add_argument("--projection-out", help="PNG of the embeddings' 2D principal-component projection")
+    run.add_argument("--no-export-embeddings", dest="export_embeddings", action="store_false",
+                     help="do not write embeddings_val.npz beside the run's validation predictions")
+    return p
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as plain JSON-able values (saved in checkpoints and summary.json)."""
+    config = dict(vars(args))
+    if config.get("out_dir") and not config.get("run_name"):
+        config["run_name"] = Path(config["out_dir"]).name
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cli.limit_threads(args.threads)
+    if args.predict or args.projection:
+        if args.predict:
+            if not (args.checkpoint and args.predictions_out):
+                raise cli.PipelineError("--predict needs --checkpoint and --predictions-out")
+            predict(args.checkpoint, args.predict, args.predictions_out, args.tensor_dir, args.device,
+                    args.batch_size, args.num_workers, args.embeddings_out)
+        if args.projection:
+            if not args.projection_out:
+                raise cli.PipelineError("--projection needs --projection-out")
+            plot_embeddings(args.projection, args.projection_out)
+        return
+    if not args.out_dir:
+        raise cli.PipelineError("--out-dir is required for training")
+    if args.max_epochs < 1 or args.batch_size < 1 or args.patience < 1:
+        raise cli.PipelineError("--max-epochs, --batch-size and --patience must be at least 1")
+    config = resolved_config(args)
+    check_recipe(config, "training options")
+    fit(config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))

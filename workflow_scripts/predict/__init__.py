@@ -1,0 +1,1 @@
+"""rules/predict.smk: a model package applied to new scans, without the study (predict)."""
