@@ -346,27 +346,23 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> dict:
-    """Weighted cross-entropy over the whole split, accuracy, balanced accuracy and AUC (None with one class)."""
-    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score
+    """Weighted cross-entropy over the whole split, and the split's accuracy, balanced accuracy, kappa and AUC
+    from evaluation.evaluate.metrics, the function every reported figure comes from (None where undefined)."""
+    from workflow_scripts.evaluation.evaluate import metrics
 
     logits, labels = logits.float().cpu(), labels.cpu()
+    if logits.shape[1] != 2:
+        raise cli.PipelineError(f"the network has {logits.shape[1]} outputs; training and evaluation report the "
+                                "binary AD-versus-CN metrics, so the model needs 2 (num_classes 2)")
     loss = F.cross_entropy(logits, labels, weight=None if weight is None else weight.cpu()).item()
-    probs = torch.softmax(logits, dim=1).numpy()
-    y, pred = labels.numpy(), probs.argmax(axis=1)
-    auc = None
-    if len(np.unique(y)) > 1:
-        auc = float(roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2
-                    else roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
-    balanced = float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float((pred == y).mean())
-    kappa = float(cohen_kappa_score(y, pred)) if len(np.unique(np.concatenate([y, pred]))) > 1 else 0.0
-    return {"loss": loss, "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced, "kappa": kappa,
-            "auc": auc}
+    shared = metrics(labels.numpy(), torch.softmax(logits, dim=1)[:, 1].numpy())
+    return {"loss": loss, **{name: shared[name] for name in ("accuracy", "balanced_accuracy", "kappa", "auc")}}
 
 
 def hierarchy_key(metrics: dict) -> tuple[float, float, float]:
-    """The selection hierarchy's order: balanced accuracy, then Cohen's kappa, then AUC (missing AUC last)."""
-    auc = metrics.get("auc")
-    return (metrics["balanced_accuracy"], metrics["kappa"], -math.inf if auc is None else auc)
+    """The selection hierarchy's order: balanced accuracy, then Cohen's kappa, then AUC (an undefined one last)."""
+    return tuple(-math.inf if metrics.get(name) is None else metrics[name]
+                 for name in ("balanced_accuracy", "kappa", "auc"))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
