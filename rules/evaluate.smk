@@ -37,30 +37,17 @@ rule evaluate_test:
         " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
-# A fold model's predictions on its held-out fold (the cross-validation figure) or on the test set.
-rule evaluate_fold:
+# A fold model's predictions on its held-out fold (the cross-validation figure) or on the test set:
+# the same command; its figures are written beside metrics.json but are not the fold's outputs.
+use rule evaluate_test as evaluate_fold with:
     wildcard_constraints:
         subset="held_out|test",
     input:
         f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/{{subset}}_predictions.csv",
     output:
-        f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/{{subset}}/metrics.json",
-    params:
-        n_boot=config["evaluate"]["n_boot"],
-        seed=config["evaluate"]["seed"],
-        alpha=config["evaluate"]["alpha"],
-        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        metrics=f"{RESULTS}/cv/{{experiment}}/fold{{fold}}/evaluation/{{subset}}/metrics.json",
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_evaluate_{{subset}}.log",
-    threads: res("evaluate", "threads")
-    resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m workflow_scripts.evaluation.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
-        " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
 
 
 # Three figures, kept apart: the held-out folds (THE cross-validation figure), the inner validation
