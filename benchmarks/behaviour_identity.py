@@ -33,6 +33,7 @@ SKIPPED_DIRS = {"logs", "benchmarks", ".snakemake"}
 SKIPPED_SUFFIXES = {".png", ".html", ".pt", ".log", ".npz"}  # figures, pages, checkpoints: their numbers are compared
 # Caches keyed by the files' sizes and modification times, which differ between any two runs.
 SKIPPED_FILES = {"ingest/series_checks.json"}
+SHOWN = 20  # differing files printed
 
 
 def checkout(rev: str, where: Path) -> Path:
@@ -152,8 +153,10 @@ def main() -> None:
             print(f"{label}: {rev or 'working tree'} ({code}) ran {' '.join(args.targets)} in {seconds:.0f} s")
     result = compare(before.resolve(), after.resolve())
     print("compared: " + ", ".join(f"{n} {kind}" for kind, n in result["compared"].items()))
-    for rel, problems in result["differences"].items():
+    for rel, problems in list(result["differences"].items())[:SHOWN]:
         print(f"DIFFERS {rel}: " + "; ".join(problems))
+    if len(result["differences"]) > SHOWN:
+        print(f"... and {len(result['differences']) - SHOWN} more (--json has them all)")
     print("identical" if not result["differences"] else f"{len(result['differences'])} files differ")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -30,17 +30,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.hippocampus.segmentation import (STUDY_STEPS_PER_HOUR_T4, add_settings, build_loss,  # noqa: E402
-                                           build_unet, segment, settings_from, train_steps, training_loader)
+from workflow_scripts.common.settings import resolve  # noqa: E402
+from workflow_scripts.hippocampus.segmentation import (STUDY_STEPS_PER_HOUR_T4, build_loss, build_unet,  # noqa: E402
+                                                       flat_settings, segment, train_steps, training_loader)
 from workflow_scripts.hippocampus.segmentation_data import eval_transforms  # noqa: E402
 from workflow_scripts.learning.train import pick_device  # noqa: E402
 
 def default_settings() -> dict:
     """The training CLI's defaults (config.yaml's segmentation: section), so the benchmark times what runs."""
-    parser = argparse.ArgumentParser()
-    add_settings(parser)
-    parser.set_defaults(source="demo", val_share=0.2)  # the data source's flags: no bearing on speed
-    return settings_from(parser.parse_args([]))
+    return flat_settings(resolve("segmentation"))
 
 
 def write_scans(folder: Path, n: int, size: int, seed: int = 0) -> list[dict]:

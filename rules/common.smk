@@ -12,7 +12,9 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from workflow_scripts.common.cli import PipelineError, machine_memory_mb
-from workflow_scripts.learning.recipe import merge_recipe
+from workflow_scripts.common.settings import job_json
+from workflow_scripts.learning.recipe import training_settings
+from workflow_scripts.preprocess.skullstrip import command_settings as skullstrip_command_settings
 
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
@@ -206,32 +208,15 @@ def synthstrip_weights(wildcards=None, skullstrip=None):
     return SYNTHSTRIP_CACHE_FILE
 
 
-def skullstrip_flags(skullstrip=None):
-    """The skull-strip command's settings: this config's, or a model package's (predict)."""
-    s = skullstrip or SKULLSTRIP
-    flags = [f"--method {s['method']}"]
-    bounds = config["qc"]["thresholds"].get("brain_volume_ml")
-    if bounds:  # the QC bound, applied where the mask is made so a non-brain never reaches the later stages
-        flags.append(f"--brain-volume-ml {shlex.quote(json.dumps(bounds))}")
-    if s["method"] == "synthstrip":
-        flags.append(f"--synthstrip-border {s['synthstrip_border']}")
-    else:
-        flags.append(f"--deepbet-threshold {s['deepbet_threshold']} --deepbet-dilate {s['deepbet_dilate']}")
-    if s["gpu"]:  # false: the CPU; auto: the GPU where torch sees one; true: a GPU or stop
-        flags.append(f"--device {'auto' if s['gpu'] == 'auto' else 'gpu'}")
-    return " ".join(flags)
+def skullstrip_settings(skullstrip=None):
+    """The skull-strip job's settings: this config's, or a model package's (predict); with the QC brain
+    volume bound, applied where the mask is made so a non-brain never reaches the later stages."""
+    return skullstrip_command_settings(skullstrip or SKULLSTRIP, config["qc"]["thresholds"].get("brain_volume_ml"))
 
 
-def n4_flags(n4=None):
-    n4 = n4 or PRE["n4"]
-    flags = [
-        f"--shrink-factor {n4['shrink_factor']}",
-        "--iterations " + " ".join(str(i) for i in n4["iterations"]),
-        f"--tolerance {n4['tolerance']}",
-    ]
-    if n4["spline_param"] is not None:
-        flags.append(f"--spline-param {n4['spline_param']}")
-    return " ".join(flags)
+def preprocess_settings(preprocess, *sections):
+    """The settings of a preprocessing job: ``sections`` of this config's preprocess (or a model package's)."""
+    return job_json({"preprocess": preprocess}, *(f"preprocess.{section}" for section in sections))
 
 
 def n4_mask_of(preprocess, mask_pattern):
@@ -300,12 +285,18 @@ def experiment_weights(wildcards):
     return f"{RESULTS}/weights/{exp.get('arch', 'r3d_18')}_{weights}.json"
 
 
-def experiment_recipe(name):
-    """config.train with the experiment's own overrides, checked (a contradictory recipe stops the run here)."""
+def experiment_settings(name):
+    """The settings object of an experiment's training jobs (learning.recipe.training_settings): its model
+    keys and recipe, defaults from the schema, checked (a contradictory recipe stops the run here)."""
     try:
-        return merge_recipe(config["train"], config["experiments"][name].get("train"), name)
+        return training_settings(config["train"], config["experiments"][name], name)
     except PipelineError as err:
         raise WorkflowError(str(err)) from None
+
+
+def experiment_recipe(name):
+    """config.train with the experiment's own overrides, completed and checked."""
+    return experiment_settings(name).train
 
 
 def selected_checkpoint(wildcards, input):
@@ -318,37 +309,9 @@ def selected_checkpoint(wildcards, input):
     return os.path.join(os.path.dirname(input.model), f"{name}.pt")
 
 
-def train_flags(wildcards):
-    """Command-line flags of one experiment's training run, from its recipe and model settings."""
-    exp = config["experiments"][wildcards.experiment]
-    t = experiment_recipe(wildcards.experiment)
-    aug = t["augmentation"]
-    switches = {"--recalibrate-bn": t["recalibrate_bn"], "--fused-optimizer": t["fused_optimizer"],
-                "--deterministic": t["deterministic"], "--no-export-embeddings": not t["export_embeddings"]}
-    return " ".join(
-        [
-            f"--arch {exp.get('arch', 'r3d_18')} --weights {shlex.quote(str(exp.get('weights', 'kinetics400')))}",
-            f"--trainable-from {exp.get('trainable_from', 'layer4')}",
-            f"--plane {exp.get('plane', 'axial')} --n-slices {exp.get('n_slices', 16)}"
-            f" --slice-spacing {exp.get('slice_spacing', 2)}",
-            f"--max-epochs {t['max_epochs']} --batch-size {t['batch_size']} --seed {t['seed']}",
-            f"--optimizer {t['optimizer']} --lr-head {t['lr_head']} --lr-backbone {t['lr_backbone']}"
-            f" --weight-decay {t['weight_decay']}",
-            f"--scheduler {t['scheduler']} --warmup-epochs {t['warmup_epochs']} --t0 {t['t0']}"
-            f" --plateau-factor {t['plateau_factor']} --plateau-patience {t['plateau_patience']}",
-            f"--unfreeze-epoch {t['unfreeze_epoch']}" if t["unfreeze_epoch"] is not None else "",
-            f"--unfreeze-from {t['unfreeze_from']} --patience {t['patience']} --early-stopping {t['early_stopping']}",
-            f"--selection {t['selection']} --class-weights {t['class_weights']} --sampler {t['sampler']}",
-            f"--precision {t['precision']}",
-            f"--grad-clip-norm {t['grad_clip_norm']}" if t["grad_clip_norm"] is not None else "",
-            "--gamma-log-range {} {} --gamma-p {}".format(*aug["gamma_log_range"], aug["gamma_p"]),
-            "--noise-std-range {} {} --noise-p {}".format(*aug["noise_std_range"], aug["noise_p"]),
-            f"--znorm-mask {t['znorm_mask']} --device {t['device']} --num-workers {t['num_workers']}",
-            f"--on-changed-settings {t['on_changed_settings']}",
-            " ".join(flag for flag, on in switches.items() if on),
-            f"--wandb-mode {t['wandb']['mode']} --wandb-project {shlex.quote(t['wandb']['project'])}",
-        ]
-    )
+def train_settings(wildcards):
+    """One experiment's training settings as the JSON its jobs receive (params: a change re-runs them)."""
+    return json.dumps(experiment_settings(wildcards.experiment).plain(), sort_keys=True)
 
 
 def embedding_figures(wildcards):
@@ -404,14 +367,6 @@ HIPPO = config["hippocampus"]
 # Hippocampus labels per scan (1 = left, 2 = right) by source: the atlas warped to each scan by
 # rule hippocampus_atlas, or the segmentation U-Net's masks (rule hippocampus_unet).
 HIPPOCAMPUS_MASKS = {"atlas": stage_file("hippocampus_atlas"), "unet": stage_file("hippocampus")}
-
-
-def hippocampus_atlas_flags():
-    return (
-        f"--template {HIPPO['template']} --transform {shlex.quote(HIPPO['transform'])}"
-        f" --reg-iterations {' '.join(str(i) for i in HIPPO['reg_iterations'])} --seed {HIPPO['seed']}"
-        + ("" if HIPPO["drop_csf"] else " --keep-csf")
-    )
 
 
 def hippocampus_masks(wildcards):
@@ -559,10 +514,10 @@ def segmentation_fold_inputs(wildcards):
 def segmentation_source_flags(wildcards, input):
     """Where the training labels come from, as command-line flags (the main split's or a CV fold's manifests)."""
     if SEG["source"] == "msd":
-        return f"--source msd --msd-root {shlex.quote(SEG['msd_root'])} --val-share {SEG['val_share']}"
+        return f"--msd-root {shlex.quote(SEG['msd_root'])}"
     manifests = " ".join(f"--{name.replace('_', '-')} {shlex.quote(input[name])}"
                          for name in ("train", "val", "test", "held_out") if name in input.keys())
-    return f"--source demo {manifests} --truth-dir {shlex.quote(SEGMENTATION_TRUTH_DIR)}"
+    return f"{manifests} --truth-dir {shlex.quote(SEGMENTATION_TRUTH_DIR)}"
 
 
 def segmentation_mask_models_inputs(wildcards):
@@ -592,31 +547,10 @@ def segmentation_model(wildcards):
     return f"{run}/best.pt"
 
 
-def segmentation_flags():
-    """The U-Net's settings (config segmentation:) as command-line flags."""
-    s, aug = SEG, SEG["augmentation"]
-
-    def join(values):
-        return " ".join(str(v) for v in values)
-
-    return " ".join(
-        [
-            f"--model {s['model']} --plane {s['plane']} --channels {join(s['channels'])}",
-            f"--strides {join(s['strides'])} --num-res-units {s['num_res_units']} --norm {s['norm']}",
-            f"--norm-groups {s['norm_groups']} --dropout {s['dropout']} --loss {s['loss']} --steps {s['steps']}",
-            f"--val-every {s['val_every']} --batch-size {s['batch_size']} --lr {s['lr']}",
-            f"--weight-decay {s['weight_decay']} --patch-size {join(s['patch_size'])}",
-            f"--pos-fraction {s['pos_fraction']} --flip-p {aug['flip_p']} --rotate-p {aug['rotate_p']}",
-            f"--rotate-deg {aug['rotate_deg']} --elastic-p {aug['elastic_p']}",
-            f"--elastic-3d-sigma {join(aug['elastic_3d_sigma'])}",
-            f"--elastic-3d-magnitude {join(aug['elastic_3d_magnitude'])}",
-            f"--elastic-2d-spacing {join(aug['elastic_2d_spacing'])}",
-            f"--elastic-2d-magnitude {join(aug['elastic_2d_magnitude'])}",
-            f"--sw-batch-size {s['sw_batch_size']} --overlap {s['overlap']}",
-            "--largest-component" if s["largest_component"] else "--no-largest-component",
-            f"--seed {s['seed']} --device {s['device']} --num-workers {s['num_workers']}",
-        ]
-    )
+def segmentation_settings():
+    """The U-Net's settings (config segmentation:) as the JSON its training jobs receive; in_all (a switch of
+    `all`) and msd_root (a path, passed as one) are not settings of the network."""
+    return job_json(config, "segmentation", omit=("segmentation.in_all", "segmentation.msd_root"))
 
 
 def segmentation_outputs(wildcards):

@@ -20,9 +20,7 @@ rule evaluate_test:
             labels={"experiment": "{experiment}", "figure": "confusion matrix"},
         ),
     params:
-        n_boot=config["evaluate"]["n_boot"],
-        seed=config["evaluate"]["seed"],
-        alpha=config["evaluate"]["alpha"],
+        settings=job_json(config, "evaluate"),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     log:
         f"{RESULTS}/logs/evaluate/{{experiment}}.log",
@@ -34,7 +32,7 @@ rule evaluate_test:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.evaluation.evaluate --predictions {input:q} --out-dir {params.out_dir:q}"
-        " --n-boot {params.n_boot} --seed {params.seed} --alpha {params.alpha} > {log:q} 2>&1"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 # A fold model's predictions on its held-out fold (the cross-validation figure) or on the test set:

@@ -70,7 +70,7 @@ else:
             mask=predicted_file("stripped", "_mask"),
             sidecar=predicted_file("stripped", ext=".json"),
         params:
-            flags=skullstrip_flags(PREDICT_PRE["skullstrip"]),
+            settings=skullstrip_settings(PREDICT_PRE["skullstrip"]),
             weights=lambda wildcards, input: f"--synthstrip-weights {input.weights}" if input.weights else "",
         log:
             predicted_log("stripped"),
@@ -85,8 +85,7 @@ else:
             image=predicted_file("resampled"),
             mask=predicted_file("resampled", "_mask"),
         params:
-            spacing=PREDICT_PRE["resample"]["spacing"],
-            interpolation=PREDICT_PRE["resample"]["interpolation"],
+            settings=preprocess_settings(PREDICT_PRE, "resample"),
         log:
             predicted_log("resampled"),
         benchmark:
@@ -100,10 +99,7 @@ else:
             image=predicted_file("cropped128"),
             mask=predicted_file("cropped128", "_mask"),
         params:
-            margin=PREDICT_PRE["crop"]["margin"],
-            order=PREDICT_PRE["crop"]["zoom_order"],
-            shape=PREDICT_PRE["target_shape"],
-            keep_aspect="--keep-aspect" if PREDICT_PRE["crop"]["keep_aspect"] else "",
+            settings=preprocess_settings(PREDICT_PRE, "crop", "target_shape"),
         log:
             predicted_log("cropped128"),
         benchmark:
@@ -116,7 +112,7 @@ else:
         output:
             predicted_file("n4"),
         params:
-            flags=n4_flags(PREDICT_PRE["n4"]),
+            settings=preprocess_settings(PREDICT_PRE, "n4"),
             mask=lambda wildcards, input: f"--mask {input.mask}" if input.mask else "",
         log:
             predicted_log("n4"),

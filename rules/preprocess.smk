@@ -53,7 +53,7 @@ rule stripped:
         mask=stage_file("stripped", "_mask"),
         sidecar=f"{RESULTS}/stripped/{{subject}}/{{image_id}}.json",
     params:
-        flags=skullstrip_flags(),
+        settings=skullstrip_settings(),
         weights=lambda wildcards, input: f"--synthstrip-weights {input.weights}" if input.weights else "",
     log:
         log_file("stripped"),
@@ -66,7 +66,7 @@ rule stripped:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.preprocess.skullstrip --threads {threads} {params.flags} {params.weights}"
+        "python -m workflow_scripts.preprocess.skullstrip --threads {threads} --settings {params.settings:q} {params.weights}"
         " --input {input.image:q} --output {output.image:q} --mask {output.mask:q}"
         " --sidecar {output.sidecar:q} > {log:q} 2>&1"
 
@@ -79,8 +79,7 @@ rule resampled:
         image=stage_file("resampled"),
         mask=stage_file("resampled", "_mask"),
     params:
-        spacing=PRE["resample"]["spacing"],
-        interpolation=PRE["resample"]["interpolation"],
+        settings=preprocess_settings(PRE, "resample"),
     log:
         log_file("resampled"),
     benchmark:
@@ -92,8 +91,8 @@ rule resampled:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.preprocess.resample --threads {threads} --spacing {params.spacing}"
-        " --interpolation {params.interpolation} --input {input.image:q} --input-mask {input.mask:q}"
+        "python -m workflow_scripts.preprocess.resample --threads {threads} --settings {params.settings:q}"
+        " --input {input.image:q} --input-mask {input.mask:q}"
         " --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
 
 
@@ -105,10 +104,7 @@ rule cropped128:
         image=stage_file("cropped128"),
         mask=stage_file("cropped128", "_mask"),
     params:
-        margin=PRE["crop"]["margin"],
-        order=PRE["crop"]["zoom_order"],
-        shape=PRE["target_shape"],
-        keep_aspect="--keep-aspect" if PRE["crop"]["keep_aspect"] else "",
+        settings=preprocess_settings(PRE, "crop", "target_shape"),
     log:
         log_file("cropped128"),
     benchmark:
@@ -120,8 +116,7 @@ rule cropped128:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.preprocess.crop --margin {params.margin} --order {params.order}"
-        " --target-shape {params.shape} {params.keep_aspect} --input {input.image:q}"
+        "python -m workflow_scripts.preprocess.crop --settings {params.settings:q} --input {input.image:q}"
         " --input-mask {input.mask:q} --output {output.image:q} --output-mask {output.mask:q} > {log:q} 2>&1"
 
 
@@ -132,7 +127,7 @@ rule n4:
     output:
         stage_file("n4"),
     params:
-        flags=n4_flags(),
+        settings=preprocess_settings(PRE, "n4"),
         mask=lambda wildcards, input: f"--mask {input.mask}" if input.mask else "",
     log:
         log_file("n4"),
@@ -145,7 +140,7 @@ rule n4:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.preprocess.n4 --threads {threads} {params.flags} {params.mask}"
+        "python -m workflow_scripts.preprocess.n4 --threads {threads} --settings {params.settings:q} {params.mask}"
         " --input {input.image:q} --output {output:q} > {log:q} 2>&1"
 
 

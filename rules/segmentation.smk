@@ -66,7 +66,7 @@ rule train_segmentation:
         ),
     params:
         source=segmentation_source_flags,
-        flags=segmentation_flags(),
+        settings=segmentation_settings(),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         f"{RESULTS}/logs/segmentation/train.log",
@@ -79,7 +79,8 @@ rule train_segmentation:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.hippocampus.segmentation train --threads {threads} {params.source} {params.flags}"
+        "python -m workflow_scripts.hippocampus.segmentation train --threads {threads} {params.source}"
+        " --settings {params.settings:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -125,8 +126,6 @@ rule hippocampus_unet:
     output:
         mask=stage_file("hippocampus"),
         sidecar=SEGMENTATION_SIDECAR,
-    params:
-        device=SEG["device"],
     log:
         log_file("hippocampus_unet"),
     benchmark:
@@ -140,4 +139,4 @@ rule hippocampus_unet:
     shell:
         "python -m workflow_scripts.hippocampus.segmentation predict --threads {threads} --checkpoint {input.model:q}"
         " --image {input.image:q} --brain-mask {input.mask:q} --subject {wildcards.subject:q}"
-        " --device {params.device} --output {output.mask:q} --sidecar {output.sidecar:q} > {log:q} 2>&1"
+        " --output {output.mask:q} --sidecar {output.sidecar:q} > {log:q} 2>&1"

@@ -36,7 +36,7 @@ rule train_model:
         history=f"{RESULTS}/models/{{experiment}}/history.json",
         predictions=f"{RESULTS}/models/{{experiment}}/val_predictions.csv",
     params:
-        flags=train_flags,
+        settings=train_settings,
         tensor_dir=f"{RESULTS}/tensors",
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
         run_name=lambda wildcards: wildcards.experiment,
@@ -51,9 +51,9 @@ rule train_model:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.learning.train --threads {threads} --train {input.train:q} --val {input.val:q}"
-        " --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q} --run-name {params.run_name:q}"
-        " {params.flags} > {log:q} 2>&1"
+        "python -m workflow_scripts.learning.train --threads {threads} fit --settings {params.settings:q}"
+        " --train {input.train:q} --val {input.val:q} --tensor-dir {params.tensor_dir:q} --out-dir {params.out_dir:q}"
+        " --run-name {params.run_name:q} > {log:q} 2>&1"
 
 
 # One CV fold: the same command on the fold's manifests. Early stopping and the checkpoint choice
@@ -92,7 +92,6 @@ rule predict_fold:
     params:
         checkpoint=selected_checkpoint,
         tensor_dir=f"{RESULTS}/tensors",
-        device=config["train"]["device"],
     log:
         f"{RESULTS}/logs/cv/{{experiment}}/fold{{fold}}_predict_{{subset}}.log",
     threads: res("predict", "threads")
@@ -102,9 +101,9 @@ rule predict_fold:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.learning.train --threads {threads} --predict {input.manifest:q}"
-        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
-        " --predictions-out {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.learning.train --threads {threads} predict --manifest {input.manifest:q}"
+        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --predictions-out {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule predict_test:
@@ -120,7 +119,6 @@ rule predict_test:
     params:
         checkpoint=selected_checkpoint,
         tensor_dir=f"{RESULTS}/tensors",
-        device=config["train"]["device"],
     log:
         f"{RESULTS}/logs/predict/{{experiment}}.log",
     threads: res("predict", "threads")
@@ -130,8 +128,8 @@ rule predict_test:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.learning.train --threads {threads} --predict {input.test:q}"
-        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q} --device {params.device}"
+        "python -m workflow_scripts.learning.train --threads {threads} predict --manifest {input.test:q}"
+        " --checkpoint {params.checkpoint:q} --tensor-dir {params.tensor_dir:q}"
         " --predictions-out {output.predictions:q} --embeddings-out {output.embeddings:q} > {log:q} 2>&1"
 
 
@@ -160,7 +158,7 @@ rule embeddings_projection:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.learning.train --projection {params.val:q} {input.test:q} --projection-out {output:q}"
+        "python -m workflow_scripts.learning.train project {params.val:q} {input.test:q} --output {output:q}"
         " > {log:q} 2>&1"
 
 

@@ -26,7 +26,7 @@ rule hippocampus_atlas:
             labels={"subject": "{subject}", "image": "{image_id}"},
         ),
     params:
-        flags=hippocampus_atlas_flags(),
+        settings=job_json(config, "hippocampus"),
     log:
         log_file("hippocampus_atlas"),
     benchmark:
@@ -38,7 +38,8 @@ rule hippocampus_atlas:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.hippocampus.hippocampus_atlas --threads {threads} {params.flags} --input {input.image:q}"
+        "python -m workflow_scripts.hippocampus.hippocampus_atlas --threads {threads} --settings {params.settings:q}"
+        " --input {input.image:q}"
         " --mask {input.mask:q} --output {output.labels:q} --sidecar {output.sidecar:q} --figure {output.figure:q}"
         " > {log:q} 2>&1"
 

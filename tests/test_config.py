@@ -159,7 +159,8 @@ def test_offline_profile_downloads_nothing_and_says_what_it_uses_instead(tmp_pat
     log = dry_run()
     assert "skull stripping uses deepbet instead, whose weights ship in its wheel" in log
     assert f"r3d_18_kinetics400's kinetics400 weights would be downloaded (none at {kinetics})" in log
-    assert "pretrained_weights" not in log and "--weights none" in log and "--weights kinetics400" not in log
+    training = "\n".join(line for line in log.splitlines() if "workflow_scripts.learning.train" in line and " fit " in line)
+    assert "pretrained_weights" not in log and '"weights": "none"' in training and '"weights": "kinetics400"' not in training
     assert '"method": "deepbet"' in log  # the resolved settings every job receives
 
     for planted in (kinetics, synthstrip):  # where the downloads would have put them
@@ -169,4 +170,5 @@ def test_offline_profile_downloads_nothing_and_says_what_it_uses_instead(tmp_pat
     assert "offline: SynthStrip weights are not downloaded; the copy at resources/weights/synthstrip.1.pt is used" \
         in log and '"method": "synthstrip"' in log
     assert f"torchvision's cached copy {kinetics} is used" in log
-    assert re.search(r"pretrained_weights\s+1\b", log) and "--weights kinetics400" in log  # read from the cache
+    training = "\n".join(line for line in log.splitlines() if "workflow_scripts.learning.train" in line and " fit " in line)
+    assert re.search(r"pretrained_weights\s+1\b", log) and '"weights": "kinetics400"' in training  # from the cache

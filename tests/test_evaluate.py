@@ -226,7 +226,7 @@ def test_evaluate_cli_writes_metrics_and_figures(tmp_path):
     table.to_csv(csv, index=False)
     out = tmp_path / "results" / "evaluation" / "r3d18"
     run = subprocess.run([sys.executable, "-m", "workflow_scripts.evaluation.evaluate", "--predictions", str(csv),
-                          "--out-dir", str(out), "--n-boot", "200", "--seed", "3"],
+                          "--out-dir", str(out), "--settings", '{"evaluate": {"n_boot": 200, "seed": 3}}'],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     result = json.loads((out / "metrics.json").read_text())

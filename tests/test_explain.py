@@ -229,17 +229,18 @@ def planted_heads(root: Path, seed: int = 0) -> pd.DataFrame:
 
 # The recipe: layer4 and fc trained from random weights (AdamW 1e-3, batches of 4, no restart of the
 # learning rate within the 6 epochs, BatchNorm recalibrated), the best-validation-loss checkpoint.
-RECIPE = ["--weights", "none", "--trainable-from", "layer4", "--lr-head", "1e-3", "--lr-backbone", "1e-3",
-          "--batch-size", "4", "--t0", "50", "--seed", "1", "--recalibrate-bn", "--max-epochs", "6", "--patience", "6",
-          "--selection", "loss", "--gamma-p", "0", "--noise-p", "0", "--num-workers", "0", "--wandb-mode", "disabled",
-          "--threads", "2"]
+RECIPE = {"model": {"weights": "none", "trainable_from": "layer4"},
+          "train": {"lr_head": 1e-3, "lr_backbone": 1e-3, "batch_size": 4, "t0": 50, "seed": 1, "recalibrate_bn": True,
+                    "max_epochs": 6, "patience": 6, "selection": "loss", "augmentation": {"gamma_p": 0, "noise_p": 0},
+                    "num_workers": 0, "wandb": {"mode": "disabled"}, "on_changed_settings": "error"}}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, request) -> dict:
     """Heads with planted hippocampal atrophy, r3d_18 trained on them with the project's training code,
     its test predictions, and `explain choose` + `explain run` on every test scan (occlusion: 8^3 cubes)."""
-    from workflow_scripts.learning.train import build_parser, fit, predict, resolved_config
+    from workflow_scripts.learning.recipe import training_settings
+    from workflow_scripts.learning.train import fit, predict, run_config
 
     failed_before = request.session.testsfailed
     root = tmp_path_factory.mktemp("explain_trained")
@@ -248,8 +249,8 @@ def trained(tmp_path_factory, request) -> dict:
         table[table["part"] == part][["path", "subject", "image_id", "group", "label"]].to_csv(
             root / f"{part}.csv", index=False)
     run = root / "model"
-    fit(resolved_config(build_parser().parse_args(
-        ["--train", str(root / "train.csv"), "--val", str(root / "val.csv"), "--out-dir", str(run), *RECIPE])))
+    fit(run_config(training_settings(RECIPE["train"], RECIPE["model"]), train=root / "train.csv", val=root / "val.csv",
+                   out_dir=run, threads=2))
     checkpoint = run / "best_loss.pt"
     predict(checkpoint, root / "test.csv", root / "test_predictions.csv", device="cpu", num_workers=0)
     out = root / "explain"

@@ -537,7 +537,7 @@ def test_predict_refuses_a_subject_its_unet_trained_or_selected_on(demo_run, tmp
         image = results / "ras" / row["subject"] / f"{row['image_id']}.nii.gz"
         argv = ["predict", "--checkpoint", str(results / "segmentation" / "best.pt"), "--image", str(image),
                 "--brain-mask", str(image).replace(".nii.gz", "_mask.nii.gz"), "--subject", row["subject"],
-                "--device", "cpu", "--output", str(tmp_path / "mask.nii.gz"), "--sidecar", str(tmp_path / "m.json")]
+                "--output", str(tmp_path / "mask.nii.gz"), "--sidecar", str(tmp_path / "m.json")]
         with pytest.raises(cli.PipelineError, match=f"subject {row['subject']} is among the {partition} subjects"):
             segmentation_main(argv)
         assert not (tmp_path / "mask.nii.gz").exists() and not (tmp_path / "m.json").exists()
@@ -590,7 +590,7 @@ def test_predict_refuses_an_image_that_is_not_ras(demo_run, tmp_path):
     argv = ["predict", "--checkpoint", str(results / "segmentation" / "best.pt"), "--image", str(flipped),
             "--brain-mask", str(demo_run / row["path"].replace(".nii.gz", "_mask.nii.gz")),
             "--subject", row["subject"], "--output", str(tmp_path / "out.nii.gz"),
-            "--sidecar", str(tmp_path / "out.json"), "--device", "cpu"]
+            "--sidecar", str(tmp_path / "out.json")]
     assert cli.run(segmentation_main, argv) == 1
     assert not (tmp_path / "out.nii.gz").exists()
 

@@ -59,7 +59,8 @@ def test_synthstrip_path_runs_the_network_with_planted_weights(demo_scan, tmp_pa
     out = {k: tmp_path / f"{k}.nii.gz" for k in ("brain", "mask")}
     sidecar = tmp_path / "stripped.json"
     result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.skullstrip", "--threads", "2",
-                             "--method", "synthstrip", "--synthstrip-weights", str(weights), "--input", str(src),
+                             "--settings", '{"preprocess.skullstrip": {"method": "synthstrip"}}',
+                             "--synthstrip-weights", str(weights), "--input", str(src),
                              "--output", str(out["brain"]), "--mask", str(out["mask"]),
                              "--sidecar", str(sidecar)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -118,8 +119,8 @@ def test_synthstrip_mask_follows_the_network_output(demo_scan, tmp_path):
 
 def test_missing_weights_fail_at_once_naming_both_remedies(tmp_path):
     src = tmp_path / "never-read.nii.gz"  # does not exist: the weights are checked first
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.skullstrip", "--method", "synthstrip",
-                             "--synthstrip-weights", str(tmp_path / "none.pt"), "--input", str(src),
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.preprocess.skullstrip",
+                             "--settings", '{"preprocess.skullstrip": {"method": "synthstrip"}}', "--synthstrip-weights", str(tmp_path / "none.pt"), "--input", str(src),
                              "--output", str(tmp_path / "o.nii.gz"), "--mask", str(tmp_path / "m.nii.gz"),
                              "--sidecar", str(tmp_path / "s.json")], capture_output=True, text=True)
     assert result.returncode == 1

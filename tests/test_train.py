@@ -20,9 +20,10 @@ import torch
 from conftest import discard_unless_failed
 from workflow_scripts.common import cli
 from workflow_scripts.learning.tensor_cache import cache_scan, rescale_intensities
-from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeTransform, build_parser, check_no_overlap,
-                                    class_weights, data_record, fit, load_checkpoint, load_volume, main, predict,
-                                    resolved_config, restore_rng_states, rng_states, tensor_sources)
+from workflow_scripts.learning.recipe import training_settings
+from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeTransform, check_no_overlap,
+                                             class_weights, data_record, fit, load_checkpoint, load_volume, main,
+                                             predict, restore_rng_states, rng_states, run_config, tensor_sources)
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 16
@@ -61,10 +62,13 @@ def tiny(tmp_path_factory, request) -> dict:
     discard_unless_failed(request, root, failed_before)
 
 
-def _config(tiny: dict, out_dir: Path, *extra: str) -> dict:
-    args = ["--train", str(tiny["train"]), "--val", str(tiny["val"]), "--out-dir", str(out_dir), "--weights", "none",
-            "--max-epochs", "2", "--num-workers", "0", "--wandb-mode", "disabled", *extra]
-    return resolved_config(build_parser().parse_args(args))
+def _config(tiny: dict, out_dir: Path, *, model: dict | None = None, run: dict | None = None, **train) -> dict:
+    """The run record ``fit`` reads, as the command builds it: the tiny manifests, random weights, and the
+    schema's defaults but for 2 epochs, no loader workers, no W&B and on_changed_settings error; ``train``
+    and ``model`` change settings, ``run`` the paths and run controls of ``run_config``."""
+    recipe = {"max_epochs": 2, "num_workers": 0, "wandb": {"mode": "disabled"}, "on_changed_settings": "error", **train}
+    job = training_settings(recipe, {"weights": "none", **(model or {})})
+    return run_config(job, **{"out_dir": out_dir, "train": tiny["train"], "val": tiny["val"], **(run or {})})
 
 
 # ----------------------------------------------------------------------------- tensor cache
@@ -213,9 +217,11 @@ def full_run(tiny) -> Path:
     """An uninterrupted 2-epoch run through the command line, as the workflow calls it."""
     out = tiny["root"] / "full"
     result = subprocess.run(
-        [sys.executable, "-m", "workflow_scripts.learning.train", "--train", str(tiny["train"]), "--val", str(tiny["val"]),
-         "--out-dir", str(out), "--weights", "none", "--max-epochs", "2", "--batch-size", "2", "--num-workers", "2",
-         "--wandb-mode", "disabled"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "workflow_scripts.learning.train", "fit", "--train", str(tiny["train"]),
+         "--val", str(tiny["val"]), "--out-dir", str(out), "--settings", json.dumps(
+             {"model": {"weights": "none"}, "train": {"max_epochs": 2, "batch_size": 2, "num_workers": 2,
+                                                       "wandb": {"mode": "disabled"}}})],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -259,7 +265,7 @@ def test_cli_run_writes_history_summary_predictions_and_checkpoints(full_run, ti
 def test_resumed_run_ends_like_an_uninterrupted_one(full_run, tiny):
     """Stopped after epoch 1 then resumed (with 0 workers instead of 2): same weights and history."""
     out = tiny["root"] / "resumed"
-    assert fit(_config(tiny, out, "--stop-after-epoch", "1")) is None
+    assert fit(_config(tiny, out, run={"stop_after_epoch": 1})) is None
     assert load_checkpoint(out / "last.pt")["epoch"] == 1 and not (out / "summary.json").exists()
     fit(_config(tiny, out))
     full, resumed = load_checkpoint(full_run / "last.pt"), load_checkpoint(out / "last.pt")
@@ -277,11 +283,11 @@ def test_resumed_run_ends_like_an_uninterrupted_one(full_run, tiny):
 
 def test_changed_settings_stop_or_restart_instead_of_resuming(full_run, tiny):
     with pytest.raises(cli.PipelineError, match="lr_head: 0.001 -> 0.01"):
-        fit(_config(tiny, full_run, "--lr-head", "0.01"))
+        fit(_config(tiny, full_run, lr_head=0.01))
     assert load_checkpoint(full_run / "last.pt")["config"]["lr_head"] == 1e-3  # untouched
     out = tiny["root"] / "restarted"
-    fit(_config(tiny, out, "--max-epochs", "1"))
-    summary = fit(_config(tiny, out, "--max-epochs", "1", "--lr-head", "0.01", "--on-changed-settings", "restart"))
+    fit(_config(tiny, out, max_epochs=1))
+    summary = fit(_config(tiny, out, max_epochs=1, lr_head=0.01, on_changed_settings="restart"))
     assert summary["config"]["lr_head"] == 0.01 and summary["epochs_run"] == 1
     assert load_checkpoint(out / "best_loss.pt")["config"]["lr_head"] == 0.01
 
@@ -292,8 +298,8 @@ def test_predict_mode_reproduces_validation_predictions(full_run, tiny):
     renamed["subject"] = renamed["subject"].str.replace("va_", "te_")
     renamed.to_csv(tiny["root"] / "renamed_val.csv", index=False)
     out = tiny["root"] / "predicted.csv"
-    main(["--predict", str(tiny["root"] / "renamed_val.csv"), "--checkpoint", str(full_run / "best_acc.pt"),
-          "--predictions-out", str(out), "--num-workers", "0"])
+    main(["predict", "--manifest", str(tiny["root"] / "renamed_val.csv"), "--checkpoint", str(full_run / "best_acc.pt"),
+          "--predictions-out", str(out)])
     expected = pd.read_csv(full_run / "val_predictions.csv")
     got = pd.read_csv(out)
     assert list(got.columns) == list(expected.columns)
@@ -307,13 +313,13 @@ def test_predict_refuses_a_manifest_sharing_a_subject_with_training_or_validatio
     test.to_csv(tiny["root"] / "leaky_test.csv", index=False)
     out = tiny["root"] / "leaky_predictions.csv"
     checkpoint = full_run / "best_acc.pt"
-    args = ["--predict", str(tiny["root"] / "leaky_test.csv"), "--checkpoint", str(checkpoint), "--predictions-out",
-            str(out), "--num-workers", "0"]
+    args = ["predict", "--manifest", str(tiny["root"] / "leaky_test.csv"), "--checkpoint", str(checkpoint),
+            "--predictions-out", str(out)]
     assert cli.run(main, args) == 1
     message = capsys.readouterr().err
     assert f"holds 1 subject(s) that model {checkpoint} used as validation data: va_S_0002" in message
     assert not out.exists()
-    args[1] = str(tiny["train"])  # the training manifest itself
+    args[2] = str(tiny["train"])  # the training manifest itself
     assert cli.run(main, args) == 1
     assert "holds 6 subject(s) that model" in (message := capsys.readouterr().err)
     assert "used as training data: tr_S_0000, tr_S_0001" in message and not out.exists()
@@ -353,11 +359,11 @@ def test_a_grown_training_manifest_restarts_the_run_from_epoch_1(full_run, tiny,
     """The reviewer's case: a run interrupted on 4 training scans, the manifest grown (6 scans) in place."""
     train = _manifest(tiny, tmp_path / "train.csv", "train", range(4))
     out = tmp_path / "run"
-    assert fit(_config(tiny, out, "--train", str(train), "--stop-after-epoch", "1")) is None
+    assert fit(_config(tiny, out, run={"train": train, "stop_after_epoch": 1})) is None
     old_hash = load_checkpoint(out / "last.pt")["data"]["hash"]
     _manifest(tiny, train, "train")
     caplog.set_level(logging.INFO, logger="workflow_scripts.learning.train")
-    summary = fit(_config(tiny, out, "--train", str(train), "--on-changed-settings", "restart"))  # as the workflow
+    summary = fit(_config(tiny, out, run={"train": train}, on_changed_settings="restart"))  # as the workflow
     assert f"training manifest {train}: 2 scan(s) added (It4, It5)" in caplog.text
     assert "starting afresh" in caplog.text and "resuming" not in caplog.text
     history = json.loads((out / "history.json").read_text())
@@ -376,8 +382,8 @@ def test_changed_tensor_contents_alone_stop_or_restart_the_run(tiny, tmp_path, c
     pd.read_csv(tiny["train"], dtype=str).assign(path="unused.nii.gz").to_csv(tmp_path / "train.csv", index=False)
     pd.read_csv(tiny["val"], dtype=str).assign(path="unused.nii.gz").to_csv(tmp_path / "val.csv", index=False)
     out = tmp_path / "run"
-    config = _config(tiny, out, "--train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"),
-                     "--tensor-dir", str(tensors), "--max-epochs", "1")
+    config = _config(tiny, out, run={"train": tmp_path / "train.csv", "val": tmp_path / "val.csv",
+                                         "tensor_dir": tensors}, max_epochs=1)
     fit(config)
     before = load_checkpoint(out / "last.pt")
     changed = tensors / "tr_S_0002" / "It2.npy"
@@ -399,8 +405,7 @@ def test_a_re_split_reuses_no_checkpoint_of_the_old_run(tiny, tmp_path, caplog):
     new model refuses the old validation manifest, which now holds one of its training subjects."""
     train, val = _manifest(tiny, tmp_path / "train.csv", "train"), _manifest(tiny, tmp_path / "val.csv", "val")
     out = tmp_path / "run"
-    config = _config(tiny, out, "--train", str(train), "--val", str(val), "--max-epochs", "1",
-                     "--on-changed-settings", "restart")
+    config = _config(tiny, out, run={"train": train, "val": val}, max_epochs=1, on_changed_settings="restart")
     fit(config)
     old_val = _manifest(tiny, tmp_path / "old_val.csv", "val")
     old_hash = load_checkpoint(out / "best_acc.pt")["data"]["hash"]
@@ -429,7 +434,7 @@ def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     table.loc[0, "path"] = str(tmp_path / "nan.npy")
     table.to_csv(tmp_path / "train.csv", index=False)
-    config = _config(tiny, tmp_path / "run", "--train", str(tmp_path / "train.csv"), "--batch-size", "6")
+    config = _config(tiny, tmp_path / "run", run={"train": tmp_path / "train.csv"}, batch_size=6)
     with pytest.raises(cli.PipelineError, match=r"non-finite training loss .* at epoch 1, step 1 .*It0"):
         fit(config)
 
@@ -440,7 +445,7 @@ def test_wandb_offline_writes_a_local_run_directory(tiny, tmp_path, monkeypatch)
     for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     out = tmp_path / "wb"
-    summary = fit(_config(tiny, out, "--wandb-mode", "offline", "--max-epochs", "1", "--run-name", "tiny"))
+    summary = fit(_config(tiny, out, wandb={"mode": "offline"}, max_epochs=1, run={"run_name": "tiny"}))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert summary is not None and len(runs) == 1
     log = list(runs[0].glob("*.wandb"))
@@ -456,8 +461,8 @@ def test_recalibrate_bn_leaves_the_trained_layers_statistics_of_the_training_sca
     Without it, they are the lagging running averages, and recomputing does change them."""
     from workflow_scripts.learning.models import build_model, recalibrate_batchnorm
 
-    def recomputed_gap(out_dir: Path, *extra: str) -> float:
-        fit(_config(tiny, out_dir, "--max-epochs", "1", "--trainable-from", "layer4", *extra))
+    def recomputed_gap(out_dir: Path, **recipe) -> float:
+        fit(_config(tiny, out_dir, max_epochs=1, model={"trainable_from": "layer4"}, **recipe))
         model = build_model("r3d_18", "none")
         model.load_state_dict(load_checkpoint(out_dir / "last.pt")["model"])
         saved = model.layer4[1].conv2[1].running_mean.clone()
@@ -468,5 +473,5 @@ def test_recalibrate_bn_leaves_the_trained_layers_statistics_of_the_training_sca
         recalibrate_batchnorm(model, batches, torch.device("cpu"))
         return float((model.layer4[1].conv2[1].running_mean - saved).abs().max())
 
-    assert recomputed_gap(tmp_path / "recalibrated", "--recalibrate-bn") < 1e-4
+    assert recomputed_gap(tmp_path / "recalibrated", recalibrate_bn=True) < 1e-4
     assert recomputed_gap(tmp_path / "running") > 1e-3

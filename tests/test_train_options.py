@@ -164,7 +164,7 @@ def test_selection_hierarchy_orders_balanced_accuracy_then_kappa_then_auc():
 
 
 def test_fused_optimizer_is_only_used_on_cuda_and_adam_is_selectable(tiny, tmp_path):
-    config = _config(tiny, tmp_path, "--fused-optimizer", "--optimizer", "adam")
+    config = _config(tiny, tmp_path, fused_optimizer=True, optimizer="adam")
     state = new_training_state(config, torch.device("cpu"))
     assert type(state.optimizer) is torch.optim.Adam and not state.optimizer.defaults.get("fused")
 
@@ -174,8 +174,8 @@ def test_deterministic_runs_with_one_seed_give_identical_histories(tiny, tmp_pat
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        fit(_config(tiny, out, "--deterministic", "--num-workers", "1", "--max-epochs", "2", "--gamma-p", "1",
-                    "--noise-p", "1"))
+        fit(_config(tiny, out, deterministic=True, num_workers=1, max_epochs=2,
+                    augmentation={"gamma_p": 1, "noise_p": 1}))
         runs.append(out)
     torch.use_deterministic_algorithms(False)
     histories = [[{k: v for k, v in row.items() if k not in TIMING}
@@ -187,7 +187,7 @@ def test_deterministic_runs_with_one_seed_give_identical_histories(tiny, tmp_pat
 
 def test_selection_rule_picks_the_checkpoint_and_embeddings_are_exported(tiny, tmp_path):
     out = tmp_path / "run"
-    summary = fit(_config(tiny, out, "--max-epochs", "3", "--selection", "hierarchy", "--early-stopping", "loss"))
+    summary = fit(_config(tiny, out, max_epochs=3, selection="hierarchy", early_stopping="loss"))
     assert summary["selection"]["checkpoint"] == "best_hierarchy.pt"
     history = json.loads((out / "history.json").read_text())
     best = max(history, key=lambda r: hierarchy_key({k.removeprefix("val_"): v for k, v in r.items()}))
@@ -208,9 +208,9 @@ def test_selection_rule_picks_the_checkpoint_and_embeddings_are_exported(tiny, t
     unseen = tmp_path / "unseen.csv"
     val.assign(subject=val["subject"].str.replace("va_", "te_", regex=False)).to_csv(unseen, index=False)
     test_npz, figure = tmp_path / "embeddings_test.npz", tmp_path / "embeddings.png"
-    main(["--predict", str(unseen), "--checkpoint", str(out / "best_hierarchy.pt"), "--predictions-out",
-          str(tmp_path / "p.csv"), "--embeddings-out", str(test_npz), "--num-workers", "0",
-          "--projection", str(out / "embeddings_val.npz"), str(test_npz), "--projection-out", str(figure)])
+    main(["predict", "--manifest", str(unseen), "--checkpoint", str(out / "best_hierarchy.pt"), "--predictions-out",
+          str(tmp_path / "p.csv"), "--embeddings-out", str(test_npz)])
+    main(["project", str(out / "embeddings_val.npz"), str(test_npz), "--output", str(figure)])
     np.testing.assert_allclose(np.load(test_npz)["embedding"], embeddings["embedding"], rtol=1e-4, atol=1e-5)
     assert figure.stat().st_size > 10_000
 
@@ -277,13 +277,12 @@ def test_phased_unfreezing_trains_layer4_from_the_named_epoch_and_survives_a_res
     """The 2D recipe: only the head in epoch 1, layer4 too from epoch 2; interrupted after epoch 1
     and resumed, the run still unfreezes on time; layer3 never moves."""
     out = tmp_path / "phased"
-    args = ("--arch", "resnet50", "--trainable-from", "fc", "--unfreeze-epoch", "2", "--n-slices", "2",
-            "--optimizer", "adam", "--lr-backbone", "1e-3", "--class-weights", "none", "--sampler", "weighted",
-            "--max-epochs", "2")
-    initial = new_training_state(_config(tiny, out, *args), torch.device("cpu")).model.state_dict()
-    assert fit(_config(tiny, out, *args, "--stop-after-epoch", "1")) is None
+    recipe = {"model": {"arch": "resnet50", "trainable_from": "fc", "n_slices": 2}, "unfreeze_epoch": 2,
+              "optimizer": "adam", "lr_backbone": 1e-3, "class_weights": "none", "sampler": "weighted", "max_epochs": 2}
+    initial = new_training_state(_config(tiny, out, **recipe), torch.device("cpu")).model.state_dict()
+    assert fit(_config(tiny, out, **recipe, run={"stop_after_epoch": 1})) is None
     after_one = load_checkpoint(out / "last.pt")["model"]
-    fit(_config(tiny, out, *args))
+    fit(_config(tiny, out, **recipe))
     after_two = load_checkpoint(out / "last.pt")["model"]
 
     def moved(a, b, prefix):

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.figures import save_figure
 from workflow_scripts.common.nifti_io import write_text_atomic
 
@@ -370,15 +370,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--predictions", required=True, help="CSV with columns " + ", ".join(PREDICTION_COLUMNS))
     p.add_argument("--out-dir", required=True, help="folder for metrics.json, roc.png, confusion_matrix.png, ...")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - interval coverage (default 0.05: 95%%)")
-    p.add_argument("--threshold", type=float, default=0.5, help="AD when prob >= threshold (default 0.5)")
+    p.add_argument("--settings", default="{}", help='JSON {"evaluate": {"n_boot": ..., "seed": ..., "alpha": ..., '
+                   '"threshold": ...}}; keys left out take the schema\'s defaults')
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
+    evaluate, = settings.read_job(args.settings, "evaluate")
     table = read_predictions(args.predictions)
-    result = evaluate_predictions(table, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
-                                  threshold=args.threshold)
+    result = evaluate_predictions(table, n_boot=evaluate.n_boot, seed=evaluate.seed, alpha=evaluate.alpha,
+                                  threshold=evaluate.threshold)
     result["predictions_file"] = str(args.predictions)
     write_report(result, table, args.out_dir)
     for line in summary_lines(result):

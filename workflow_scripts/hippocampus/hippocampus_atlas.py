@@ -28,7 +28,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.ants_bridge import to_ants
 from workflow_scripts.common.package_data import package_file
 from workflow_scripts.hippocampus.harvard_oxford import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, harvard_oxford_labels
@@ -189,32 +189,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="labels NIfTI to write (uint8, 1 = left, 2 = right)")
     p.add_argument("--sidecar", help="JSON record of the registration to write")
     p.add_argument("--figure", help="QC PNG to write: the labels over the scan")
-    p.add_argument("--template", default="mni152_fsl", choices=sorted(TEMPLATES))
-    p.add_argument("--transform", default="SyN", choices=TRANSFORMS, help="antspyx type_of_transform")
-    p.add_argument("--reg-iterations", type=int, nargs="+", default=[40, 20, 0],
-                   help="SyN iterations per resolution level, coarse to fine (antspyx default 40 20 0)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the registration's random metric sampling")
-    p.add_argument("--keep-csf", action="store_true", help="keep warped label voxels at CSF intensity")
+    p.add_argument("--settings", default="{}", help='JSON {"hippocampus": {...}}: template, transform, '
+                   "iterations, seed, CSF removal; keys left out take the schema's defaults")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
+    hippo, = settings.read_job(args.settings, "hippocampus")
 
     def work() -> None:
         scan = load_nifti(args.input)
         brain = load_nifti(args.mask) if args.mask else None
-        LOG.info("registering the %s template to %s (%s): %s, iterations %s, %d threads", args.template,
-                 args.input, describe_volume(scan), args.transform, args.reg_iterations, args.threads)
-        labels, record = atlas_hippocampus(scan, brain=brain, template=args.template, transform=args.transform,
-                                           reg_iterations=args.reg_iterations, seed=args.seed,
-                                           drop_csf=not args.keep_csf)
+        LOG.info("registering the %s template to %s (%s): %s, iterations %s, %d threads", hippo.template,
+                 args.input, describe_volume(scan), hippo.transform, list(hippo.reg_iterations), args.threads)
+        labels, record = atlas_hippocampus(scan, brain=brain, template=hippo.template, transform=hippo.transform,
+                                           reg_iterations=list(hippo.reg_iterations), seed=hippo.seed,
+                                           drop_csf=hippo.drop_csf)
         save_nifti_atomic(labels, args.output)
         record.update(scan=str(args.input), threads=args.threads)
         if args.sidecar:
             write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
         if args.figure:
             overlay_figure(scan, labels, args.figure, title=f"{Path(args.input).name}: hippocampus labels "
-                           f"({args.transform}; orange = left, cyan = right)")
+                           f"({hippo.transform}; orange = left, cyan = right)")
         LOG.info("%s: left %d, right %d voxels in %.1f s (%s)", args.output, record["voxels"]["left"],
-                 record["voxels"]["right"], record["seconds"], args.transform)
+                 record["voxels"]["right"], record["seconds"], hippo.transform)
 
     # a scan dropped at an earlier stage (predict runs this on every new scan) passes its failure record on
     outputs = [args.output] + [path for path in (args.sidecar, args.figure) if path]

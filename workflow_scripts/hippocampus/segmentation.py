@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import read_job
 from workflow_scripts.common.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_atomic, write_text_atomic)
 from workflow_scripts.hippocampus.segmentation_data import (MASK_MODEL_COLUMNS, PLANES, check_partitions, deal_msd, demo_items,
@@ -468,49 +469,16 @@ def plot_best_worst(cases: Sequence[tuple[pd.Series, dict[str, Any], np.ndarray]
 
 # ----------------------------------------------------------------------------- command line
 
-def add_settings(p: argparse.ArgumentParser) -> None:
-    """The training settings (config segmentation:); the defaults are config.yaml's."""
-    p.add_argument("--model", default="unet3d", choices=MODELS)
-    p.add_argument("--plane", default="coronal", choices=list(PLANES), help="slice plane of unet2d")
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--strides", type=int, nargs="+", default=[2, 2, 2, 2])
-    p.add_argument("--num-res-units", type=int, default=2)
-    p.add_argument("--norm", default="batch", choices=NORMS)
-    p.add_argument("--norm-groups", type=int, default=8)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--loss", default="dicece", choices=LOSSES)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--patch-size", type=int, nargs=3, default=[64, 64, 64])
-    p.add_argument("--pos-fraction", type=float, default=0.75)
-    p.add_argument("--flip-p", type=float, default=0.5)
-    p.add_argument("--rotate-p", type=float, default=0.5)
-    p.add_argument("--rotate-deg", type=float, default=10.0)
-    p.add_argument("--elastic-p", type=float, default=0.2)
-    p.add_argument("--elastic-3d-sigma", type=float, nargs=2, default=[5.0, 8.0])
-    p.add_argument("--elastic-3d-magnitude", type=float, nargs=2, default=[50.0, 150.0])
-    p.add_argument("--elastic-2d-spacing", type=int, nargs=2, default=[16, 16])
-    p.add_argument("--elastic-2d-magnitude", type=float, nargs=2, default=[1.0, 2.0])
-    p.add_argument("--sw-batch-size", type=int, default=4)
-    p.add_argument("--overlap", type=float, default=0.25)
-    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0)
+# The keys of config segmentation that are paths or workflow switches, not the U-Net's settings.
+NOT_SETTINGS = ("in_all", "msd_root")
 
 
-SETTING_KEYS = ("model", "plane", "channels", "strides", "num_res_units", "norm", "norm_groups", "dropout", "loss",
-                "steps", "val_every", "batch_size", "lr", "weight_decay", "patch_size", "pos_fraction", "flip_p",
-                "rotate_p", "rotate_deg", "elastic_p", "elastic_3d_sigma", "elastic_3d_magnitude",
-                "elastic_2d_spacing", "elastic_2d_magnitude", "sw_batch_size", "overlap", "largest_component",
-                "seed", "device", "num_workers", "source", "val_share")
-
-
-def settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in SETTING_KEYS}
+def flat_settings(segmentation: Mapping[str, Any]) -> dict[str, Any]:
+    """config segmentation (a resolved Settings or plain dict) as the flat record the training reads and its
+    checkpoints keep: every setting, the augmentation's keys beside the others."""
+    plain = dict(segmentation.plain() if hasattr(segmentation, "plain") else segmentation)
+    augmentation = plain.pop("augmentation")
+    return {**{k: v for k, v in plain.items() if k not in NOT_SETTINGS}, **augmentation}
 
 
 def read_manifests(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
@@ -520,33 +488,33 @@ def read_manifests(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     paths = {"train": args.train, "val": args.val, "test": args.test, "held_out": args.held_out}
     missing = [name for name in ("train", "val") if not paths[name]]
     if missing:
-        raise cli.PipelineError(f"--source demo needs --{' and --'.join(missing)} (the split's manifests)")
+        raise cli.PipelineError(f"source demo needs --{' and --'.join(missing)} (the split's manifests)")
     return {name: read_manifest(path)[list(MANIFEST_COLUMNS)] for name, path in paths.items() if path}
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser("Train the hippocampus U-Net and score every scan with its best checkpoint.")
-    p.add_argument("--source", default="demo", choices=("demo", "msd"))
     p.add_argument("--train", help="demo: the split's train.csv")
     p.add_argument("--val", help="demo: the split's val.csv (checkpoint selection)")
     p.add_argument("--test", help="demo: the split's test.csv (scored only, never trained on or selected by)")
     p.add_argument("--held-out", help="demo: a CV fold's held_out.csv (scored only), with that fold's train/val.csv")
     p.add_argument("--truth-dir", help="demo: the labels on the model grid, <truth-dir>/<subject>/<image_id>.nii.gz")
     p.add_argument("--msd-root", help="msd: the Task04_Hippocampus folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("--val-share", type=float, default=0.2, help="msd: share of the images that validate")
     p.add_argument("--out-dir", required=True)
-    add_settings(p)
+    p.add_argument("--settings", default="{}", help='JSON {"segmentation": {...}}: the source of the labels, the '
+                   "network, its training and inference; keys left out take the schema's defaults")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    if args.source == "demo":
+    unet = flat_settings(read_job(args.settings, "segmentation")[0])
+    if unet["source"] == "demo":
         if not args.truth_dir:
-            raise cli.PipelineError("--source demo needs --truth-dir (the hippocampus_truth rule's output folder)")
+            raise cli.PipelineError("source demo needs --truth-dir (the hippocampus_truth rule's output folder)")
         items = demo_items(read_manifests(args), args.truth_dir)
     else:
         if not args.msd_root:
-            raise cli.PipelineError("--source msd needs --msd-root (config segmentation.msd_root)")
-        items = deal_msd(msd_items(args.msd_root), args.val_share)
-    summary = fit(settings_from(args), items, args.out_dir)
+            raise cli.PipelineError("source msd needs --msd-root (config segmentation.msd_root)")
+        items = deal_msd(msd_items(args.msd_root), unet["val_share"])
+    summary = fit(unet, items, args.out_dir)
     for partition, block in summary["dice"].items():
         if block["dice"]["n"]:
             LOG.info("%s: mean Dice %.3f over %d scans", partition, block["dice"]["mean"], block["dice"]["n"])
@@ -580,14 +548,13 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
                                                     "selected on it)")
     p.add_argument("--output", required=True)
     p.add_argument("--sidecar", required=True, help="results/hippocampus/<subject>/<image_id>.json: the mask's U-Net")
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     from workflow_scripts.learning.train import pick_device, write_json_atomic
 
     state = read_segmenter_state(args.checkpoint)
     check_unseen(args.subject, state["subjects"], args.checkpoint)
-    device = pick_device(args.device)
+    device = pick_device(state["settings"]["device"])  # the training's setting (config segmentation.device)
     model, settings = segmenter_from_state(state, device), state["settings"]
     image = eval_transforms(with_label=False)({"image": args.image})["image"]
     reference = load_nifti(args.image)

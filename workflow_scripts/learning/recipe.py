@@ -1,4 +1,5 @@
-"""An experiment's training recipe: config ``train`` with the experiment's own overrides, checked.
+"""An experiment's training settings: its model keys and its recipe (config ``train`` with the experiment's
+own overrides), completed with the schema's defaults and checked.
 
 Kept free of torch so the Snakefile can call it at parse time: a contradictory recipe stops
 the run before any job starts, with the same message the training command gives.
@@ -8,7 +9,10 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
+
+# The keys of experiments.<name> that training, prediction and the model package use.
+MODEL_KEYS = ("arch", "weights", "trainable_from", "plane", "n_slices", "slice_spacing")
 
 # Options that only make sense on CUDA are accepted everywhere and ignored (with a log line) on
 # other devices, except fp16, which needs a GradScaler and CUDA's half-precision kernels.
@@ -45,3 +49,18 @@ def check_recipe(recipe: Mapping[str, Any], where: str = "train") -> None:
     if recipe.get("warmup_epochs", 0) and recipe.get("warmup_epochs", 0) >= recipe.get("max_epochs", 1 << 30):
         raise cli.PipelineError(f"{where}: warmup_epochs ({recipe['warmup_epochs']}) must be fewer than max_epochs "
                                 f"({recipe['max_epochs']})")
+
+
+def training_settings(train: Mapping[str, Any] | None, experiment: Mapping[str, Any] | None = None,
+                      name: str = "") -> settings.Settings:
+    """The one settings object of an experiment's training jobs: ``{"model": <MODEL_KEYS>, "train": <recipe>}``.
+
+    ``train`` is config ``train`` (or part of it) and ``experiment`` the entry experiments.<name> (or part of
+    it, e.g. ``{"weights": "none"}``); what they leave out comes from the schema's defaults.
+    """
+    experiment = dict(experiment or {})
+    where = f"experiments.{name}" if name else "model"
+    model = settings.resolve("experiments.*", {k: v for k, v in experiment.items() if k != "train"}, where)
+    recipe = merge_recipe(settings.resolve("train", train).plain(), experiment.get("train"), name)
+    recipe = settings.resolve("train", recipe, f"{where}.train" if name else "train")
+    return settings.Settings({"model": {key: model[key] for key in MODEL_KEYS}, "train": recipe.plain()})

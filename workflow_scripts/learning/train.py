@@ -1,9 +1,15 @@
 """Train one classifier (one experiment, or one cross-validation fold): dissertation section 4.5.
 
-    python -m workflow_scripts.learning.train --train splits/train.csv --val splits/val.csv --out-dir results/train/main
-    python -m workflow_scripts.learning.train --folds-csv splits/cv_folds.csv --fold 0 --out-dir results/cv/main/fold0
-    python -m workflow_scripts.learning.train --predict splits/test.csv --checkpoint results/train/main/best_acc.pt \\
-        --predictions-out results/train/main/test_predictions.csv
+    python -m workflow_scripts.learning.train fit --train splits/train.csv --val splits/val.csv --out-dir runs/main \\
+        --settings '{"model": {"weights": "none"}, "train": {"max_epochs": 10}}'
+    python -m workflow_scripts.learning.train fit --folds-csv splits/cv_folds.csv --fold 0 --out-dir runs/fold0
+    python -m workflow_scripts.learning.train predict --manifest splits/test.csv --checkpoint runs/main/best_acc.pt \\
+        --predictions-out runs/main/test_predictions.csv
+    python -m workflow_scripts.learning.train project runs/main/embeddings_val.npz --output embeddings.png
+
+``--settings`` is one object, {"model": {keys of experiments.<name>}, "train": {keys of train}}, as JSON
+or a JSON/YAML file; every key left out takes its default from schemas/config.schema.yaml, and the
+whole object is checked against that schema (learning.recipe.training_settings).
 
 Manifests are CSVs with columns ``path, subject, image_id, group, label``. Each scan's
 tensor is found, in this order: a ``tensor_path`` column; ``--tensor-dir`` as
@@ -15,7 +21,7 @@ A volume of shape (x, y, z) enters the video network as one channel with x as it
 axis. Training scans get RandomGamma then RandomNoise (gamma first: it sees only the
 non-negative [0, 1] intensities, so it never makes NaN), then z-normalisation over the
 brain voxels (> 0 in the volume *before* noise, carried as a label map, so background
-noise never counts as brain; ``--znorm-mask none`` uses the whole volume). Validation and
+noise never counts as brain; ``znorm_mask: none`` uses the whole volume). Validation and
 test scans are only z-normalised.
 
 The dissertation's recipe is the default (AdamW, cosine warm restarts, early stopping when
@@ -23,13 +29,13 @@ validation accuracy and loss both stalled, the best-accuracy checkpoint); the op
 comparisons (optimizer, warmup and scheduler, phased unfreezing, precision and loss scaling,
 gradient clipping, weighted sampling, early-stopping monitor, selection rule, deterministic
 mode, embeddings export) are switches of this one module, so every model is trained by the
-same loop. The 2D baseline (``--arch resnet50``) sees [0, 1] intensities, not z-scores: its
+same loop. The 2D baseline (``arch: resnet50``) sees [0, 1] intensities, not z-scores: its
 model normalises slices with ImageNet's statistics.
 
 A run resumes from ``last.pt`` only on the very scans it started on: every checkpoint and
 summary.json carry a data record (per role, the subjects and each scan's image id, subject,
 label and tensor SHA-256, and one hash of them all); a changed manifest row or tensor restarts
-the run (or stops it, ``--on-changed-settings error``) with the change named. Prediction refuses
+the run (or stops it, ``on_changed_settings: error``) with the change named. Prediction refuses
 a manifest that shares a subject with the model's training or validation scans.
 
 Randomness is keyed to (seed, epoch, scan): the shuffle of epoch e comes from a generator
@@ -52,7 +58,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +70,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from workflow_scripts.common import cli
 from workflow_scripts.learning.models import (ARCHS, BLOCKS, PLANES, build_model, count_parameters, parameter_groups,
                                      recalibrate_batchnorm, train_mode, unfreeze_from)
-from workflow_scripts.learning.recipe import check_recipe
+from workflow_scripts.common import settings
+from workflow_scripts.learning.recipe import training_settings
 from workflow_scripts.common.nifti_io import partial_prefix, remove_stale_partials, write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -78,9 +85,10 @@ RUN_FILES = ("*.pt", "history.json", "summary.json", "*predictions*.csv", "embed
 # Settings that may differ between an interrupted run and its resumption: they change how
 # or how long the run goes on, not what one epoch computes.
 RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
-                  "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "predict", "checkpoint",
-                  "predictions_out", "run_name", "embeddings_out", "projection", "projection_out",
+                  "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "run_name",
                   "export_embeddings"}
+# The networks classify AD against CN: two outputs (evaluation.evaluate.metrics is binary).
+NUM_CLASSES = 2
 
 
 # ----------------------------------------------------------------------------- data
@@ -655,7 +663,7 @@ def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Pat
         return
     if changed:
         raise cli.PipelineError(f"{last} was written with other settings or training data ({'; '.join(changed)}); "
-                                f"delete the checkpoints in {out_dir}, pass --no-resume, or --on-changed-settings "
+                                f"delete the checkpoints in {out_dir}, pass --no-resume, or set train.on_changed_settings: "
                                 "restart")
     state.restore(saved, config)
     LOG.info("resuming %s after epoch %d (same settings; same scans, data hash %s)", out_dir, state.epoch,
@@ -797,7 +805,7 @@ def start_wandb(config: dict[str, Any], out_dir: Path, run_id: str | None):
                           reinit="finish_previous")
     except Exception as err:
         raise cli.PipelineError(f"Weights & Biases could not start in {mode} mode ({err}); for online mode set "
-                                "WANDB_API_KEY in the environment, or use --wandb-mode offline") from err
+                                "WANDB_API_KEY in the environment, or set train.wandb.mode: offline") from err
 
 
 def log_artifacts(run, out_dir: Path, name: str) -> None:
@@ -1147,15 +1155,19 @@ def trained_model(state: dict[str, Any], device: torch.device | str = "cpu") -> 
 
 
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike,
-            tensor_dir: str | None = None, device: str = "auto", batch_size: int = 2,
-            num_workers: int = 2, embeddings_out: str | os.PathLike | None = None) -> pd.DataFrame:
+            tensor_dir: str | None = None, device: str | None = None, batch_size: int | None = None,
+            num_workers: int | None = None, embeddings_out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Predictions of a saved checkpoint on a manifest (e.g. the test split), written as CSV, and
     optionally the scans' penultimate-layer embeddings (npz). A manifest sharing a subject with the
-    model's training or validation scans is refused (``check_no_overlap``)."""
-    dev = pick_device(device)
+    model's training or validation scans is refused (``check_no_overlap``). Device, batch size and
+    loader workers are the training run's settings unless given."""
     table = read_manifest(manifest)
     state = load_checkpoint(checkpoint)
     check_no_overlap(table, state.get("data"), checkpoint, manifest)
+    trained = state["config"]
+    dev = pick_device(device or trained["device"])
+    batch_size = batch_size or trained["batch_size"]
+    num_workers = trained["num_workers"] if num_workers is None else num_workers
     model, config = trained_model(state, dev)
     LOG.info("predicting %s with %s (%s, trained with selection rule %s); none of its %d subjects is among the "
              "model's training or validation subjects", manifest, checkpoint, config["arch"],
@@ -1175,120 +1187,69 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Three subcommands; arguments carry paths, the settings come as one object (--settings)."""
     p = cli.parser(__doc__.splitlines()[0])
-    data = p.add_argument_group("data")
-    data.add_argument("--train", help="training manifest CSV (path, subject, image_id, group, label)")
-    data.add_argument("--val", help="validation manifest CSV")
-    data.add_argument("--folds-csv", help="the split's cv_folds.csv; with --fold, replaces --train/--val")
-    data.add_argument("--fold", type=int, help="outer fold of a CV run (trained on cv/fold<k>/train.csv, "
-                      "selected on its val.csv; the fold itself is only reported on)")
-    data.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
-    data.add_argument("--out-dir", help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
-    model = p.add_argument_group("model")
-    model.add_argument("--arch", default="r3d_18", choices=list(ARCHS))
-    model.add_argument("--weights", default="kinetics400",
-                       help="kinetics400 (video), imagenet (resnet50), none, or a torchvision state-dict file")
-    model.add_argument("--trainable-from", default="layer4", choices=list(BLOCKS))
-    model.add_argument("--num-classes", type=int, default=2)
-    model.add_argument("--plane", default="axial", choices=list(PLANES), help="resnet50: plane of the 2D slices")
-    model.add_argument("--n-slices", type=int, default=16, help="resnet50: slices per scan, around the centre")
-    model.add_argument("--slice-spacing", type=int, default=2, help="resnet50: voxels between those slices")
-    opt = p.add_argument_group("optimisation (dissertation defaults)")
-    opt.add_argument("--lr-head", type=float, default=1e-3)
-    opt.add_argument("--lr-backbone", type=float, default=1e-4)
-    opt.add_argument("--weight-decay", type=float, default=0.01)
-    opt.add_argument("--batch-size", type=int, default=2)
-    opt.add_argument("--max-epochs", type=int, default=50)
-    opt.add_argument("--t0", type=int, default=5, help="CosineAnnealingWarmRestarts T_0, in epochs")
-    opt.add_argument("--t-mult", type=int, default=1)
-    opt.add_argument("--eta-min", type=float, default=0.0)
-    opt.add_argument("--patience", type=int, default=5, help="epochs without val accuracy AND val loss improving")
-    opt.add_argument("--class-weights", default="inverse", choices=["inverse", "none"])
-    opt.add_argument("--sampler", default="none", choices=["none", "weighted"],
-                     help="weighted: draw training scans by inverse class frequency (not with --class-weights inverse)")
-    opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
-    opt.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernels (CUDA only)")
-    opt.add_argument("--scheduler", default="warm_restarts", choices=["warm_restarts", "cosine", "plateau"])
-    opt.add_argument("--warmup-epochs", type=int, default=0, help="linear learning-rate warmup before the scheduler")
-    opt.add_argument("--plateau-factor", type=float, default=0.5)
-    opt.add_argument("--plateau-patience", type=int, default=3)
-    opt.add_argument("--unfreeze-epoch", type=int, help="phased unfreezing: the epoch --unfreeze-from starts training")
-    opt.add_argument("--unfreeze-from", default="layer4", choices=list(BLOCKS))
-    opt.add_argument("--early-stopping", default="both", choices=["both", "accuracy", "loss"],
-                     help="stop when both validation metrics stalled for --patience epochs, or the one named")
-    opt.add_argument("--selection", default="accuracy", choices=list(CHECKPOINTS),
-                     help="the checkpoint used for predictions: best validation accuracy, loss, or the hierarchy "
-                          "balanced accuracy > Cohen's kappa > AUC")
-    opt.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                     help="autocast: auto = bf16 on CUDA, fp32 elsewhere; fp16 (CUDA) uses a GradScaler")
-    opt.add_argument("--grad-clip-norm", type=float, help="clip the gradients' global L2 norm to this value")
-    opt.add_argument("--seed", type=int, default=42)
-    opt.add_argument("--deterministic", action="store_true",
-                     help="deterministic algorithms only (torch.use_deterministic_algorithms), no cuDNN autotuning")
-    opt.add_argument("--recalibrate-bn", action="store_true",
-                     help="after each training epoch, recompute the trained BatchNorm layers' running statistics "
-                          "over the training scans (not in the dissertation; for training from random weights)")
-    aug = p.add_argument_group("augmentation (training scans only)")
-    aug.add_argument("--gamma-log-range", type=float, nargs=2, default=[-0.2, 0.2])
-    aug.add_argument("--gamma-p", type=float, default=0.3)
-    aug.add_argument("--noise-std-range", type=float, nargs=2, default=[0.0, 0.1])
-    aug.add_argument("--noise-p", type=float, default=0.3)
-    aug.add_argument("--znorm-mask", default="brain", choices=["brain", "none"])
-    run = p.add_argument_group("execution")
-    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    run.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    run.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="start afresh, removing an earlier run's checkpoints in --out-dir")
-    run.add_argument("--on-changed-settings", default="error", choices=["error", "restart"],
-                     help="when last.pt was written with other settings or on other scans (manifest rows or "
-                          "tensor contents): stop, or start afresh (for workflows)")
-    run.add_argument("--stop-after-epoch", type=int, help="debug: stop after this epoch as if interrupted")
-    run.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
-    run.add_argument("--wandb-project", default="alzheimer-mri")
-    run.add_argument("--wandb-entity")
-    run.add_argument("--run-name", help="W&B run and artifact name (default: the out-dir's name)")
-    pred = p.add_argument_group("prediction mode")
-    pred.add_argument("--predict", help="manifest to predict with --checkpoint instead of training")
-    pred.add_argument("--checkpoint", help="checkpoint written by a training run (e.g. best_acc.pt)")
-    pred.add_argument("--predictions-out", help="CSV to write: image_id, subject, label, prob, pred")
+    sub = p.add_subparsers(dest="command", required=True)
+    fit_cmd = sub.add_parser("fit", help="train one run (or resume it from last.pt)")
+    fit_cmd.add_argument("--settings", default="{}",
+                         help='the run\'s settings, {"model": {...experiments.<name> keys}, "train": {...train keys}}, '
+                              "as JSON or a JSON/YAML file; what is left out takes the schema's default")
+    fit_cmd.add_argument("--train", help="training manifest CSV (path, subject, image_id, group, label)")
+    fit_cmd.add_argument("--val", help="validation manifest CSV")
+    fit_cmd.add_argument("--folds-csv", help="the split's cv_folds.csv; with --fold, replaces --train/--val")
+    fit_cmd.add_argument("--fold", type=int, help="outer fold of a CV run (trained on cv/fold<k>/train.csv, "
+                         "selected on its val.csv; the fold itself is only reported on)")
+    fit_cmd.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
+    fit_cmd.add_argument("--out-dir", required=True,
+                         help="run folder: checkpoints, history.json, summary.json, val_predictions.csv")
+    fit_cmd.add_argument("--run-name", help="W&B run and artifact name (default: the out-dir's name)")
+    fit_cmd.add_argument("--no-resume", dest="resume", action="store_false",
+                         help="start afresh, removing an earlier run's checkpoints in --out-dir")
+    fit_cmd.add_argument("--stop-after-epoch", type=int, help="debug: stop after this epoch as if interrupted")
+    pred = sub.add_parser("predict", help="a checkpoint's predictions on a manifest, with the device, batch size "
+                          "and loader workers of the run that wrote it")
+    pred.add_argument("--manifest", required=True, help="manifest to predict (e.g. the test split)")
+    pred.add_argument("--checkpoint", required=True, help="checkpoint written by a training run (e.g. best_acc.pt)")
+    pred.add_argument("--tensor-dir", help="cached tensors as <tensor-dir>/<subject>/<image_id>.npy")
+    pred.add_argument("--predictions-out", required=True, help="CSV to write: image_id, subject, label, prob, pred")
     pred.add_argument("--embeddings-out", help="npz of the scans' penultimate-layer embeddings")
-    pred.add_argument("--projection", nargs="+", metavar="NPZ",
-                      help="with --projection-out: plot these embeddings files (after prediction, if any)")
-    pred.add_argument("--projection-out", help="PNG of the embeddings' 2D principal-component projection")
-    run.add_argument("--no-export-embeddings", dest="export_embeddings", action="store_false",
-                     help="do not write embeddings_val.npz beside the run's validation predictions")
+    proj = sub.add_parser("project", help="the 2D principal-component projection of embeddings files")
+    proj.add_argument("embeddings", nargs="+", metavar="NPZ", help="embeddings files (e.g. val and test)")
+    proj.add_argument("--output", required=True, help="PNG to write")
     return p
 
 
-def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as plain JSON-able values (saved in checkpoints and summary.json)."""
-    config = dict(vars(args))
-    if config.get("out_dir") and not config.get("run_name"):
-        config["run_name"] = Path(config["out_dir"]).name
-    return config
+def run_config(job: Mapping[str, Any], *, out_dir: str | os.PathLike, train: str | os.PathLike | None = None,
+               val: str | os.PathLike | None = None, folds_csv: str | os.PathLike | None = None,
+               fold: int | None = None, tensor_dir: str | os.PathLike | None = None, run_name: str | None = None,
+               threads: int = 1, resume: bool = True, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """A run's settings (recipe.training_settings) and paths as one flat record of plain JSON values: what
+    ``fit`` reads, and what checkpoints and summary.json keep to tell a resumption from a changed run."""
+    recipe = dict(job["train"].plain() if hasattr(job["train"], "plain") else job["train"])
+    augmentation, wandb_settings = recipe.pop("augmentation"), recipe.pop("wandb")
+    paths = {"train": train, "val": val, "folds_csv": folds_csv, "tensor_dir": tensor_dir}
+    return {
+        "threads": threads, **{k: None if v is None else str(v) for k, v in paths.items()}, "fold": fold,
+        "out_dir": str(out_dir), "run_name": run_name or Path(out_dir).name, "resume": resume,
+        "stop_after_epoch": stop_after_epoch, "num_classes": NUM_CLASSES, **dict(job["model"]), **recipe,
+        **augmentation, **{f"wandb_{k}": v for k, v in wandb_settings.items()},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cli.limit_threads(args.threads)
-    if args.predict or args.projection:
-        if args.predict:
-            if not (args.checkpoint and args.predictions_out):
-                raise cli.PipelineError("--predict needs --checkpoint and --predictions-out")
-            predict(args.checkpoint, args.predict, args.predictions_out, args.tensor_dir, args.device,
-                    args.batch_size, args.num_workers, args.embeddings_out)
-        if args.projection:
-            if not args.projection_out:
-                raise cli.PipelineError("--projection needs --projection-out")
-            plot_embeddings(args.projection, args.projection_out)
-        return
-    if not args.out_dir:
-        raise cli.PipelineError("--out-dir is required for training")
-    if args.max_epochs < 1 or args.batch_size < 1 or args.patience < 1:
-        raise cli.PipelineError("--max-epochs, --batch-size and --patience must be at least 1")
-    config = resolved_config(args)
-    check_recipe(config, "training options")
-    fit(config)
+    if args.command == "predict":
+        predict(args.checkpoint, args.manifest, args.predictions_out, args.tensor_dir,
+                embeddings_out=args.embeddings_out)
+    elif args.command == "project":
+        plot_embeddings(args.embeddings, args.output)
+    else:
+        given = settings.load_json(args.settings)
+        job = training_settings(given.get("train"), given.get("model"))
+        fit(run_config(job, out_dir=args.out_dir, train=args.train, val=args.val, folds_csv=args.folds_csv,
+                       fold=args.fold, tensor_dir=args.tensor_dir, run_name=args.run_name, threads=args.threads,
+                       resume=args.resume, stop_after_epoch=args.stop_after_epoch))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
 from workflow_scripts.common.scan_failure import ScanDataError, run_stage
 
@@ -88,15 +88,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input-mask", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--output-mask", required=True)
-    p.add_argument("--margin", type=int, default=3)
-    p.add_argument("--target-shape", type=int, nargs=3, default=(128, 128, 128))
-    p.add_argument("--order", type=int, default=3, help="spline order of the zoom (3 = cubic)")
-    p.add_argument("--keep-aspect", action="store_true")
+    p.add_argument("--settings", default="{}", help='JSON {"preprocess.crop": {...}, "preprocess.target_shape": '
+                   "[x, y, z]}; keys left out take the schema's defaults")
     args = p.parse_args(argv)
+    crop, target_shape = settings.read_job(args.settings, "preprocess.crop", "preprocess.target_shape")
 
     def work() -> None:
-        img, mask = crop_and_zoom(load_nifti(args.input), load_nifti(args.input_mask), margin=args.margin,
-                                  target_shape=args.target_shape, order=args.order, keep_aspect=args.keep_aspect)
+        img, mask = crop_and_zoom(load_nifti(args.input), load_nifti(args.input_mask), margin=crop.margin,
+                                  target_shape=list(target_shape), order=crop.zoom_order, keep_aspect=crop.keep_aspect)
         save_nifti_atomic(mask, args.output_mask)
         save_nifti_atomic(img, args.output)
         LOG.info("cropped and zoomed to %s (voxel size %s mm)", img.shape,

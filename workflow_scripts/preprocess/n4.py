@@ -11,7 +11,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.ants_bridge import import_ants, to_ants
 from workflow_scripts.common.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
 from workflow_scripts.common.scan_failure import ScanDataError, run_stage
@@ -53,17 +53,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input", required=True)
     p.add_argument("--mask", help="brain mask; the fit uses only its voxels")
     p.add_argument("--output", required=True)
-    p.add_argument("--shrink-factor", type=int, default=4)
-    p.add_argument("--iterations", type=int, nargs="+", default=[50, 50, 50, 50])
-    p.add_argument("--tolerance", type=float, default=1e-7)
-    p.add_argument("--spline-param", type=float, help="B-spline mesh/distance (antspyx default if unset)")
+    p.add_argument("--settings", default="{}", help='JSON {"preprocess.n4": {...}}: shrink factor, iterations, '
+                   "tolerance, spline distance; keys left out take the schema's defaults")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
+    n4, = settings.read_job(args.settings, "preprocess.n4")
 
     def work() -> None:
         mask = load_nifti(args.mask) if args.mask else None
-        out = n4_correct(load_nifti(args.input), mask, shrink_factor=args.shrink_factor, iterations=args.iterations,
-                         tolerance=args.tolerance, spline_param=args.spline_param)
+        out = n4_correct(load_nifti(args.input), mask, shrink_factor=n4.shrink_factor, iterations=list(n4.iterations),
+                         tolerance=n4.tolerance, spline_param=n4.spline_param)
         save_nifti_atomic(out, args.output)
         LOG.info("N4 done: %s", args.output)
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.ants_bridge import ants_affine, import_ants, to_ants
 from workflow_scripts.common.nifti_io import clean_image, extend_provenance, load_nifti, provenance_of, save_nifti_atomic
 from workflow_scripts.common.scan_failure import ScanDataError, run_stage
@@ -82,17 +82,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input-mask", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--output-mask", required=True)
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0))
-    p.add_argument("--interpolation", choices=sorted(INTERPOLATORS), default="bspline")
+    p.add_argument("--settings", default="{}", help='JSON {"preprocess.resample": {"spacing": [x, y, z], '
+                   '"interpolation": ...}}; keys left out take the schema\'s defaults')
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
+    resample, = settings.read_job(args.settings, "preprocess.resample")
 
     def work() -> None:
         img, mask = resample_to_spacing(load_nifti(args.input), load_nifti(args.input_mask),
-                                        args.spacing, args.interpolation)
+                                        [float(v) for v in resample.spacing], resample.interpolation)
         save_nifti_atomic(mask, args.output_mask)
         save_nifti_atomic(img, args.output)
-        LOG.info("resampled to %s mm: shape %s", args.spacing, img.shape)
+        LOG.info("resampled to %s mm: shape %s", list(resample.spacing), img.shape)
 
     run_stage("resampled", [args.input, args.input_mask], [args.output, args.output_mask], work)
 

@@ -17,12 +17,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_text_atomic)
 from workflow_scripts.preprocess.qc_metrics import bound_violation
@@ -32,6 +32,9 @@ LOG = logging.getLogger(__name__)
 
 METHODS = ("synthstrip", "deepbet")
 DEVICES = ("cpu", "auto", "gpu")
+GPU_DEVICES = {False: "cpu", "auto": "auto", True: "gpu"}  # preprocess.skullstrip.gpu -> where the network runs
+# The config sections a skull-strip job reads (its --settings).
+SETTINGS = ("preprocess.skullstrip", "qc.thresholds.brain_volume_ml")
 SYNTHSTRIP_FILENAME = "synthstrip.1.pt"
 SYNTHSTRIP_BYTES = 30_851_709
 SYNTHSTRIP_SHA256 = "37417f802196186441aae3e7f385d94f8a98c64a88acaeaa2723af995c653e33"
@@ -247,18 +250,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="skull-stripped image")
     p.add_argument("--mask", required=True, help="brain mask")
     p.add_argument("--sidecar", required=True, help="JSON record of the method and weights")
-    p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--synthstrip-weights", help="weights file (synthstrip)")
-    p.add_argument("--synthstrip-border", type=int, default=1, help="mask border in mm (whole mm)")
-    p.add_argument("--deepbet-threshold", type=float, default=0.5)
-    p.add_argument("--deepbet-dilate", type=int, default=0)
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="cpu; auto: the GPU when torch sees one, else the CPU; gpu: a GPU or stop")
-    p.add_argument("--brain-volume-ml", type=json.loads, metavar="[MIN, MAX]",
-                   help="JSON [min, max] (null: no bound): a mask outside drops the scan (implausible_brain_mask)")
+    p.add_argument("--settings", default="{}", help="JSON {%s}: the method and its settings, and the brain "
+                   "volume bound [min, max] (null: none; a mask outside drops the scan, implausible_brain_mask); "
+                   "keys left out take the schema's defaults" % ", ".join(f'"{s}": ...' for s in SETTINGS))
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    run_stage("stripped", [args.input], [args.output, args.mask, args.sidecar], lambda: strip_scan(args))
+    strip_settings, bounds = settings.read_job(args.settings, *SETTINGS)
+    run_stage("stripped", [args.input], [args.output, args.mask, args.sidecar],
+              lambda: strip_scan(args, strip_settings, bounds))
+
+
+def command_settings(skullstrip: Mapping[str, Any], brain_volume_ml: Sequence | None) -> str:
+    """The --settings JSON of a skull-strip job: the method with only its own settings, and the brain volume
+    bound. Download addresses, the weights' cache and the other method's settings are left out, so changing
+    them re-runs no scan (the weights file itself is the job's input)."""
+    own = {"synthstrip": ("synthstrip_border",), "deepbet": ("deepbet_threshold", "deepbet_dilate")}
+    keys = ("method", "gpu", *own[skullstrip["method"]])
+    return json.dumps({SETTINGS[0]: {key: skullstrip[key] for key in keys}, SETTINGS[1]: brain_volume_ml},
+                      sort_keys=True)
 
 
 def use_gpu(device: str) -> bool:
@@ -274,10 +284,11 @@ def use_gpu(device: str) -> bool:
     return present
 
 
-def strip_scan(args: argparse.Namespace) -> None:
-    """Skull-strip one scan as the command line asks; writes the image, mask and sidecar."""
-    record = {"method": args.method}
-    if args.method == "synthstrip":
+def strip_scan(args: argparse.Namespace, strip_settings: settings.Settings, bounds: Sequence | None) -> None:
+    """Skull-strip one scan with preprocess.skullstrip's settings; writes the image, mask and sidecar."""
+    method = strip_settings.method
+    record = {"method": method}
+    if method == "synthstrip":
         weights = Path(args.synthstrip_weights or "")
         if not weights.is_file():  # checked before any work
             raise cli.PipelineError(f"no SynthStrip weights at '{args.synthstrip_weights}'. "
@@ -287,27 +298,28 @@ def strip_scan(args: argparse.Namespace) -> None:
         if digest != SYNTHSTRIP_SHA256:
             LOG.warning("%s is not the official %s (SHA-256 %s); using it as configured",
                         weights, SYNTHSTRIP_FILENAME, digest)
-    gpu = use_gpu(args.device)
+    gpu = use_gpu(GPU_DEVICES[strip_settings.gpu])
     img = load_nifti(args.input)
     started = time.perf_counter()
-    LOG.info("%s on %s: %s, %d threads, on the %s", args.method, args.input, describe_volume(img), args.threads,
+    LOG.info("%s on %s: %s, %d threads, on the %s", method, args.input, describe_volume(img), args.threads,
              "GPU" if gpu else "CPU")
-    if args.method == "synthstrip":
-        mask = synthstrip_mask(img, weights, threads=args.threads, border=args.synthstrip_border, gpu=gpu)
-        record["border_mm"] = args.synthstrip_border
+    if method == "synthstrip":
+        mask = synthstrip_mask(img, weights, threads=args.threads, border=strip_settings.synthstrip_border, gpu=gpu)
+        record["border_mm"] = strip_settings.synthstrip_border
     else:
         import deepbet
         import torch
         torch.set_num_threads(args.threads)
-        mask = deepbet_mask(img, threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate, gpu=gpu)
-        record.update(threshold=args.deepbet_threshold, n_dilate=args.deepbet_dilate,
+        mask = deepbet_mask(img, threshold=strip_settings.deepbet_threshold, n_dilate=strip_settings.deepbet_dilate,
+                            gpu=gpu)
+        record.update(threshold=strip_settings.deepbet_threshold, n_dilate=strip_settings.deepbet_dilate,
                       deepbet_version=getattr(deepbet, "__version__", _dist_version("deepbet")))
-    record["brain_volume_ml"] = round(check_mask(mask, img, args.method, args.brain_volume_ml), 2)
-    brain, mask_img = strip(img, mask, args.method)
+    record["brain_volume_ml"] = round(check_mask(mask, img, method, list(bounds) if bounds else None), 2)
+    brain, mask_img = strip(img, mask, method)
     save_nifti_atomic(mask_img, args.mask)
     save_nifti_atomic(brain, args.output)
     write_text_atomic(json.dumps(record, indent=2) + "\n", args.sidecar)
-    LOG.info("%s: brain volume %.1f ml in %.1f s", args.method, record["brain_volume_ml"],
+    LOG.info("%s: brain volume %.1f ml in %.1f s", method, record["brain_volume_ml"],
              time.perf_counter() - started)
 
 
