@@ -153,6 +153,13 @@ def job_json(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()
     return json.dumps(picked, sort_keys=True)
 
 
+def add_argument(parser: Any, *sections: str) -> None:
+    """A command's --settings option: the config sections it reads, as one JSON object."""
+    keys = ", ".join(f'"{section}"' for section in sections)
+    parser.add_argument("--settings", default="{}", help=f"JSON object with the config sections {keys} as keys (or a "
+                        "JSON/YAML file holding one); keys left out take schemas/config.schema.yaml's defaults")
+
+
 def read_job(text: str, *sections: str) -> tuple[Any, ...]:
     """A command's --settings (``job_json``, or by hand only the keys to change) as one checked Settings per
     section, in the order asked; a section given as null that has no default stays None (an optional one)."""

@@ -370,8 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--predictions", required=True, help="CSV with columns " + ", ".join(PREDICTION_COLUMNS))
     p.add_argument("--out-dir", required=True, help="folder for metrics.json, roc.png, confusion_matrix.png, ...")
-    p.add_argument("--settings", default="{}", help='JSON {"evaluate": {"n_boot": ..., "seed": ..., "alpha": ..., '
-                   '"threshold": ...}}; keys left out take the schema\'s defaults')
+    settings.add_argument(p, "evaluate")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     evaluate, = settings.read_job(args.settings, "evaluate")

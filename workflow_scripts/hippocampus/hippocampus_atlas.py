@@ -189,8 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="labels NIfTI to write (uint8, 1 = left, 2 = right)")
     p.add_argument("--sidecar", help="JSON record of the registration to write")
     p.add_argument("--figure", help="QC PNG to write: the labels over the scan")
-    p.add_argument("--settings", default="{}", help='JSON {"hippocampus": {...}}: template, transform, '
-                   "iterations, seed, CSF removal; keys left out take the schema's defaults")
+    settings.add_argument(p, "hippocampus")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     hippo, = settings.read_job(args.settings, "hippocampus")

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from workflow_scripts.common import cli
-from workflow_scripts.common.settings import read_job
+from workflow_scripts.common.settings import add_argument as add_settings_argument, read_job
 from workflow_scripts.common.nifti_io import (clean_image, describe_volume, extend_provenance, load_nifti, provenance_of,
                                        save_nifti_atomic, write_atomic, write_text_atomic)
 from workflow_scripts.hippocampus.segmentation_data import (MASK_MODEL_COLUMNS, PLANES, check_partitions, deal_msd, demo_items,
@@ -501,8 +501,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--truth-dir", help="demo: the labels on the model grid, <truth-dir>/<subject>/<image_id>.nii.gz")
     p.add_argument("--msd-root", help="msd: the Task04_Hippocampus folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--settings", default="{}", help='JSON {"segmentation": {...}}: the source of the labels, the '
-                   "network, its training and inference; keys left out take the schema's defaults")
+    add_settings_argument(p, "segmentation")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     unet = flat_settings(read_job(args.settings, "segmentation")[0])

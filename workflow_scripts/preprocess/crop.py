@@ -88,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input-mask", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--output-mask", required=True)
-    p.add_argument("--settings", default="{}", help='JSON {"preprocess.crop": {...}, "preprocess.target_shape": '
-                   "[x, y, z]}; keys left out take the schema's defaults")
+    settings.add_argument(p, "preprocess.crop", "preprocess.target_shape")
     args = p.parse_args(argv)
     crop, target_shape = settings.read_job(args.settings, "preprocess.crop", "preprocess.target_shape")
 

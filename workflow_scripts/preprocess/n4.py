@@ -53,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input", required=True)
     p.add_argument("--mask", help="brain mask; the fit uses only its voxels")
     p.add_argument("--output", required=True)
-    p.add_argument("--settings", default="{}", help='JSON {"preprocess.n4": {...}}: shrink factor, iterations, '
-                   "tolerance, spline distance; keys left out take the schema's defaults")
+    settings.add_argument(p, "preprocess.n4")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     n4, = settings.read_job(args.settings, "preprocess.n4")

@@ -82,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input-mask", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--output-mask", required=True)
-    p.add_argument("--settings", default="{}", help='JSON {"preprocess.resample": {"spacing": [x, y, z], '
-                   '"interpolation": ...}}; keys left out take the schema\'s defaults')
+    settings.add_argument(p, "preprocess.resample")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     resample, = settings.read_job(args.settings, "preprocess.resample")

@@ -251,9 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mask", required=True, help="brain mask")
     p.add_argument("--sidecar", required=True, help="JSON record of the method and weights")
     p.add_argument("--synthstrip-weights", help="weights file (synthstrip)")
-    p.add_argument("--settings", default="{}", help="JSON {%s}: the method and its settings, and the brain "
-                   "volume bound [min, max] (null: none; a mask outside drops the scan, implausible_brain_mask); "
-                   "keys left out take the schema's defaults" % ", ".join(f'"{s}": ...' for s in SETTINGS))
+    settings.add_argument(p, *SETTINGS)  # the method and its settings; the brain volume bound (null: none)
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
     strip_settings, bounds = settings.read_job(args.settings, *SETTINGS)
