@@ -24,7 +24,7 @@ rule bayes:
             labels={"experiment": "{experiment}", "item": "figure"},
         ),
     params:
-        flags=bayes_flags(),
+        settings=bayes_settings(),
     log:
         f"{RESULTS}/logs/bayes/{{experiment}}.log",
     benchmark:
@@ -37,7 +37,7 @@ rule bayes:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.evaluation.bayes posterior --metrics {input:q} --experiment {wildcards.experiment:q}"
-        " {params.flags} --json {output.posterior:q} --markdown {output.markdown:q} --html {output.table:q}"
+        " --settings {params.settings:q} --json {output.posterior:q} --markdown {output.markdown:q} --html {output.table:q}"
         " --figure {output.figure:q} > {log:q} 2>&1"
 
 
@@ -56,7 +56,7 @@ rule clinicians:
             subcategory="Model versus clinicians (literature)",
         ),
     params:
-        level=BAYES["level"],
+        settings=bayes_settings(),
     log:
         f"{RESULTS}/logs/clinicians.log",
     benchmark:
@@ -69,5 +69,5 @@ rule clinicians:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.evaluation.bayes clinicians --posterior {input.posterior:q} --metrics {input.metrics:q}"
-        " --literature {input.literature:q} --level {params.level} --csv {output.csv:q}"
+        " --literature {input.literature:q} --settings {params.settings:q} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --html {output.html:q} > {log:q} 2>&1"

@@ -15,6 +15,7 @@ from workflow_scripts.common.cli import PipelineError, machine_memory_mb
 from workflow_scripts.common.settings import job_json
 from workflow_scripts.learning.recipe import training_settings
 from workflow_scripts.preprocess.skullstrip import command_settings as skullstrip_command_settings
+from workflow_scripts.hippocampus.volumetry import command_settings as volumetry_command_settings
 
 # Rules run `python -m workflow_scripts.<stage> ...`: put this checkout's package first on
 # Python's path, so the code beside this Snakefile runs from any working directory and
@@ -392,10 +393,9 @@ def volumetry_volumes(wildcards):
     return f"{RESULTS}/volumetry/{volumetry_masks(wildcards.experiment)}/volumes.tsv"
 
 
-def volumetry_flags(wildcards):
-    """Features, regularisation and mask source of one volumetry experiment."""
-    exp = config["experiments"][wildcards.experiment]
-    return f"--features {' '.join(exp['features'])} --C {exp['C']} --masks {exp['masks']}"
+def volumetry_settings(wildcards):
+    """Features, regularisation and mask source of one volumetry experiment, as its fit's settings JSON."""
+    return volumetry_command_settings(config["experiments"][wildcards.experiment])
 
 
 # --- clinical context (bayes) and the report -------------------------------------------
@@ -408,18 +408,10 @@ LITERATURE_TABLE = BAYES["literature"] or str(
 REPORT = f"{RESULTS}/report"
 
 
-def bayes_flags():
-    """Prior, credible level, draws, seed, figure level and each prevalence with its source."""
-    flags = [
-        f"--level {BAYES['level']} --credible {BAYES['credible']} --n-draws {BAYES['n_draws']}",
-        f"--seed {BAYES['seed']} --prior-sensitivity {' '.join(str(v) for v in BAYES['prior_sensitivity'])}",
-        f"--prior-specificity {' '.join(str(v) for v in BAYES['prior_specificity'])}",
-    ]
-    for entry in BAYES["prevalences"]:
-        prevalence = f"{entry['name']}={entry['value']}"
-        flags.append(f"--prevalence {shlex.quote(prevalence)}")
-        flags.append(f"--source {shlex.quote(entry.get('source', ''))}")
-    return " ".join(flags)
+def bayes_settings():
+    """Prior, credible level, draws, seed, figure level and each prevalence with its source (the literature
+    table is a path, passed as one)."""
+    return job_json(config, "bayes", omit=("bayes.literature",))
 
 
 fold_histories = fold_files("history.json")
@@ -613,14 +605,11 @@ def explain_inputs(wildcards):
             for kind, pattern in EXPLAIN_FILE_PATTERNS.items()}
 
 
-def explain_flags():
-    e = EXPLAIN
-    return (
-        f"--methods {' '.join(e['methods'])} --target {e['target']} --gradcam-layer {shlex.quote(e['gradcam_layer'])}"
-        f" --occlusion-patch {e['occlusion_patch']} --occlusion-stride {e['occlusion_stride']}"
-        f" --occlusion-batch {e['occlusion_batch']} --hippocampus-masks {e['hippocampus_masks']}"
-        f" --n-boot {e['n_boot']} --seed {e['seed']} --device {config['train']['device']}"
-    )
+def explain_settings():
+    """The explanation settings of one experiment's maps (explain.experiments, which experiments, and the
+    choice of scans are other jobs' business) and the device."""
+    return job_json(config, "explain", "train.device",
+                    omit=("explain.experiments", "explain.n_correct", "explain.n_wrong"))
 
 
 # --- predict (rules/predict.smk) ----------------------------------------------------------

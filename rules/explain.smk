@@ -16,16 +16,15 @@ checkpoint explain_scans:
     output:
         f"{RESULTS}/explain/{{experiment}}/scans.csv",
     params:
-        n_correct=EXPLAIN["n_correct"],
-        n_wrong=EXPLAIN["n_wrong"],
+        settings=job_json(config, "explain", only=("explain.n_correct", "explain.n_wrong")),
     log:
         f"{RESULTS}/logs/explain/{{experiment}}_scans.log",
     localrule: True
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.explain.explain choose --predictions {input:q} --n-correct {params.n_correct}"
-        " --n-wrong {params.n_wrong} --output {output:q} > {log:q} 2>&1"
+        "python -m workflow_scripts.explain.explain choose --predictions {input:q} --settings {params.settings:q}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule explain_experiment:
@@ -68,7 +67,7 @@ rule explain_experiment:
         ),
     params:
         checkpoint=selected_checkpoint,
-        flags=explain_flags(),
+        settings=explain_settings(),
         # the patterns the inputs were expanded from (functions, so Snakemake leaves their
         # {subject} and {image_id} for the script to fill in from scans.csv)
         tensor=lambda wildcards: EXPLAIN_FILE_PATTERNS["tensor"],
@@ -90,4 +89,4 @@ rule explain_experiment:
         "python -m workflow_scripts.explain.explain run --threads {threads} --scans {input.scans:q}"
         " --checkpoint {params.checkpoint:q} --tensor-pattern {params.tensor:q} --image-pattern {params.image:q}"
         " --brain-pattern {params.brain:q} --hippocampus-pattern {params.hippocampus:q} --out-dir {params.out_dir:q}"
-        " --experiment {wildcards.experiment} {params.flags} > {log:q} 2>&1"
+        " --experiment {wildcards.experiment} --settings {params.settings:q} > {log:q} 2>&1"

@@ -89,7 +89,7 @@ rule fit_volumetry:
         predictions=f"{RESULTS}/models/{{experiment}}/val_predictions.csv",
         model=f"{RESULTS}/models/{{experiment}}/model.joblib",
     params:
-        flags=volumetry_flags,
+        settings=volumetry_settings,
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         f"{RESULTS}/logs/train/{{experiment}}.log",
@@ -103,7 +103,8 @@ rule fit_volumetry:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.hippocampus.volumetry --threads {threads} fit --volumes {input.volumes:q}"
-        " --train {input.train:q} --val {input.val:q} {params.flags} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --train {input.train:q} --val {input.val:q} --settings {params.settings:q} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"
 
 
 # One CV fold, fitted like the main model on the fold's manifests: train.csv fits, the inner

@@ -10,7 +10,7 @@ import pytest
 from scipy import integrate, stats
 
 from workflow_scripts.evaluation import bayes
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.evaluation.evaluate import evaluate_predictions
 
 PREVALENCES = [{"name": "balanced", "value": 0.5, "source": "test set"},
@@ -115,9 +115,10 @@ def test_a_test_set_without_ad_cases_leaves_the_prior_and_says_so():
 def test_missing_counts_and_bad_prevalences_are_named():
     with pytest.raises(cli.PipelineError, match="m.json: no 'subject' block"):
         bayes.confusion_counts({"scan": COUNTS}, "subject", "m.json")
-    with pytest.raises(cli.PipelineError, match="NAME=VALUE"):
-        bayes.parse_prevalence("clinic=46")
-    assert bayes.parse_prevalence("a = b=0.2") == {"name": "a = b", "value": 0.2}
+    with pytest.raises(cli.PipelineError, match=r"bayes\.prevalences\.0\.value = 46: 46 is greater than or equal to"):
+        settings.read_job('{"bayes": {"prevalences": [{"name": "clinic", "value": 46}]}}', "bayes")
+    bayes_settings, = settings.read_job('{"bayes": {"prevalences": [{"name": "a = b", "value": 0.2}]}}', "bayes")
+    assert bayes_settings.prevalences[0].plain() == {"name": "a = b", "value": 0.2, "source": ""}
 
 
 def test_both_levels_are_analysed_with_the_figure_level_first():
@@ -145,8 +146,9 @@ def test_command_line_writes_json_tables_and_figure(tmp_path):
     out = {k: tmp_path / name for k, name in (("json", "posterior.json"), ("markdown", "t.md"), ("html", "t.html"),
                                                ("figure", "f.png"))}
     bayes.main(["posterior", "--metrics", str(tmp_path / "metrics.json"), "--experiment", "demo",
-                "--prevalence", "memory clinic=0.46", "--source", "a clinic", "--prevalence", "screening=0.045",
-                "--source", "a population", "--n-draws", "20000"]
+                "--settings", json.dumps({"bayes": {"n_draws": 20000, "prevalences": [
+                    {"name": "memory clinic", "value": 0.46, "source": "a clinic"},
+                    {"name": "screening", "value": 0.045, "source": "a population"}]}})]
                + [a for k, path in out.items() for a in (f"--{k}", str(path))])
     result = json.loads(out["json"].read_text())
     subject = metrics["subject"]

@@ -254,15 +254,16 @@ def trained(tmp_path_factory, request) -> dict:
     checkpoint = run / "best_loss.pt"
     predict(checkpoint, root / "test.csv", root / "test_predictions.csv", device="cpu", num_workers=0)
     out = root / "explain"
-    explain.main(["choose", "--predictions", str(root / "test_predictions.csv"), "--n-correct", "2", "--n-wrong", "2",
-                  "--output", str(out / "scans.csv")])
+    explain.main(["choose", "--predictions", str(root / "test_predictions.csv"),
+                  "--settings", '{"explain": {"n_correct": 2, "n_wrong": 2}}', "--output", str(out / "scans.csv")])
     explain.main(["run", "--threads", "2", "--scans", str(out / "scans.csv"), "--checkpoint", str(checkpoint),
                   "--tensor-pattern", f"{root}/tensors/{{subject}}/{{image_id}}.npy",
                   "--image-pattern", f"{root}/ras/{{subject}}/{{image_id}}.nii.gz",
                   "--brain-pattern", f"{root}/ras/{{subject}}/{{image_id}}_mask.nii.gz",
                   "--hippocampus-pattern", f"{root}/hippocampus_atlas/{{subject}}/{{image_id}}.nii.gz",
-                  "--out-dir", str(out), "--experiment", "planted", "--occlusion-patch", "8", "--occlusion-stride", "8",
-                  "--occlusion-batch", "8", "--n-boot", "500", "--device", "cpu"])
+                  "--out-dir", str(out), "--experiment", "planted", "--settings", json.dumps(
+                      {"explain": {"occlusion_patch": 8, "occlusion_stride": 8, "occlusion_batch": 8, "n_boot": 500},
+                       "train.device": "cpu"})])
     yield {"root": root, "table": table, "checkpoint": checkpoint, "out": out,
            "summary": json.loads((out / "summary.json").read_text()),
            "shares": pd.read_csv(out / "hippocampal_share.csv", dtype={"image_id": str, "subject": str}),

@@ -149,7 +149,8 @@ def test_a_cv_fold_is_fitted_on_its_training_manifest_and_predicts_its_inner_val
     volumes.to_csv(tmp_path / "volumes.tsv", sep="\t", index=False)
 
     volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--folds-csv", str(tmp_path / "cv_folds.csv"),
-                    "--fold", "1", "--features", "left_icv", "right_icv", "--out-dir", str(tmp_path / "fold1")])
+                    "--fold", "1", "--settings", '{"experiment": {"features": ["left_icv", "right_icv"]}}',
+                    "--out-dir", str(tmp_path / "fold1")])
 
     summary = json.loads((tmp_path / "fold1" / "summary.json").read_text())
     train = pd.read_csv(tmp_path / "cv" / "fold1" / "train.csv", dtype=str).merge(volumes, on="image_id")
@@ -173,7 +174,7 @@ def test_test_predictions_come_from_the_saved_model_with_its_own_features(tmp_pa
     val.to_csv(tmp_path / "val.csv", index=False)
     val.assign(subject="test_" + val["subject"]).to_csv(tmp_path / "test.csv", index=False)
     volumetry.main(["fit", "--volumes", str(tmp_path / "volumes.tsv"), "--train", str(tmp_path / "train.csv"),
-                    "--val", str(tmp_path / "val.csv"), "--features", "right_icv", "left_mm3",
+                    "--val", str(tmp_path / "val.csv"), "--settings", '{"experiment": {"features": ["right_icv", "left_mm3"]}}',
                     "--out-dir", str(tmp_path / "model")])
 
     volumetry.main(["predict", "--model", str(tmp_path / "model" / "model.joblib"), "--volumes",

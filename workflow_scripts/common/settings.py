@@ -43,14 +43,17 @@ def section_schema(section: str) -> dict:
 
 
 def with_defaults(node: Mapping[str, Any], values: Any) -> Any:
-    """``values`` with every missing key of ``node`` (a schema) set to its default, nested objects included."""
+    """``values`` with every missing key of ``node`` (a schema) set to its default, nested objects and the
+    objects of arrays included."""
+    if node.get("type") == "array" and isinstance(node.get("items"), Mapping) and isinstance(values, list):
+        return [with_defaults(node["items"], item) for item in values]
     if node.get("type") != "object" or "properties" not in node:
         return copy.deepcopy(values)
     filled = dict(values or {})
     for key, sub in node["properties"].items():
         if key not in filled and "default" in sub:
             filled[key] = copy.deepcopy(sub["default"])
-        if key in filled and isinstance(filled[key], Mapping):
+        if key in filled and isinstance(filled[key], (Mapping, list)):
             filled[key] = with_defaults(sub, filled[key])
     return filled
 
@@ -62,9 +65,7 @@ class Settings(Mapping):
 
     def __init__(self, values: Mapping[str, Any], where: str = "") -> None:
         object.__setattr__(self, "_where", where)
-        object.__setattr__(self, "_values", {
-            k: Settings(v, f"{where}.{k}" if where else k) if isinstance(v, Mapping) else
-            tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        object.__setattr__(self, "_values", {k: _frozen(v, f"{where}.{k}" if where else k) for k, v in values.items()})
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -90,8 +91,25 @@ class Settings(Mapping):
 
     def plain(self) -> dict:
         """The settings as plain JSON values (dicts and lists)."""
-        return {k: v.plain() if isinstance(v, Settings) else list(v) if isinstance(v, tuple) else v
-                for k, v in self._values.items()}
+        return {k: _plain(v) for k, v in self._values.items()}
+
+
+def _frozen(value: Any, where: str) -> Any:
+    """Mappings as Settings and lists as tuples, all the way down."""
+    if isinstance(value, Mapping):
+        return Settings(value, where)
+    if isinstance(value, list):
+        return tuple(_frozen(v, f"{where}.{i}") for i, v in enumerate(value))
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``_frozen``'s inverse: plain JSON values."""
+    if isinstance(value, Settings):
+        return value.plain()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def resolve(section: str, values: Any = None, where: str | None = None) -> Any:
@@ -104,6 +122,8 @@ def resolve(section: str, values: Any = None, where: str | None = None) -> Any:
     import jsonschema
 
     node = section_schema(section)
+    if values is None and "default" in node:
+        values = copy.deepcopy(node["default"])
     filled = with_defaults(node, values)
     where = where or section
     checked = {**node, "definitions": schema().get("definitions", {})}
@@ -142,14 +162,23 @@ def lookup(config: Mapping[str, Any], section: str) -> Any:
     return value
 
 
-def job_json(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()) -> str:
+def job_json(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = (), only: Sequence[str] = ()) -> str:
     """The settings a job's command uses, as the one JSON string a rule passes (``params``): a change in
     any of these sections, and only in them, re-runs the job. ``omit``: keys of a section (dotted) that are
-    paths or switches of other rules, left out so that changing them re-runs nothing."""
+    paths or switches of other rules, left out so that changing them re-runs nothing; ``only``: the keys of
+    a section (dotted) to keep, the others left out."""
     picked = {section: copy.deepcopy(lookup(config, section)) for section in sections}
+
+    def section_of(dotted: str) -> str:
+        return next(s for s in sections if dotted.startswith(s + "."))
+
     for dotted in omit:
-        section = next(s for s in sections if dotted.startswith(s + "."))
-        picked[section].pop(dotted[len(section) + 1:], None)
+        picked[section_of(dotted)].pop(dotted[len(section_of(dotted)) + 1:], None)
+    kept: dict[str, set] = {}
+    for dotted in only:
+        kept.setdefault(section_of(dotted), set()).add(dotted[len(section_of(dotted)) + 1:])
+    for section, keys in kept.items():
+        picked[section] = {k: v for k, v in picked[section].items() if k in keys}
     return json.dumps(picked, sort_keys=True)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.evaluation.compare import read_metrics
 from workflow_scripts.common.figures import save_figure
 from workflow_scripts.common.nifti_io import write_text_atomic
@@ -145,19 +145,6 @@ def prevalence_curve(se: np.ndarray, sp: np.ndarray, grid: np.ndarray, credible:
         out["ppv"][:, i] = np.quantile(ppv, [tail, 0.5, 1 - tail])
         out["npv"][:, i] = np.quantile(npv, [tail, 0.5, 1 - tail])
     return out
-
-
-def parse_prevalence(text: str) -> dict:
-    """'NAME=VALUE' -> {"name", "value"}; VALUE a share in (0, 1)."""
-    name, sep, value = text.rpartition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not sep or not name or not 0 < number < 1:
-        raise cli.PipelineError(f"--prevalence {text!r}: expected NAME=VALUE with VALUE a share strictly between "
-                                f"0 and 1, e.g. 'memory clinic=0.46' (set bayes.prevalences in config.yaml)")
-    return {"name": name, "value": number}
 
 
 # --- outputs ---------------------------------------------------------------------------
@@ -381,8 +368,7 @@ def clinician_html(table: pd.DataFrame, level: str, credible: float) -> str:
 def _pair(values: Sequence[float], what: str) -> tuple[float, float]:
     a, b = (float(v) for v in values)
     if a <= 0 or b <= 0:
-        raise cli.PipelineError(f"{what}: Beta prior parameters must be positive, got {a} and {b} (config "
-                                f"bayes.prior_sensitivity / bayes.prior_specificity)")
+        raise cli.PipelineError(f"{what}: Beta prior parameters must be positive, got {a} and {b}")
     return a, b
 
 
@@ -392,14 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     one = sub.add_parser("posterior", help="one experiment's posteriors, table and figure")
     one.add_argument("--metrics", required=True, help="metrics.json written by workflow_scripts.evaluation.evaluate")
     one.add_argument("--experiment", required=True)
-    one.add_argument("--prevalence", action="append", default=[], help="NAME=VALUE, repeatable")
-    one.add_argument("--source", action="append", default=[], help="the source of each --prevalence, in order")
-    one.add_argument("--level", choices=LEVELS, default="subject", help="the level of the figure (default subject)")
-    one.add_argument("--prior-sensitivity", nargs=2, type=float, default=(1.0, 1.0), metavar=("A", "B"))
-    one.add_argument("--prior-specificity", nargs=2, type=float, default=(1.0, 1.0), metavar=("A", "B"))
-    one.add_argument("--credible", type=float, default=0.95)
-    one.add_argument("--n-draws", type=int, default=200_000)
-    one.add_argument("--seed", type=int, default=0)
+    settings.add_argument(one, "bayes")
     one.add_argument("--json", required=True)
     one.add_argument("--markdown", required=True)
     one.add_argument("--html", required=True)
@@ -408,27 +387,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     comp.add_argument("--posterior", nargs="+", required=True, help="posterior.json of each experiment")
     comp.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each experiment, same order")
     comp.add_argument("--literature", default=str(LITERATURE))
-    comp.add_argument("--level", choices=LEVELS, default="subject")
+    settings.add_argument(comp, "bayes")
     comp.add_argument("--csv", required=True)
     comp.add_argument("--markdown", required=True)
     comp.add_argument("--html", required=True)
     args = p.parse_args(argv)
+    if args.command not in ("posterior", "clinicians"):
+        p.error("choose a command: posterior or clinicians")
+    bayes, = settings.read_job(args.settings, "bayes")
     if args.command == "posterior":
-        if args.source and len(args.source) != len(args.prevalence):
-            raise cli.PipelineError(f"{len(args.prevalence)} --prevalence but {len(args.source)} --source")
-        prevalences = [parse_prevalence(text) for text in args.prevalence]
-        for entry, source in zip(prevalences, args.source):
-            entry["source"] = source
+        prevalences = [entry.plain() for entry in bayes.prevalences]
         metrics = read_metrics(args.metrics)
-        result = analyse(metrics, prevalences, args.experiment, args.level,
-                         _pair(args.prior_sensitivity, "--prior-sensitivity"),
-                         _pair(args.prior_specificity, "--prior-specificity"), args.credible, args.n_draws,
-                         args.seed, source=args.metrics)
+        result = analyse(metrics, prevalences, args.experiment, bayes.level,
+                         _pair(bayes.prior_sensitivity, "bayes.prior_sensitivity"),
+                         _pair(bayes.prior_specificity, "bayes.prior_specificity"), bayes.credible, bayes.n_draws,
+                         bayes.seed, source=args.metrics)
         write_text_atomic(json.dumps(result, indent=2) + "\n", args.json)
         write_text_atomic(markdown(result), args.markdown)
         write_text_atomic(html(result), args.html)
-        se, sp = draw_rates(result["levels"][args.level]["counts"], result["prior"]["sensitivity"],
-                            result["prior"]["specificity"], args.n_draws, args.seed)
+        se, sp = draw_rates(result["levels"][bayes.level]["counts"], result["prior"]["sensitivity"],
+                            result["prior"]["specificity"], bayes.n_draws, bayes.seed)
         plot_curves(result, se, sp, args.figure)
         for level, block in result["levels"].items():
             LOG.info("%s level: sensitivity %s, specificity %s", level, _interval(block["sensitivity"]),
@@ -441,13 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise cli.PipelineError(f"{len(args.posterior)} --posterior files but {len(args.metrics)} --metrics")
         results = [read_json(path, "posterior") for path in args.posterior]
         metrics = [read_metrics(path) for path in args.metrics]
-        table = clinician_rows(results, metrics, read_literature(args.literature), args.level)
+        table = clinician_rows(results, metrics, read_literature(args.literature), bayes.level)
         write_table(table, args.csv, args.markdown)
-        credible = results[0]["credible"] if results else 0.95
-        write_text_atomic(clinician_html(table, args.level, credible), args.html)
+        credible = results[0]["credible"] if results else bayes.credible
+        write_text_atomic(clinician_html(table, bayes.level, credible), args.html)
         LOG.info("wrote %s (%d models, %d literature rows)", args.html, len(results), len(table) - len(results))
-    else:
-        p.error("choose a command: posterior or clinicians")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import clean_image, load_nifti, save_nifti_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -590,9 +590,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     choose = sub.add_parser("choose", help="choose the test scans to explain")
     choose.add_argument("--predictions", required=True, help="test_predictions.csv (image_id, subject, label, prob, pred)")
-    choose.add_argument("--n-correct", type=int, default=2, help="correctly classified scans per class")
-    choose.add_argument("--n-wrong", type=int, default=1, help="misclassified scans per class")
     choose.add_argument("--output", required=True, help="CSV of the chosen scans")
+    settings.add_argument(choose, "explain")  # n_correct, n_wrong
     run = sub.add_parser("run", help="explain the chosen scans")
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--scans", required=True, help="the chosen scans (written by `choose`)")
@@ -602,22 +601,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         run.add_argument(f"--{name}-pattern", required=True,
                          help=f"path of each scan's {what}, with {{subject}} and {{image_id}}")
     run.add_argument("--out-dir", required=True)
-    run.add_argument("--experiment", default="")
-    run.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    run.add_argument("--target", default="AD", choices=TARGETS, help="the class whose log-odds are explained")
-    run.add_argument("--gradcam-layer", default="layer4")
-    run.add_argument("--occlusion-patch", type=int, default=32, help="cube edge in input voxels")
-    run.add_argument("--occlusion-stride", type=int, default=32, help="step in input voxels")
-    run.add_argument("--occlusion-batch", type=int, default=4, help="occluded inputs per forward pass")
-    run.add_argument("--hippocampus-masks", default="atlas", help="where the masks came from (recorded)")
-    run.add_argument("--n-boot", type=int, default=2000)
-    run.add_argument("--seed", type=int, default=0, help="bootstrap and weight randomisation seed")
-    run.add_argument("--device", default="auto")
+    run.add_argument("--experiment", default="", help="the experiment's name (recorded)")
+    settings.add_argument(run, "explain", "train.device")
     args = p.parse_args(argv)
     if args.command == "choose":
         from workflow_scripts.evaluation.evaluate import read_predictions
 
-        chosen = choose_scans(read_predictions(args.predictions), args.n_correct, args.n_wrong)
+        explain_settings, = settings.read_job(args.settings, "explain")
+        chosen = choose_scans(read_predictions(args.predictions), explain_settings.n_correct,
+                              explain_settings.n_wrong)
         write_text_atomic(chosen.to_csv(index=False), args.output)
         LOG.info("chose %d scans: %s", len(chosen), ", ".join(f"{r.image_id} ({r.group} {r.outcome})"
                                                               for r in chosen.itertuples()))
@@ -626,11 +618,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     scans = read_scans(args.scans)
     tensors, images, brains, hippocampi = (scan_files(scans, pattern) for pattern in (
         args.tensor_pattern, args.image_pattern, args.brain_pattern, args.hippocampus_pattern))
+    e, device = settings.read_job(args.settings, "explain", "train.device")
     explain_experiment(scans, args.checkpoint, tensors, images, brains, hippocampi, args.out_dir,
-                       methods=args.methods, target=args.target, gradcam_layer=args.gradcam_layer, occlusion_patch=args.occlusion_patch,
-                       occlusion_stride=args.occlusion_stride, occlusion_batch=args.occlusion_batch,
-                       hippocampus_masks=args.hippocampus_masks, n_boot=args.n_boot, seed=args.seed,
-                       device=args.device, experiment=args.experiment)
+                       methods=list(e.methods), target=e.target, gradcam_layer=e.gradcam_layer,
+                       occlusion_patch=e.occlusion_patch, occlusion_stride=e.occlusion_stride,
+                       occlusion_batch=e.occlusion_batch, hippocampus_masks=e.hippocampus_masks, n_boot=e.n_boot,
+                       seed=e.seed, device=device, experiment=args.experiment)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ import json
 import logging
 import platform
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import load_nifti, write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ LOG = logging.getLogger(__name__)
 LEFT, RIGHT = 1, 2
 VOLUME_COLUMNS = ("image_id", "subject", "group", "left_mm3", "right_mm3", "icv_mm3", "left_icv", "right_icv")
 FEATURES = VOLUME_COLUMNS[3:]
-DEFAULT_FEATURES = ("left_icv", "right_icv")
 THRESHOLD = 0.5  # AD when prob >= 0.5, as workflow_scripts.evaluation.evaluate scores it
 
 
@@ -249,6 +248,25 @@ def load_model(path: str | Path):
 
 # --- command line -------------------------------------------------------------------------
 
+# The keys of an experiments.<name> entry that a volumetry fit uses.
+SETTING_KEYS = ("masks", "features", "C")
+
+
+def command_settings(experiment: Mapping[str, Any]) -> str:
+    """The --settings JSON of a volumetry fit: the experiment's volumetry keys, completed from the schema."""
+    resolved = settings.resolve("experiments.*", experiment)
+    return json.dumps({"experiment": {key: resolved.plain()[key] for key in SETTING_KEYS}}, sort_keys=True)
+
+
+def read_settings(text: str) -> dict[str, Any]:
+    """A fit's --settings: {"experiment": {...}} completed from the schema and checked; the volumetry keys."""
+    given = settings.load_json(text)
+    if set(given) - {"experiment"}:
+        raise cli.PipelineError(f"--settings has keys {sorted(set(given) - {'experiment'})}; a volumetry fit reads "
+                                "only \"experiment\" (the volumetry keys of an experiments.<name> entry)")
+    resolved = settings.resolve("experiments.*", given.get("experiment"), "experiment").plain()
+    return {key: resolved[key] for key in SETTING_KEYS}
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -265,10 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--folds-csv", help="cv_folds.csv (with --fold): fit on that fold's cv/fold<k>/train.csv, "
                                          "predict its inner validation split cv/fold<k>/val.csv")
     fit.add_argument("--fold", type=int)
-    fit.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
-    fit.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength (scikit-learn's 1.0)")
-    fit.add_argument("--masks", default="", help="which masks the volumes come from (recorded)")
     fit.add_argument("--out-dir", required=True)
+    fit.add_argument("--settings", default="{}", help='JSON {"experiment": {"features": [...], "C": ..., "masks": ...}}: '
+                     "an experiments.<name> entry's volumetry keys; keys left out take the schema's defaults")
     pred = sub.add_parser("predict", help="predict the scans of a manifest with a fitted model")
     pred.add_argument("--model", required=True)
     pred.add_argument("--volumes", required=True)
@@ -314,10 +331,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         (train, val), sources = (read_manifest(args.train), read_manifest(args.val)), (args.train, args.val)
     else:
         p.error("fit needs --train and --val, or --folds-csv and --fold")
-    config = {"features": args.features, "C": args.C, "masks": args.masks, "fold": args.fold,
-              "volumes": args.volumes}
-    summary = fit_run(train, val, volumes, args.features, args.out_dir, C=args.C, config=config, sources=sources,
-                      volumes_source=args.volumes)
+    experiment = read_settings(args.settings)
+    config = {**experiment, "fold": args.fold, "volumes": args.volumes}
+    summary = fit_run(train, val, volumes, experiment["features"], args.out_dir, C=experiment["C"], config=config,
+                      sources=sources, volumes_source=args.volumes)
     LOG.info("fitted on %d scans; coefficients per SD %s", summary["splits"]["train"]["scans"],
              ", ".join(f"{k} {v:+.3f}" for k, v in summary["coefficients"].items()))
 
