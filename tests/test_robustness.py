@@ -64,7 +64,7 @@ def small_run(tmp_path_factory):
 
 def test_a_writer_killed_mid_write_leaves_no_file_at_the_target_and_its_rerun_no_partial(tmp_path):
     target = tmp_path / "ras" / "S1" / "I1.nii.gz"
-    script = ("import sys, numpy as np, nibabel as nib; from workflow_scripts import nifti_io; "
+    script = ("import sys, numpy as np, nibabel as nib; from workflow_scripts.common import nifti_io; "
               "data = np.random.default_rng(0).random((256, 256, 200), dtype=np.float32); "
               "nifti_io.save_nifti_atomic(nib.Nifti1Image(data, np.eye(4)), sys.argv[1])")
     writer = subprocess.Popen([sys.executable, "-c", script, str(target)], cwd=REPO)
