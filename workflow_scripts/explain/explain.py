@@ -2,11 +2,12 @@
 profiles, the hippocampal share of attribution, and the randomisation sanity check.
 
     python -m workflow_scripts.explain.explain choose --predictions results/evaluation/E/test_predictions.csv \\
-        --n-correct 2 --n-wrong 1 --output results/explain/E/scans.csv
+        --settings '{"explain": {"n_correct": 2, "n_wrong": 1}}' --output results/explain/E/scans.csv
     python -m workflow_scripts.explain.explain run --scans results/explain/E/scans.csv --checkpoint results/models/E/best_acc.pt \\
         --tensor-pattern 'results/tensors/{subject}/{image_id}.npy' --image-pattern 'results/ras/{subject}/{image_id}.nii.gz' \\
         --brain-pattern 'results/ras/{subject}/{image_id}_mask.nii.gz' \\
-        --hippocampus-pattern 'results/hippocampus_atlas/{subject}/{image_id}.nii.gz' --out-dir results/explain/E
+        --hippocampus-pattern 'results/hippocampus_atlas/{subject}/{image_id}.nii.gz' --out-dir results/explain/E \\
+        --settings '{"explain": {"occlusion_patch": 16}, "train.device": "cpu"}'
 
 What a map explains: the log-odds of the target class, log p(target) - log p(other) (the
 difference of the two logits), for the scan's input exactly as prediction sees it (the cached

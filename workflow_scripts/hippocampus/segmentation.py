@@ -1,13 +1,14 @@
 """Hippocampus segmentation: a MONAI U-Net (2D slice by slice, or 3D) trained on known labels; one
 mask per scan (1 = left, 2 = right hippocampus) on the model-input grid for volumetry and explanations.
 
-    python -m workflow_scripts.hippocampus.segmentation train --source demo --train results/splits/train.csv \\
+    python -m workflow_scripts.hippocampus.segmentation train --train results/splits/train.csv \\
         --val results/splits/val.csv --test results/splits/test.csv --truth-dir results/segmentation/truth \\
         --out-dir results/segmentation
-    python -m workflow_scripts.hippocampus.segmentation train --source demo --train results/splits/cv/fold0/train.csv \\
+    python -m workflow_scripts.hippocampus.segmentation train --train results/splits/cv/fold0/train.csv \\
         --val results/splits/cv/fold0/val.csv --held-out results/splits/cv/fold0/held_out.csv \\
         --truth-dir results/segmentation/truth --out-dir results/segmentation/cv/fold0
-    python -m workflow_scripts.hippocampus.segmentation train --source msd --msd-root /data/Task04_Hippocampus --out-dir ...
+    python -m workflow_scripts.hippocampus.segmentation train --msd-root /data/Task04_Hippocampus --out-dir ... \\
+        --settings '{"segmentation": {"source": "msd"}}'
     python -m workflow_scripts.hippocampus.segmentation assign --scans results/usable.tsv --train results/splits/train.csv \\
         --val results/splits/val.csv --test results/splits/test.csv \\
         --held-out results/splits/cv/fold0/held_out.csv results/splits/cv/fold1/held_out.csv \\

@@ -5,7 +5,8 @@ classifier on them (logistic regression), judged like the networks.
         --masks-pattern 'results/hippocampus_atlas/{subject}/{image_id}.nii.gz' \\
         --icv-pattern 'results/stripped/{subject}/{image_id}_mask.nii.gz' --output results/volumetry/atlas/volumes.tsv
     python -m workflow_scripts.hippocampus.volumetry fit --volumes results/volumetry/atlas/volumes.tsv \\
-        --train results/splits/train.csv --val results/splits/val.csv --out-dir results/models/hippocampal_volumetry
+        --train results/splits/train.csv --val results/splits/val.csv --out-dir results/models/hippocampal_volumetry \\
+        --settings '{"experiment": {"features": ["left_icv", "right_icv"], "C": 1.0, "masks": "atlas"}}'
     python -m workflow_scripts.hippocampus.volumetry fit ... --folds-csv results/splits/cv_folds.csv --fold 0 --out-dir ...
     python -m workflow_scripts.hippocampus.volumetry predict --model results/models/hippocampal_volumetry/model.joblib \\
         --volumes ... --manifest results/splits/test.csv \\
