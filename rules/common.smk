@@ -364,7 +364,6 @@ def comparison_flags(wildcards, input):
 
 # --- hippocampal volumetry --------------------------------------------------------------
 
-HIPPO = config["hippocampus"]
 # Hippocampus labels per scan (1 = left, 2 = right) by source: the atlas warped to each scan by
 # rule hippocampus_atlas, or the segmentation U-Net's masks (rule hippocampus_unet).
 HIPPOCAMPUS_MASKS = {"atlas": stage_file("hippocampus_atlas"), "unet": stage_file("hippocampus")}
