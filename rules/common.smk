@@ -12,7 +12,7 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from workflow_scripts.common.cli import PipelineError, machine_memory_mb
-from workflow_scripts.common.settings import job_json
+from workflow_scripts.common.settings import job_json, resolve
 from workflow_scripts.learning.recipe import training_settings
 from workflow_scripts.preprocess.skullstrip import command_settings as skullstrip_command_settings
 from workflow_scripts.hippocampus.volumetry import command_settings as volumetry_command_settings
@@ -244,17 +244,24 @@ if MAIN not in config["experiments"]:
     )
 
 
+def experiment_entry(name):
+    """experiments.<name> with the schema's defaults for the keys it leaves out."""
+    try:
+        return resolve("experiments.*", config["experiments"][name], f"experiments.{name}")
+    except PipelineError as err:
+        raise WorkflowError(str(err)) from None
+
+
 # Every experiment is trained, cross-validated and evaluated on the same split and folds; the
 # main one comes first in the comparison.
-EXPERIMENTS = [MAIN] + [name for name, exp in config["experiments"].items()
-                        if name != MAIN and exp.get("enabled", True)]
-if not config["experiments"][MAIN].get("enabled", True):
+EXPERIMENTS = [MAIN] + [name for name in config["experiments"] if name != MAIN and experiment_entry(name).enabled]
+if not experiment_entry(MAIN).enabled:
     raise WorkflowError(f"main_experiment '{MAIN}' has enabled: false; enable it or choose another main_experiment")
 
 
 def experiment_kind(name):
     """video (a video network), slices2d (the 2D ResNet-50 baseline) or volumetry (hippocampal volumes)."""
-    return config["experiments"][name].get("kind", "video")
+    return experiment_entry(name).kind
 
 
 def experiments_of(*kinds):
@@ -279,11 +286,10 @@ def all_tensors(wildcards):
 def experiment_weights(wildcards):
     """The pretrained weights record (Kinetics-400 or ImageNet) a training job needs, fetched once by a
     local job: cluster compute nodes often have no network."""
-    exp = config["experiments"][wildcards.experiment]
-    weights = str(exp.get("weights", "kinetics400"))
-    if weights not in ("kinetics400", "imagenet"):
+    exp = experiment_entry(wildcards.experiment)
+    if exp.weights not in ("kinetics400", "imagenet"):
         return []
-    return f"{RESULTS}/weights/{exp.get('arch', 'r3d_18')}_{weights}.json"
+    return f"{RESULTS}/weights/{exp.arch}_{exp.weights}.json"
 
 
 def experiment_settings(name):
@@ -379,7 +385,7 @@ def brain_masks(wildcards):
 
 
 def volumetry_masks(name):
-    return config["experiments"][name]["masks"]
+    return experiment_entry(name).masks
 
 
 # The volumes tables the volumetry experiments read (built by `all`).

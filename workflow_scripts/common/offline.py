@@ -11,6 +11,7 @@ DOWNLOADED_WEIGHTS = ("kinetics400", "imagenet")
 def offline_config(config: dict[str, Any]) -> list[str]:
     """Resolve every download of ``config`` (validated, defaults filled) without network, in place;
     returns one sentence per download point saying what is used instead."""
+    from workflow_scripts.common.settings import resolve
     from workflow_scripts.learning.models import pretrained_cache_path
     from workflow_scripts.preprocess.skullstrip import SYNTHSTRIP_FILENAME
 
@@ -26,11 +27,11 @@ def offline_config(config: dict[str, Any]) -> list[str]:
                          "preprocess.skullstrip.synthstrip_weights): skull stripping uses deepbet instead, whose "
                          "weights ship in its wheel; copy synthstrip.1.pt there to use SynthStrip")
     for name, experiment in config["experiments"].items():
-        weights = str(experiment.get("weights", "kinetics400"))
-        if experiment.get("kind", "video") == "volumetry" or weights not in DOWNLOADED_WEIGHTS \
-                or not experiment.get("enabled", True):
+        entry = resolve("experiments.*", experiment, f"experiments.{name}")  # the schema's defaults filled in
+        weights = entry.weights
+        if entry.kind == "volumetry" or weights not in DOWNLOADED_WEIGHTS or not entry.enabled:
             continue
-        cached = pretrained_cache_path(experiment.get("arch", "r3d_18"), weights)
+        cached = pretrained_cache_path(entry.arch, weights)
         if cached.is_file():
             notes.append(f"offline: {name}'s {weights} weights are not downloaded; torchvision's cached copy "
                          f"{cached} is used")
