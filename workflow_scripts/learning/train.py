@@ -68,7 +68,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from workflow_scripts.common import cli
-from workflow_scripts.learning.models import (ARCHS, BLOCKS, PLANES, build_model, count_parameters, parameter_groups,
+from workflow_scripts.learning.models import (build_model, count_parameters, parameter_groups,
                                      recalibrate_batchnorm, train_mode, unfreeze_from)
 from workflow_scripts.common import settings
 from workflow_scripts.learning.recipe import training_settings

@@ -31,7 +31,6 @@ from workflow_scripts.common.scan_failure import ScanDataError, run_stage
 LOG = logging.getLogger(__name__)
 
 METHODS = ("synthstrip", "deepbet")
-DEVICES = ("cpu", "auto", "gpu")
 GPU_DEVICES = {False: "cpu", "auto": "auto", True: "gpu"}  # preprocess.skullstrip.gpu -> where the network runs
 # The config sections a skull-strip job reads (its --settings).
 SETTINGS = ("preprocess.skullstrip", "qc.thresholds.brain_volume_ml")
