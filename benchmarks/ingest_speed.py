@@ -29,17 +29,22 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.data import ingest
-from workflow_scripts.data.demo import generate_collection
+from workflow_scripts.data.demo import collection_options, generate_collection
 from workflow_scripts.data.demo_faults import copy_series
+
+CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
 
 SMALL_DEMO = dict(n_subjects=2, visits=1, n_mci=0, distractors=False, seed=3)
 
 
 def build_collection(root: Path, n_series: int, voxel_scale: float) -> pd.DataFrame:
     """A demo collection of ``n_series`` MPRAGE scans: two generated, the rest copies of them."""
-    rows = generate_collection(root, voxel_scale=voxel_scale, **SMALL_DEMO)
+    demo = collection_options(resolve("demo"), CONFIG["data"]["phase_rid_ranges"])
+    rows = generate_collection(root, **{**demo, "voxel_scale": voxel_scale, **SMALL_DEMO})
     sources = [(row, ingest.find_image_dir(root, row["Subject"], row["Image Data ID"]))
                for row in rows.to_dict("records")]
     copies = []
@@ -81,9 +86,9 @@ def read_bytes(files: list[Path]) -> int:
 
 def run_ingest(root: Path, cache: dict, workers: int = 1) -> tuple[int, int]:
     """build_tables on the collection with the configured checks; (used, excluded)."""
+    options = ingest.table_options(resolve("data", {**CONFIG["data"], "descriptions": ["MPRAGE"]}))
     scans, excluded = ingest.build_tables(ingest.read_collection_csv(root / "collection.csv"), root,
-                                          classes=["AD", "CN"], descriptions=["MPRAGE"], min_slice_share=0.5,
-                                          min_extent_mm=100.0, check_cache=cache, workers=workers)
+                                          check_cache=cache, workers=workers, **options)
     return len(scans), len(excluded)
 
 

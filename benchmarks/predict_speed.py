@@ -59,7 +59,10 @@ def main() -> None:
     p.add_argument("--build-study", action="store_true", help="first make a study in --workdir (see above)")
     args = p.parse_args()
 
-    from workflow_scripts.data.demo import generate_collection
+    import yaml
+
+    from workflow_scripts.common.settings import resolve
+    from workflow_scripts.data.demo import collection_options, generate_collection
 
     workdir = args.workdir.resolve()
     if args.build_study:
@@ -67,8 +70,10 @@ def main() -> None:
     name = f"speed-{args.seed}-{args.voxel_scale:g}".replace(".", "p")
     source = workdir / "predict_speed_inputs" / name
     if not (source / "collection.csv").is_file():
-        generate_collection(source, n_subjects=args.n_subjects, seed=args.seed, visits=1,
-                            voxel_scale=args.voxel_scale, n_mci=0, distractors=False)
+        ranges = yaml.safe_load((REPO / "config.yaml").read_text())["data"]["phase_rid_ranges"]
+        demo = collection_options(resolve("demo", {"n_subjects": args.n_subjects, "seed": args.seed, "visits": 1,
+                                                   "voxel_scale": args.voxel_scale, "n_mci": 0}), ranges)
+        generate_collection(source, distractors=False, **demo)
     overlay = workdir / f"{name}.yaml"
     overlay.write_text(json.dumps({"predict": {
         "model": f"results/models/{args.experiment}/package", "source": "ida", "input": str(source),

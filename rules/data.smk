@@ -10,7 +10,7 @@ if DATA["source"] == "demo":
         params:
             root=lambda wildcards, output: os.path.dirname(output.csv),
             csv_name=lambda wildcards, output: os.path.basename(output.csv),
-            demo=config["demo"],
+            settings=job_json(config, "demo", "data.phase_rid_ranges"),
         log:
             f"{RESULTS}/logs/demo_collection.log",
         benchmark:
@@ -23,13 +23,7 @@ if DATA["source"] == "demo":
             "../envs/pipeline.yaml"
         shell:
             "python -m workflow_scripts.data.demo --root {params.root:q} --csv-name {params.csv_name:q}"
-            " --n-subjects {params.demo[n_subjects]} --visits {params.demo[visits]}"
-            " --n-mci {params.demo[n_mci]} --seed {params.demo[seed]} --phase {params.demo[phase]}"
-            " --voxel-scale {params.demo[voxel_scale]}"
-            " --hippocampus-atrophy {params.demo[hippocampus_atrophy]}"
-            " --ventricle-enlargement {params.demo[ventricle_enlargement]}"
-            " --progression-per-visit {params.demo[progression_per_visit]}"
-            " --faults {params.demo[faults]} > {log:q} 2>&1"
+            " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 checkpoint ingest:
@@ -42,15 +36,10 @@ checkpoint ingest:
         excluded=f"{RESULTS}/excluded.tsv",
     params:
         adni_root=lambda wildcards, input: os.path.dirname(input.tree),
-        classes=DATA["classes"],
-        descriptions=DATA["descriptions"],
-        types=DATA["types"],
-        phase_ranges=json.dumps(DATA["phase_rid_ranges"]),
+        # data.diagnosis_table is an input; the other left-out keys are other rules' paths and switches
+        settings=job_json(config, "data", omit=["data.source", "data.adni_root", "data.collection_csv",
+                                                "data.exclude_scans", "data.diagnosis_table"]),
         check_cache=f"{RESULTS}/ingest/series_checks.json",
-        min_slice_share=DATA["min_slice_share"],
-        min_extent_mm=DATA["min_extent_mm"],
-        label_policy=DATA["label_policy"],
-        visit_aliases=json.dumps(DATA["visit_aliases"]),
         diagnosis_table=lambda wildcards, input: (
             f"--diagnosis-table {shlex.quote(input.diagnosis)}" if input.diagnosis else ""
         ),
@@ -66,8 +55,5 @@ checkpoint ingest:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.data.ingest --collection-csv {input.csv:q} --adni-root {params.adni_root:q}"
-        " --classes {params.classes:q} --descriptions {params.descriptions:q} --types {params.types:q}"
-        " --phase-ranges {params.phase_ranges:q} --check-cache {params.check_cache:q}"
-        " --min-slice-share {params.min_slice_share} --min-extent-mm {params.min_extent_mm} --threads {threads}"
-        " --label-policy {params.label_policy} --visit-aliases {params.visit_aliases:q} {params.diagnosis_table}"
-        " --scans {output.scans:q} --excluded {output.excluded:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} --check-cache {params.check_cache:q} --threads {threads}"
+        " {params.diagnosis_table} --scans {output.scans:q} --excluded {output.excluded:q} > {log:q} 2>&1"

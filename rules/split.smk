@@ -37,14 +37,7 @@ rule split:
         fold_manifests=expand(FOLD_MANIFEST, fold=range(config["cv"]["folds"]), role=FOLD_ROLES),
     params:
         pattern=lambda wildcards: stage_file("ras"),
-        classes=DATA["classes"],
-        ratios=config["split"]["ratios"],
-        folds=config["cv"]["folds"],
-        seed=config["split"]["seed"],
-        label_policy=DATA["label_policy"],
-        inner_val_share=config["cv"]["inner_val_share"],
-        balance="--balance" if config["split"]["balance"] else "--no-balance",
-        stable="--stable" if config["split"]["stable"] else "--no-stable",
+        settings=job_json(config, "split", "cv", "data.classes", "data.label_policy"),
         out_dir=lambda wildcards, output: os.path.dirname(output.train),
     log:
         f"{RESULTS}/logs/split.log",
@@ -58,7 +51,4 @@ rule split:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.learning.split --scans {input.scans:q} --path-pattern {params.pattern:q}"
-        " --classes {params.classes:q} --ratios {params.ratios} --folds {params.folds} --seed {params.seed}"
-        " --inner-val-share {params.inner_val_share} {params.balance} {params.stable} --out-dir {params.out_dir:q}"
-        " --label-policy {params.label_policy} --excluded {input.excluded:q}"
-        " > {log:q} 2>&1"
+        " --settings {params.settings:q} --excluded {input.excluded:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -24,6 +24,39 @@ VENDOR_FAILING = ["failing/slicecount/001", "failing/gantrytilting/001", "failin
                   "failing/sliceincrement/001", "failing/sliceincrement/002", "failing/sliceorientation/001"]
 
 
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+RAS_PATTERN = "results/ras/{subject}/{image_id}.nii.gz"  # the split's --path-pattern: stage ras of results/
+
+
+def ingest_options(diagnosis_table: str | None = None, **overrides) -> dict:
+    """ingest.build_tables' settings as the workflow resolves config.yaml's data section, with ``overrides``
+    (build_tables' own keyword names) applied after resolution."""
+    from workflow_scripts.common.settings import resolve
+    from workflow_scripts.data import ingest
+
+    return {**ingest.table_options(resolve("data", CONFIG["data"]), diagnosis_table), **overrides}
+
+
+def demo_options(**overrides) -> dict:
+    """demo.generate_collection's settings: the schema's demo defaults and config.yaml's data.phase_rid_ranges,
+    with ``overrides`` (generate_collection's keyword names)."""
+    from workflow_scripts.common.settings import resolve
+    from workflow_scripts.data import demo
+
+    return {**demo.collection_options(resolve("demo"), CONFIG["data"]["phase_rid_ranges"]), **overrides}
+
+
+def split_options(**overrides) -> dict:
+    """split.make_split's settings: the schema's defaults of split, cv, data.classes and data.label_policy, the
+    stage-ras path pattern, and ``overrides`` (make_split's keyword names)."""
+    from workflow_scripts.common.settings import resolve
+    from workflow_scripts.learning import split
+
+    options = split.split_options(resolve("split"), resolve("cv"), resolve("data.classes"),
+                                  resolve("data.label_policy"))
+    return {"path_of": RAS_PATTERN, **options, **overrides}
+
+
 def discard_unless_failed(request: pytest.FixtureRequest, folder: Path, failed_before: int) -> None:
     """Remove a module fixture's folder at teardown unless a test failed while it lived.
 
@@ -104,7 +137,7 @@ def tiny_demo(tmp_path_factory) -> dict:
     from workflow_scripts.data.ingest import find_image_dir
 
     root = tmp_path_factory.mktemp("tiny_demo")
-    generate_collection(root, n_subjects=4, seed=7, visits=1, voxel_scale=3.0)
+    generate_collection(root, **demo_options(n_subjects=4, seed=7, visits=1, voxel_scale=3.0))
     collection = pd.read_csv(root / "collection.csv", dtype=str)
     mprage = collection[collection["Description"].eq("MPRAGE") & collection["Group"].isin(["AD", "CN"])].copy()
     mprage["dicom_dir"] = [find_image_dir(root, s, i) for s, i in zip(mprage["Subject"], mprage["Image Data ID"])]

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import RAS_PATTERN, split_options
 from workflow_scripts.common import cli
 from workflow_scripts.learning import split
 from workflow_scripts.evaluation.cv_summary import format_metric, main as cv_main, summarise_cv, summarise_folds
@@ -26,7 +27,7 @@ def scans_table(n_ad: int = 9, n_cn: int = 12, visits: int = 2) -> pd.DataFrame:
 
 
 def cv_folds_of(scans: pd.DataFrame, folds: int = 3) -> pd.DataFrame:
-    return split.make_split(scans, ratios=(0.8, 0.1, 0.1), folds=folds, balance=False).cv_folds
+    return split.make_split(scans, **split_options(ratios=(0.8, 0.1, 0.1), folds=folds, balance=False)).cv_folds
 
 
 # ----------------------------------------------------------------------------- the inner validation split
@@ -113,8 +114,9 @@ def test_the_audit_names_a_subject_in_two_roles_and_a_held_out_fold_that_is_not_
 def test_split_cli_writes_the_per_fold_manifests_and_audits_them(tmp_path):
     scans_table().to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
     out = tmp_path / "splits"
-    assert cli.run(split.main, ["--scans", str(tmp_path / "scans.tsv"), "--out-dir", str(out), "--folds", "3",
-                                "--inner-val-share", "0.2"]) == 0
+    assert cli.run(split.main, ["--scans", str(tmp_path / "scans.tsv"), "--path-pattern", RAS_PATTERN,
+                                "--out-dir", str(out),
+                                "--settings", json.dumps({"cv": {"folds": 3, "inner_val_share": 0.2}})]) == 0
     cv = pd.read_csv(out / "cv_folds.csv", dtype={"subject": str, "image_id": str})
     audit = json.loads((out / "audit.json").read_text())
     assert audit["passed"] is True and set(audit["cv_fold_manifests"]["folds"]) == {"0", "1", "2"}
@@ -236,8 +238,9 @@ def test_the_split_goes_on_when_cv_cannot_be_split_and_says_why(tmp_path):
     """3 subjects per class: train+val hold 2 per class, too few for an inner split in any of 3 folds."""
     scans_table(n_ad=3, n_cn=3, visits=1).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
     out = tmp_path / "splits"
-    assert cli.run(split.main, ["--scans", str(tmp_path / "scans.tsv"), "--out-dir", str(out), "--ratios", "0.34",
-                                "0.33", "0.33", "--inner-val-share", "0.111"]) == 0
+    assert cli.run(split.main, ["--scans", str(tmp_path / "scans.tsv"), "--path-pattern", RAS_PATTERN,
+                                "--out-dir", str(out), "--settings", json.dumps(
+                                    {"split": {"ratios": [0.34, 0.33, 0.33]}, "cv": {"inner_val_share": 0.111}})]) == 0
     assert len(pd.read_csv(out / "train.csv")) and len(pd.read_csv(out / "cv" / "fold0" / "held_out.csv"))
     assert pd.read_csv(out / "cv" / "fold0" / "val.csv").empty
     text = (out / "summary.txt").read_text()

@@ -1,6 +1,7 @@
 """Demo collection: IDA layout and CSV, determinism, adding a phase, conversion, planted truth."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
+from conftest import CONFIG, demo_options, ingest_options
 from workflow_scripts.common import cli
 from workflow_scripts.data import demo, ingest
 
@@ -31,7 +33,7 @@ DICOM_PATH = re.compile(r"^ADNI/(?P<subject>\d{3}_S_(?P<rid>\d{4}))/(?P<desc>[^/
 def collection(tmp_path_factory) -> dict:
     """4 AD/CN subjects x 2 visits, 1 MCI, a localizer and a duplicate (ADNI1)."""
     root = tmp_path_factory.mktemp("demo")
-    rows = demo.generate_collection(root, n_subjects=4, visits=2, **SMALL)
+    rows = demo.generate_collection(root, **demo_options(n_subjects=4, visits=2, **SMALL))
     return {"root": root, "rows": rows, "csv": pd.read_csv(root / "collection.csv", dtype=str),
             "volumes": pd.read_csv(root / "truth" / "volumes.tsv", sep="\t", dtype={"visit": str})}
 
@@ -72,9 +74,10 @@ def test_csv_has_the_ida_columns_and_one_row_per_image_folder(collection):
     assert set(csv["Modality"]) == {"MRI"} and set(csv["Type"]) == {"Original"} and set(csv["Format"]) == {"DCM"}
     assert set(csv["Sex"]) <= {"M", "F"} and all(a.isdigit() and 55 <= int(a) <= 100 for a in csv["Age"])
     assert all(IDA_DATE.match(d) for d in pd.concat([csv["Acq Date"], csv["Downloaded"]]))
-    low, high = demo.phase_rid_range("ADNI1")
+    ranges = CONFIG["data"]["phase_rid_ranges"]
+    low, high = demo.phase_rid_range("ADNI1", ranges)
     assert all(low <= int(s[-4:]) <= high for s in csv["Subject"])
-    assert all(ingest.phase_of(s, demo.PHASE_RID_RANGES) == "ADNI1" for s in csv["Subject"])
+    assert all(ingest.phase_of(s, ranges) == "ADNI1" for s in csv["Subject"])
 
 
 def test_tree_follows_the_ida_layout_and_headers_match_the_csv(collection):
@@ -102,7 +105,9 @@ def test_tree_follows_the_ida_layout_and_headers_match_the_csv(collection):
 
 def test_ingest_accepts_the_mprages_and_excludes_each_distractor_with_its_reason(collection):
     scans, excluded = ingest.build_tables(ingest.read_collection_csv(collection["root"] / "collection.csv"),
-                                          collection["root"], classes=["AD", "CN"], descriptions=["MPRAGE"])
+                                          collection["root"],
+                                          **ingest_options(classes=["AD", "CN"], descriptions=["MPRAGE"],
+                                                           min_slice_share=None, min_extent_mm=None))
     assert len(scans) == 8 and set(scans["group"]) == {"AD", "CN"} and set(scans["phase"]) == {"ADNI1"}
     assert set(scans["manufacturer"]) == {"GE MEDICAL SYSTEMS", "SIEMENS"}
     assert sorted(excluded["reason_code"]) == ["duplicate_series", "group_not_in_classes", "not_t1_mprage"]
@@ -111,7 +116,7 @@ def test_ingest_accepts_the_mprages_and_excludes_each_distractor_with_its_reason
 def test_same_arguments_give_the_same_collection(tmp_path):
     roots = [tmp_path / "a", tmp_path / "b"]
     for root in roots:
-        demo.generate_collection(root, n_subjects=2, visits=1, **SMALL)
+        demo.generate_collection(root, **demo_options(n_subjects=2, visits=1, **SMALL))
     a, b = roots
     assert (a / "collection.csv").read_bytes() == (b / "collection.csv").read_bytes()
     assert (a / "truth/volumes.tsv").read_bytes() == (b / "truth/volumes.tsv").read_bytes()
@@ -123,18 +128,19 @@ def test_same_arguments_give_the_same_collection(tmp_path):
             assert da.PixelData == db.PixelData and da.SeriesInstanceUID == db.SeriesInstanceUID
         elif rel.name.endswith(".nii.gz"):
             assert np.array_equal(nib.load(a / rel).get_fdata(), nib.load(b / rel).get_fdata())
-    demo.generate_collection(tmp_path / "c", n_subjects=2, visits=1, voxel_scale=3.0, seed=12)
+    demo.generate_collection(tmp_path / "c", **demo_options(n_subjects=2, visits=1, voxel_scale=3.0, seed=12))
     assert (tmp_path / "c/collection.csv").read_bytes() != (a / "collection.csv").read_bytes()
 
 
 def test_adding_a_phase_adds_subjects_and_rows_and_touches_no_existing_file(tmp_path):
     root = tmp_path / "adni"
-    first = demo.generate_collection(root, n_subjects=2, visits=1, n_mci=0, distractors=False, **SMALL)
+    first = demo.generate_collection(root, **demo_options(n_subjects=2, visits=1, n_mci=0, distractors=False,
+                                                          **SMALL))
     growing = {root / "collection.csv", root / "truth" / "volumes.tsv"}
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
     old_csv, old_volumes = (root / "collection.csv").read_bytes(), (root / "truth/volumes.tsv").read_bytes()
 
-    added = demo.generate_collection(root, n_subjects=2, visits=1, phase="ADNI2", **SMALL)
+    added = demo.generate_collection(root, **demo_options(n_subjects=2, visits=1, phase="ADNI2", **SMALL))
 
     for path, (mtime, data) in before.items():
         if path not in growing:
@@ -153,7 +159,7 @@ def test_adding_a_phase_adds_subjects_and_rows_and_touches_no_existing_file(tmp_
     assert not list(root.glob(".demo-staging-*"))
 
     with pytest.raises(cli.PipelineError, match="phase ADNI2 is already in"):
-        demo.generate_collection(root, n_subjects=2, visits=1, phase="ADNI2", **SMALL)
+        demo.generate_collection(root, **demo_options(n_subjects=2, visits=1, phase="ADNI2", **SMALL))
     assert pd.read_csv(root / "collection.csv", dtype=str).equals(csv)
 
 
@@ -259,18 +265,20 @@ def test_duplicate_shares_its_series_and_localizer_has_three_slices(collection):
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown phase 'ADNI5'"):
-        demo.generate_collection(Path("unused"), n_subjects=2, seed=1, phase="ADNI5")
+        demo.generate_collection(Path("unused"), **demo_options(n_subjects=2, seed=1, phase="ADNI5"))
     with pytest.raises(ValueError, match="hippocampus_atrophy"):
-        demo.generate_collection(Path("unused"), n_subjects=2, seed=1, hippocampus_atrophy=0.9, visits=3)
+        demo.generate_collection(Path("unused"), **demo_options(n_subjects=2, seed=1, hippocampus_atrophy=0.9,
+                                                                visits=3))
     with pytest.raises(ValueError, match="csv_name"):
-        demo.generate_collection(Path("unused"), n_subjects=2, seed=1, csv_name="../x.csv")
+        demo.generate_collection(Path("unused"), **demo_options(n_subjects=2, seed=1, csv_name="../x.csv"))
     assert not Path("unused").exists()
 
 
 def test_command_line_prints_a_summary_and_writes_the_named_csv(tmp_path):
-    cmd = [sys.executable, "-m", "workflow_scripts.data.demo", "--root", str(tmp_path), "--n-subjects", "2",
-           "--seed", "5", "--visits", "1", "--voxel-scale", "3", "--n-mci", "0", "--no-distractors",
-           "--phase", "ADNI3", "--csv-name", "my_collection.csv"]
+    settings = {"demo": {"n_subjects": 2, "seed": 5, "visits": 1, "voxel_scale": 3, "n_mci": 0, "phase": "ADNI3"},
+                "data.phase_rid_ranges": CONFIG["data"]["phase_rid_ranges"]}
+    cmd = [sys.executable, "-m", "workflow_scripts.data.demo", "--root", str(tmp_path), "--no-distractors",
+           "--settings", json.dumps(settings), "--csv-name", "my_collection.csv"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 1 and "2 images of 2 subjects" in done.stdout

@@ -1,6 +1,7 @@
 """Ingest: collection CSV + DICOM tree -> scans and excluded tables, each exclusion with its reason."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import (COLLECTION_HEADER, REPO, VENDOR_DICOM, VENDOR_FAILING, VENDOR_GOOD, collection_row,
-                      place_series)
+                      ingest_options, place_series)
 from workflow_scripts.data import demo_faults, ingest
 from workflow_scripts.preprocess.convert import convert_series
 
@@ -31,8 +32,9 @@ SIEMENS = VENDOR_DICOM / "siemens/anatomical/001"
 
 
 def tables(collection_csv: Path, root: Path, cache: dict | None = None, **limits):
-    return ingest.build_tables(ingest.read_collection_csv(collection_csv), root, classes=["AD", "CN"],
-                               descriptions=DESCRIPTIONS, check_cache=cache, **(limits or VENDOR_LIMITS))
+    return ingest.build_tables(ingest.read_collection_csv(collection_csv), root, check_cache=cache,
+                               **ingest_options(classes=["AD", "CN"], descriptions=DESCRIPTIONS,
+                                                **(limits or VENDOR_LIMITS)))
 
 
 def write_collection(path: Path, rows: list[dict]) -> Path:
@@ -267,8 +269,8 @@ def test_parallel_workers_give_the_same_tables_and_fill_the_cache(vendor_collect
     serial = tables(vendor_collection["csv"], vendor_collection["root"])
     cache: dict = {}
     parallel = ingest.build_tables(ingest.read_collection_csv(vendor_collection["csv"]), vendor_collection["root"],
-                                   classes=["AD", "CN"], descriptions=DESCRIPTIONS, check_cache=cache, workers=2,
-                                   **VENDOR_LIMITS)
+                                   check_cache=cache, workers=2,
+                                   **ingest_options(classes=["AD", "CN"], descriptions=DESCRIPTIONS, **VENDOR_LIMITS))
     assert parallel[0].equals(serial[0]) and parallel[1].equals(serial[1])
     assert len(cache) == len(VENDOR_GOOD) + len(VENDOR_FAILING)
 
@@ -291,10 +293,9 @@ def test_a_cache_written_by_another_version_of_the_checks_is_never_reused(tmp_pa
 def test_cli_writes_both_tables_and_reuses_the_series_check_cache(vendor_collection, tmp_path):
     cache = tmp_path / "cache.json"
     cmd = [sys.executable, "-m", "workflow_scripts.data.ingest", "--collection-csv", str(vendor_collection["csv"]),
-           "--adni-root", str(vendor_collection["root"]), "--classes", "AD", "CN",
-           "--descriptions", *DESCRIPTIONS, "--check-cache", str(cache),
-           "--min-slice-share", str(VENDOR_LIMITS["min_slice_share"]),
-           "--min-extent-mm", str(VENDOR_LIMITS["min_extent_mm"]),
+           "--adni-root", str(vendor_collection["root"]), "--check-cache", str(cache),
+           "--settings", json.dumps({"data": {**DATA_DEFAULTS, "classes": ["AD", "CN"], "descriptions": DESCRIPTIONS,
+                                              **VENDOR_LIMITS}}),
            "--scans", str(tmp_path / "scans.tsv"), "--excluded", str(tmp_path / "excluded.tsv")]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     scans = pd.read_csv(tmp_path / "scans.tsv", sep="\t")
@@ -314,8 +315,9 @@ def test_cli_with_no_usable_scan_exits_0_with_an_empty_scans_table_and_an_error_
     folder = one_series(tmp_path)
     _cut(sorted(folder.iterdir())[0], 500)
     cmd = [sys.executable, "-m", "workflow_scripts.data.ingest", "--collection-csv", str(tmp_path / "collection.csv"),
-           "--adni-root", str(tmp_path), "--classes", "AD", "CN", "--descriptions", "MPRAGE",
-           "--min-slice-share", "0.5", "--min-extent-mm", "1",
+           "--adni-root", str(tmp_path),
+           "--settings", json.dumps({"data": {**DATA_DEFAULTS, "classes": ["AD", "CN"], "descriptions": ["MPRAGE"],
+                                              "min_slice_share": 0.5, "min_extent_mm": 1}}),
            "--scans", str(tmp_path / "scans.tsv"), "--excluded", str(tmp_path / "excluded.tsv")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
@@ -327,10 +329,11 @@ def test_cli_with_no_usable_scan_exits_0_with_an_empty_scans_table_and_an_error_
 
 
 def test_phase_comes_from_the_rid():
-    assert ingest.phase_of("002_S_0295") == "ADNI1"
-    assert ingest.phase_of("941_S_4036") == "ADNI2"
-    assert ingest.phase_of("033_S_6266") == "ADNI3"
-    assert ingest.phase_of("not-an-id") == "unknown"
+    ranges = DATA_DEFAULTS["phase_rid_ranges"]
+    assert ingest.phase_of("002_S_0295", ranges) == "ADNI1"
+    assert ingest.phase_of("941_S_4036", ranges) == "ADNI2"
+    assert ingest.phase_of("033_S_6266", ranges) == "ADNI3"
+    assert ingest.phase_of("not-an-id", ranges) == "unknown"
 
 
 def test_a_csv_that_is_not_a_collection_is_named(tmp_path):
@@ -381,12 +384,13 @@ def test_plant_faults_gives_exactly_the_expected_ingest_outcome_for_every_kind(t
     for part in ("ADNI", "truth"):
         shutil.copytree(tiny_demo["root"] / part, root / part)
     shutil.copy(tiny_demo["csv"], root / "collection.csv")
-    limits = dict(classes=["AD", "CN"], descriptions=["MPRAGE"], **CONFIGURED)
+    limits = ingest_options(classes=["AD", "CN"], descriptions=["MPRAGE"], **CONFIGURED)
     before_scans, before_excluded = ingest.build_tables(ingest.read_collection_csv(root / "collection.csv"),
                                                         root, **limits)
     tree_before = {p: p.stat().st_mtime_ns for p in (root / "ADNI").rglob("*") if p.is_file()}
 
-    planted = demo_faults.plant_faults(root, root / "collection.csv", list(demo_faults.FAULT_KINDS), seed=5)
+    planted = demo_faults.plant_faults(root, root / "collection.csv", list(demo_faults.FAULT_KINDS), seed=5,
+                                       phase_ranges=DATA_DEFAULTS["phase_rid_ranges"])
     assert sorted(set(planted["kind"])) == sorted(demo_faults.FAULT_KINDS)
     scans, excluded = ingest.build_tables(ingest.read_collection_csv(root / "collection.csv"), root, **limits)
 

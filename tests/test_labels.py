@@ -6,12 +6,19 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import COLLECTION_HEADER, VENDOR_DICOM, collection_row, place_series
+from conftest import (COLLECTION_HEADER, CONFIG, VENDOR_DICOM, collection_row, ingest_options, place_series,
+                      RAS_PATTERN, split_options)
 from workflow_scripts.common import cli
 from workflow_scripts.data import ingest, labels
 from workflow_scripts.learning import split
 
 CLASSES = ["AD", "CN"]
+ALIASES = CONFIG["data"]["visit_aliases"]
+
+
+def policy(name: str = CONFIG["data"]["label_policy"], table: str | None = None) -> labels.LabelPolicy:
+    """A label policy with config.yaml's visit aliases."""
+    return labels.LabelPolicy(name, table, ALIASES)
 
 
 def collection(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
@@ -45,7 +52,7 @@ def verdict(frame: pd.DataFrame, subject_rows: pd.Series) -> list[tuple[str, str
 def test_collection_group_excludes_a_converter_naming_the_visits_that_disagree():
     table = collection([("002_S_0001", "CN", "sc"), ("002_S_0001", "CN", "m06"), ("002_S_0001", "AD", "m24"),
                         ("002_S_0002", "AD", "sc"), ("002_S_0002", "AD", "m12"), ("002_S_0003", "MCI", "sc")])
-    result = labels.label_scans(table, labels.LabelPolicy(), "AD")
+    result = labels.label_scans(table, policy(), "AD")
     converter = table["Subject"] == "002_S_0001"
     assert set(result.loc[converter, "reason_code"]) == {"converter"}
     reason = result.loc[converter, "reason"].iloc[0]
@@ -63,7 +70,7 @@ def test_visit_diagnosis_from_adnimerge_labels_each_scan_and_names_a_missing_vis
     rows = collection([("002_S_0001", "CN", "sc"), ("002_S_0001", "CN", "m6"), ("002_S_0001", "CN", "m24"),
                        ("002_S_0002", "CN", "sc"), ("002_S_0002", "CN", "m12"), ("002_S_0002", "CN", "m36"),
                        ("002_S_0003", "AD", "sc"), ("002_S_0004", "MCI", "m12")])
-    result = labels.label_scans(rows, labels.LabelPolicy("visit_diagnosis", str(table)), "AD")
+    result = labels.label_scans(rows, policy("visit_diagnosis", str(table)), "AD")
     assert verdict(result, rows.index[:6]) == [("CN", ""), ("CN", ""), ("AD", ""), ("CN", ""), ("AD", ""),
                                                 ("", "missing_diagnosis")]
     assert "visit m36" in result.at[5, "reason"] and "bl, m12" in result.at[5, "reason"]
@@ -82,7 +89,7 @@ def test_visit_diagnosis_from_dxsum_reads_each_phase_column_and_matches_on_rid(t
     ])
     rows = collection([("011_S_0001", "CN", "bl"), ("011_S_0001", "CN", "m12"), ("941_S_2005", "MCI", "sc"),
                        ("941_S_2005", "AD", "m24"), ("033_S_6001", "CN", "sc"), ("033_S_6001", "CN", "m12")])
-    result = labels.label_scans(rows, labels.LabelPolicy("visit_diagnosis", str(table)), "AD")
+    result = labels.label_scans(rows, policy("visit_diagnosis", str(table)), "AD")
     assert verdict(result, rows.index) == [("CN", ""), ("", "missing_diagnosis"), ("MCI", ""), ("AD", ""),
                                            ("CN", ""), ("AD", "")]
     assert labels.read_diagnosis_table(table).key == "RID"
@@ -94,19 +101,19 @@ def test_stable_keeps_only_subjects_with_one_diagnosis_at_every_visit(tmp_path):
         ("002_S_0002", "bl", "Dementia"), ("002_S_0002", "m12", "Dementia"), ("002_S_0002", "m24", "")])
     rows = collection([("002_S_0001", "CN", "sc"), ("002_S_0001", "CN", "m12"),
                        ("002_S_0002", "AD", "sc"), ("002_S_0002", "AD", "m24")])
-    result = labels.label_scans(rows, labels.LabelPolicy("stable", str(table)), "AD")
+    result = labels.label_scans(rows, policy("stable", str(table)), "AD")
     assert verdict(result, rows.index) == [("", "unstable_diagnosis")] * 2 + [("AD", "")] * 2
     assert "bl CN -> m36 MCI" in result.at[0, "reason"]  # the whole follow-up, as ClinicaDL's stable cohorts
     # without a diagnosis table the collection's Group decides
     by_group = labels.label_scans(collection([("002_S_0001", "CN", "sc"), ("002_S_0001", "AD", "m12"),
-                                              ("002_S_0002", "AD", "sc")]), labels.LabelPolicy("stable"), "AD")
+                                              ("002_S_0002", "AD", "sc")]), policy("stable"), "AD")
     assert list(by_group["reason_code"]) == ["unstable_diagnosis", "unstable_diagnosis", ""]
     assert "sc CN -> m12 AD" in by_group.at[0, "reason"]
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: labels.LabelPolicy("visit_diagnosis"), "needs data.diagnosis_table"),
-    (lambda p: labels.LabelPolicy("by_vibes"), "must be one of collection_group"),
+    (lambda p: policy("visit_diagnosis"), "needs data.diagnosis_table"),
+    (lambda p: policy("by_vibes"), "must be one of collection_group"),
     (lambda p: labels.read_diagnosis_table(p / "absent.csv"), "no diagnosis table at data.diagnosis_table="),
     (lambda p: labels.read_diagnosis_table(adnimerge(p / "t.csv", [("002_S_0001", "bl", "Frontotemporal")])),
      "'Frontotemporal'"),
@@ -134,14 +141,16 @@ def test_ingest_applies_the_policy_to_real_series(tmp_path):
     table = adnimerge(tmp_path / "ADNIMERGE.csv", [("002_S_0001", "bl", "CN"), ("002_S_0001", "m12", "Dementia"),
                                                     ("002_S_0002", "bl", "CN"), ("002_S_0003", "bl", "MCI")])
 
-    def run(policy: labels.LabelPolicy):
-        scans, excluded = ingest.build_tables(ingest.read_collection_csv(csv), tmp_path, classes=CLASSES,
-                                              descriptions=["MPRAGE"], label_policy=policy)
+    def run(label_policy: labels.LabelPolicy):
+        scans, excluded = ingest.build_tables(ingest.read_collection_csv(csv), tmp_path,
+                                              **ingest_options(classes=CLASSES, descriptions=["MPRAGE"],
+                                                               label_policy=label_policy, min_slice_share=None,
+                                                               min_extent_mm=None))
         return dict(zip(scans["image_id"], scans["group"])), dict(zip(excluded["image_id"], excluded["reason_code"]))
 
-    kept, dropped = run(labels.LabelPolicy())
+    kept, dropped = run(policy())
     assert kept == {"I3": "CN", "I4": "CN"} and dropped == {"I1": "converter", "I2": "converter"}
-    kept, dropped = run(labels.LabelPolicy("visit_diagnosis", str(table)))
+    kept, dropped = run(policy("visit_diagnosis", str(table)))
     assert kept == {"I1": "CN", "I2": "AD"}  # the converter's scans, each with its visit's label
     assert dropped == {"I3": "missing_diagnosis", "I4": "group_not_in_classes"}  # m06 has none; bl is MCI
 
@@ -172,8 +181,8 @@ def test_a_converter_stays_in_one_partition_with_each_scan_labelled_under_visit_
         {"image_id": "I9991", "subject": converter, "group": "CN", "visit": "m12", "acq_date": "2007-03-01",
          "sex": "F", "age": "76"}])], ignore_index=True)
     with pytest.raises(cli.PipelineError, match=f"{converter}.*collection_group.*visit_diagnosis"):
-        split.make_split(scans, balance=False)  # never a silent drop
-    result = split.make_split(scans, balance=False, label_policy="visit_diagnosis")
+        split.make_split(scans, **split_options(balance=False))  # never a silent drop
+    result = split.make_split(scans, **split_options(balance=False, label_policy="visit_diagnosis"))
     rows = pd.concat([m.assign(partition=p) for p, m in result.manifests.items()])
     mine = rows[rows["subject"] == converter].set_index("image_id")
     assert mine["partition"].nunique() == 1 and len(mine) == 3
@@ -195,7 +204,7 @@ def test_the_summary_counts_policy_drops_under_the_partition_the_ledger_had(tmp_
         table.to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
         excluded.to_csv(tmp_path / "excluded.tsv", sep="\t", index=False)
         argv = ["--scans", str(tmp_path / "scans.tsv"), "--excluded", str(tmp_path / "excluded.tsv"),
-                "--out-dir", str(out)]
+                "--path-pattern", RAS_PATTERN, "--out-dir", str(out)]
         assert cli.run(split.main, argv) == 0
         return json.loads((out / "summary.json").read_text())
 
@@ -211,7 +220,7 @@ def test_the_summary_counts_policy_drops_under_the_partition_the_ledger_had(tmp_
         {"image_id": "I7770", "subject": "099_S_0777", "group": "CN", "visit": "bl"},
         {"image_id": "I7771", "subject": "099_S_0777", "group": "AD", "visit": "m12"}])], ignore_index=True)
     verdicts = labels.label_scans(grown.rename(columns={"subject": "Subject", "group": "Group", "visit": "Visit"}),
-                                  labels.LabelPolicy(), "AD")
+                                  policy(), "AD")
     dropped = verdicts["reason_code"] != ""
     excluded = grown[dropped].assign(reason_code=verdicts.loc[dropped, "reason_code"],
                                      reason=verdicts.loc[dropped, "reason"])

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, chromium, run_snakemake, write_config
+from conftest import TINY, chromium, demo_options, run_snakemake, write_config
 from workflow_scripts.common import cli
 from workflow_scripts.predict.predict import class_label, list_new_scans, preprocessing_settings, scan_id
 
@@ -93,8 +93,8 @@ def new_cohort(tmp_path_factory, demo_run):
     from workflow_scripts.data.ingest import find_image_dir
 
     root = tmp_path_factory.mktemp("new_subjects")
-    collection = generate_collection(root / "ida", n_subjects=4, seed=101, visits=1, voxel_scale=3.0, n_mci=0,
-                                     distractors=False)
+    collection = generate_collection(root / "ida", **demo_options(n_subjects=4, seed=101, visits=1, voxel_scale=3.0,
+                                                                  n_mci=0, distractors=False))
     study_subjects = set(pd.read_csv(demo_run / "results" / "scans.tsv", sep="\t", dtype=str)["subject"])
     collection = collection[~collection["Subject"].isin(study_subjects)]
     assert len(collection) >= 3

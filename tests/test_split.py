@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import RAS_PATTERN, REPO, split_options
 from workflow_scripts.common import cli
 from workflow_scripts.learning import split
 
@@ -54,7 +54,7 @@ def scans_per(frame: pd.DataFrame, group: str) -> int:
 
 
 def test_subjects_never_cross_partitions_or_folds_and_the_audit_passes():
-    result = split.make_split(synthetic_scans())
+    result = split.make_split(synthetic_scans(), **split_options())
     seen = [set(result.manifests[p]["subject"]) for p in split.PARTITIONS]
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
     assert result.cv_folds.groupby("subject")["fold"].nunique().max() == 1
@@ -68,7 +68,8 @@ def test_subjects_never_cross_partitions_or_folds_and_the_audit_passes():
 
 def test_labels_paths_and_columns():
     scans = synthetic_scans()
-    result = split.make_split(scans, classes=["CN", "AD"], path_of="ras/{group}/{subject}/{image_id}.nii.gz")
+    result = split.make_split(scans, **split_options(classes=["CN", "AD"],
+                                                     path_of="ras/{group}/{subject}/{image_id}.nii.gz"))
     rows = pd.concat(result.manifests.values())
     assert list(result.manifests["train"].columns) == list(split.MANIFEST_COLUMNS)
     assert list(result.cv_folds.columns) == list(split.CV_COLUMNS)
@@ -77,13 +78,13 @@ def test_labels_paths_and_columns():
     one = rows.iloc[0]
     assert one["path"] == f"ras/{one['group']}/{one['subject']}/{one['image_id']}.nii.gz"
     with pytest.raises(cli.PipelineError, match=r"\{site\}.*not a column"):
-        split.make_split(scans, path_of="ras/{site}/{image_id}.nii.gz")
+        split.make_split(scans, **split_options(path_of="ras/{site}/{image_id}.nii.gz"))
 
 
 def test_balance_keeps_every_smaller_class_scan_and_stops_at_the_subject_that_reaches_it():
     scans = synthetic_scans()
     scans = pd.concat([scans, pd.DataFrame([{"image_id": "I1", "subject": "999_S_9999", "group": "MCI"}])])
-    result = split.make_split(scans)
+    result = split.make_split(scans, **split_options())
     rows = pd.concat(result.manifests.values())
     n_ad, n_cn = scans_per(scans, "AD"), scans_per(scans, "CN")
     assert n_ad < n_cn  # the synthetic table is uneven
@@ -99,17 +100,17 @@ def test_balance_keeps_every_smaller_class_scan_and_stops_at_the_subject_that_re
     assert chosen_cn == set(order[:len(chosen_cn)])
     assert per_subject[order[:len(chosen_cn) - 1]].sum() < n_ad  # the last one taken was needed
     assert result.summary["input"]["ignored_groups"] == {"MCI": 1}
-    unbalanced = split.make_split(scans, balance=False)
+    unbalanced = split.make_split(scans, **split_options(balance=False))
     assert sum(len(m) for m in unbalanced.manifests.values()) == n_ad + n_cn
 
 
 def test_partition_targets_are_met_within_one_subjects_scans():
     scans = synthetic_scans()
-    result = split.make_split(scans, balance=False)
+    result = split.make_split(scans, **split_options(balance=False))
     for group in CLASSES:
         n = scans_per(scans, group)
         biggest = scans[scans["group"] == group].groupby("subject").size().max()
-        for p, ratio in zip(split.PARTITIONS, split.DEFAULT_RATIOS):
+        for p, ratio in zip(split.PARTITIONS, split_options()["ratios"]):
             row = result.summary["partitions"][group][p]
             assert row["target_scans"] == split.round_half_up(ratio * n)
             assert row["scans"] == scans_per(result.manifests[p], group)
@@ -121,7 +122,7 @@ def test_partition_targets_are_met_within_one_subjects_scans():
 
 def test_round_robin_deals_the_fewest_scan_subjects_to_test_then_val_then_train():
     scans = synthetic_scans()
-    result = split.make_split(scans, balance=False)
+    result = split.make_split(scans, **split_options(balance=False))
     where = partition_of(result)
     for group in CLASSES:
         counts = scans[scans["group"] == group].groupby("subject").size()
@@ -135,16 +136,17 @@ def test_round_robin_deals_the_fewest_scan_subjects_to_test_then_val_then_train(
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another_balance():
     scans = synthetic_scans()
-    one, two = split.make_split(scans, seed=7), split.make_split(scans.sample(frac=1, random_state=3), seed=7)
+    one = split.make_split(scans, **split_options(seed=7))
+    two = split.make_split(scans.sample(frac=1, random_state=3), **split_options(seed=7))
     for p in split.PARTITIONS:
         pd.testing.assert_frame_equal(one.manifests[p], two.manifests[p])
     pd.testing.assert_frame_equal(one.cv_folds, two.cv_folds)
-    other = split.make_split(scans, seed=8)
+    other = split.make_split(scans, **split_options(seed=8))
     assert other.summary["balance"]["subjects_left_out"] != one.summary["balance"]["subjects_left_out"]
 
 
 def test_folds_are_stratified_and_hold_out_the_test_subjects():
-    result = split.make_split(synthetic_scans(), folds=3)
+    result = split.make_split(synthetic_scans(), **split_options(folds=3))
     cv = result.cv_folds
     assert sorted(cv["fold"].unique()) == [0, 1, 2]
     for fold in range(3):
@@ -156,7 +158,7 @@ def test_folds_are_stratified_and_hold_out_the_test_subjects():
 
 
 def test_the_audit_names_planted_leaks():
-    result = split.make_split(synthetic_scans())
+    result = split.make_split(synthetic_scans(), **split_options())
     victim = result.manifests["test"].iloc[[0]]
     leaked = dict(result.manifests, train=pd.concat([result.manifests["train"], victim], ignore_index=True))
     audit = split.audit_split(leaked, result.cv_folds)
@@ -180,7 +182,8 @@ def test_the_cli_fails_on_a_leak_naming_the_subject_after_writing_the_audit(tmp_
     pd.concat([scans, duplicated]).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
     out = tmp_path / "splits"
     run = subprocess.run([sys.executable, "-m", "workflow_scripts.learning.split", "--scans", str(tmp_path / "scans.tsv"),
-                          "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--path-pattern", RAS_PATTERN, "--out-dir", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     subject = duplicated["subject"].iloc[0]
     assert run.returncode == 1
     assert "leakage audit failed" in run.stderr and subject in run.stderr
@@ -191,7 +194,8 @@ def test_the_cli_fails_on_a_leak_naming_the_subject_after_writing_the_audit(tmp_
 
 def run_cli(tmp_path, scans: pd.DataFrame, *flags: str) -> None:
     scans.to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
-    argv = ["--scans", str(tmp_path / "scans.tsv"), "--out-dir", str(tmp_path / "splits"), *flags]
+    argv = ["--scans", str(tmp_path / "scans.tsv"), "--path-pattern", RAS_PATTERN, "--out-dir",
+            str(tmp_path / "splits"), *flags]
     assert cli.run(split.main, argv) == 0
 
 
@@ -203,8 +207,8 @@ def read_outputs(tmp_path) -> dict:
 
 
 def test_cli_round_trip_writes_every_file_with_its_columns(tmp_path):
-    run_cli(tmp_path, synthetic_scans(), "--path-pattern", "results/ras/{subject}/{image_id}.nii.gz",
-            "--classes", "AD", "CN", "--ratios", "0.8", "0.1", "0.1", "--folds", "3", "--seed", "42")
+    run_cli(tmp_path, synthetic_scans(), "--settings", json.dumps({
+        "data.classes": ["AD", "CN"], "split": {"ratios": [0.8, 0.1, 0.1], "seed": 42}, "cv": {"folds": 3}}))
     out = tmp_path / "splits"
     files = read_outputs(tmp_path)
     for p in split.PARTITIONS:
@@ -257,17 +261,17 @@ def test_growth_with_the_ledger_moves_no_existing_subject(tmp_path):
             row = summary["partitions"][group][p]
             assert abs(row["scans"] - row["target_scans"]) <= 10
     # without the ledger the grown table is split afresh, and some old subject does move
-    run_cli(tmp_path, grown, "--no-stable")
+    run_cli(tmp_path, grown, "--settings", json.dumps({"split": {"stable": False}}))
     fresh = read_outputs(tmp_path)["ledger"].set_index("subject")
     assert (fresh.loc[placed.index, ["partition", "fold"]] != placed[["partition", "fold"]]).any(axis=None)
 
 
 def test_a_subject_chosen_by_balancing_stays_chosen():
     first = synthetic_scans(60)
-    base = split.make_split(first)
+    base = split.make_split(first, **split_options())
     more_cn = pd.concat([first, synthetic_scans(40, seed=2, first_rid=5001, ad_every=1000)])
-    stable = split.make_split(more_cn, ledger=base.ledger)
-    fresh = split.make_split(more_cn)
+    stable = split.make_split(more_cn, **split_options(ledger=base.ledger))
+    fresh = split.make_split(more_cn, **split_options())
     chosen = set(base.ledger.loc[base.ledger["partition"] != "unselected", "subject"])
     assert chosen <= set(stable.ledger.loc[stable.ledger["partition"] != "unselected", "subject"])
     assert not chosen <= set(fresh.ledger.loc[fresh.ledger["partition"] != "unselected", "subject"])
@@ -275,9 +279,9 @@ def test_a_subject_chosen_by_balancing_stays_chosen():
 
 def test_vanished_subjects_are_reported_and_a_changed_class_stops_the_split():
     first = synthetic_scans(60)
-    base = split.make_split(first)
+    base = split.make_split(first, **split_options())
     gone = base.manifests["train"]["subject"].iloc[0]
-    result = split.make_split(first[first["subject"] != gone], ledger=base.ledger)
+    result = split.make_split(first[first["subject"] != gone], **split_options(ledger=base.ledger))
     assert result.summary["ledger"]["vanished_subjects"] == [gone]
     assert gone in set(result.ledger["subject"])  # remembered, in case it comes back
     assert gone not in set(pd.concat(result.manifests.values())["subject"])
@@ -286,17 +290,17 @@ def test_vanished_subjects_are_reported_and_a_changed_class_stops_the_split():
     old = relabelled.loc[relabelled["subject"] == victim, "group"].iloc[0]
     relabelled.loc[relabelled["subject"] == victim, "group"] = "CN" if old == "AD" else "AD"
     with pytest.raises(cli.PipelineError, match=victim):
-        split.make_split(relabelled, ledger=base.ledger)
+        split.make_split(relabelled, **split_options(ledger=base.ledger))
 
 
 def test_a_changed_fold_count_reassigns_folds_but_keeps_partitions(tmp_path):
     scans = synthetic_scans(60)
-    base = split.make_split(scans, folds=3)
+    base = split.make_split(scans, **split_options(folds=3))
     path = tmp_path / split.LEDGER_NAME
     path.write_text(split.ledger_text(base.ledger))
     ledger = split.read_ledger(path)
     pd.testing.assert_frame_equal(ledger, base.ledger, check_dtype=False)
-    result = split.make_split(scans, folds=5, ledger=ledger)
+    result = split.make_split(scans, **split_options(folds=5, ledger=ledger))
     assert partition_of(result) == partition_of(base)
     assert sorted(result.cv_folds["fold"].unique()) == [0, 1, 2, 3, 4]
     assert result.summary["ledger"]["fold_reassigned_subjects"]
@@ -310,7 +314,7 @@ def test_a_changed_fold_count_reassigns_folds_but_keeps_partitions(tmp_path):
 ])
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(cli.PipelineError, match=message):
-        split.make_split(synthetic_scans(20), **kwargs)
+        split.make_split(synthetic_scans(20), **split_options(**kwargs))
 
 
 # ---------------------------------------------------------------- folds by subjects, demographics
@@ -326,7 +330,7 @@ def test_new_subjects_fill_the_folds_with_fewest_subjects_even_beside_a_heavy_ke
         assert counts.reindex([0, 1], fill_value=0).max() - counts.reindex([0, 1], fill_value=0).min() <= 1
     for seed in range(5):  # and on uneven synthetic tables, over 3 and 4 folds
         for n_folds in (3, 4):
-            cv = split.make_split(synthetic_scans(50, seed=seed), folds=n_folds).cv_folds
+            cv = split.make_split(synthetic_scans(50, seed=seed), **split_options(folds=n_folds)).cv_folds
             per = cv.groupby(["group", "fold"])["subject"].nunique().unstack(fill_value=0)
             assert ((per.max(axis=1) - per.min(axis=1)) <= 1).all(), per
 
@@ -349,7 +353,7 @@ def test_the_summary_reports_age_and_sex_per_class_and_partition_with_balance_te
     from scipy import stats
 
     scans = demographic_scans()
-    result = split.make_split(scans, balance=False)
+    result = split.make_split(scans, **split_options(balance=False))
     demo = result.summary["demographics"]
     first = scans[scans["visit"] == "bl"].set_index("subject")
     where = partition_of(result)
@@ -383,12 +387,12 @@ def test_the_summary_reports_age_and_sex_per_class_and_partition_with_balance_te
 def test_a_planted_sex_imbalance_shows_and_tiny_cells_are_not_testable():
     scans = demographic_scans(40)
     scans["sex"] = np.where(scans["group"] == "AD", "F", "M")  # every AD subject female, every CN male
-    demo = split.make_split(scans, balance=False).summary["demographics"]
+    demo = split.make_split(scans, **split_options(balance=False)).summary["demographics"]
     assert demo["per_class"]["AD"]["train"]["female_pct"] == 100.0
     assert demo["per_class"]["CN"]["train"]["female_pct"] == 0.0
     assert demo["between_classes"]["train"]["sex"]["p"] < 1e-6
     assert demo["between_partitions"]["AD"]["sex"]["note"] == "not testable: every subject has the same sex"
     one_each = split.demographics(scans, pd.DataFrame({"group": ["AD", "CN"], "partition": ["test", "test"]},
                                                       index=sorted(scans["subject"].unique())[:2]),
-                                  CLASSES, dict(zip(split.PARTITIONS, split.DEFAULT_RATIOS)))
+                                  CLASSES, dict(zip(split.PARTITIONS, split_options()["ratios"])))
     assert one_each["between_classes"]["test"]["age"]["note"].startswith("not testable: fewer than 2 subjects")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from nibabel.processing import resample_from_to
 
-from conftest import TINY, USER_EXCLUSION_REASON, run_snakemake, write_config
+from conftest import TINY, USER_EXCLUSION_REASON, demo_options, run_snakemake, write_config
 from workflow_scripts.common.scan_failure import read_failure
 from workflow_scripts.preprocess.skullstrip import dice
 
@@ -269,15 +269,15 @@ def test_new_phase_and_changed_parameter_schedule_only_what_they_affect(tmp_path
     from workflow_scripts.data.demo import generate_collection
 
     root = tmp_path / "adni"
-    first = generate_collection(root, n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
-                                distractors=False, phase="ADNI1")
+    first = generate_collection(root, **demo_options(n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
+                                                     distractors=False, phase="ADNI1"))
     config = write_config(tmp_path / "adni.yaml", {
         "data": {"source": "adni", "adni_root": str(root), "collection_csv": str(root / "collection.csv")},
         "preprocess": {"skullstrip": {"method": "deepbet"}, "target_shape": [32, 32, 32]}})
     run_snakemake(tmp_path, "preprocess", configfiles=[config])
 
-    added = generate_collection(root, n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
-                                distractors=False, phase="ADNI2")
+    added = generate_collection(root, **demo_options(n_subjects=2, seed=3, visits=1, voxel_scale=3.0, n_mci=0,
+                                                     distractors=False, phase="ADNI2"))
     new_ids = set(added["Image Data ID"])
     assert new_ids.isdisjoint(first["Image Data ID"])
     run_snakemake(tmp_path, "ingest", configfiles=[config])  # the checkpoint sees the new phase

@@ -191,15 +191,17 @@ def add_argument(parser: Any, *sections: str) -> None:
 
 def read_job(text: str, *sections: str) -> tuple[Any, ...]:
     """A command's --settings (``job_json``, or by hand only the keys to change) as one checked Settings per
-    section, in the order asked; a section given as null that has no default stays None (an optional one)."""
+    section, in the order asked; a section given as null that has no default stays None (an optional one).
+    A settings file (``--settings config.yaml``) may be a whole config: the command takes its sections."""
     given = load_json(text)
+    from_file = not text.strip().startswith("{")
     unknown = sorted(set(given) - set(sections))
-    if unknown:
+    if unknown and not from_file:
         raise cli.PipelineError(f"--settings has sections {unknown} this command does not use; it reads "
                                 f"{', '.join(sections)}")
     resolved = []
     for section in sections:
-        value = given.get(section)
+        value = given[section] if section in given else lookup(given, section)
         node = section_schema(section)
         if value is None and "default" not in node and node.get("type") != "object":
             resolved.append(None)

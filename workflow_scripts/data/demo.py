@@ -29,14 +29,14 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import cli
-from workflow_scripts.data.ingest import COLLECTION_COLUMNS, DEFAULT_PHASE_RID_RANGES as PHASE_RID_RANGES
+from workflow_scripts.common import cli, settings
+from workflow_scripts.data.ingest import COLLECTION_COLUMNS
 from workflow_scripts.common.nifti_io import clean_image, save_nifti_atomic, write_text_atomic
 from workflow_scripts.common.package_data import package_file
 from workflow_scripts.hippocampus.harvard_oxford import HIPPOCAMPUS_LEFT, HIPPOCAMPUS_RIGHT, VENTRICLE, harvard_oxford_labels
@@ -129,12 +129,13 @@ def planted_identifier_strings() -> list[str]:
     return sorted(found)
 
 
-def phase_rid_range(phase: str) -> tuple[int, int]:
-    """First and last RID of an ADNI phase; a ValueError lists the known phases."""
-    for name, low, high in PHASE_RID_RANGES:
+def phase_rid_range(phase: str, phase_ranges: Sequence[Sequence]) -> tuple[int, int]:
+    """First and last RID of an ADNI phase in ``phase_ranges`` (config data.phase_rid_ranges, the table ingest
+    reads the phase from); a ValueError lists the known phases."""
+    for name, low, high in phase_ranges:
         if name == phase:
-            return low, high
-    raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(p for p, _, _ in PHASE_RID_RANGES)}")
+            return int(low), int(high)
+    raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(p for p, _, _ in phase_ranges)}")
 
 
 # --------------------------------------------------------------------------- head model
@@ -465,11 +466,12 @@ def _rng(seed: int, phase: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(phase.encode()), *keys])
 
 
-def plan_subjects(*, n_subjects: int, n_mci: int, visits: int, seed: int, phase: str) -> list[Subject]:
+def plan_subjects(*, n_subjects: int, n_mci: int, visits: int, seed: int, phase: str,
+                  rid_range: tuple[int, int]) -> list[Subject]:
     """Subjects with RIDs in the phase's range; AD and CN split evenly (AD first when odd), and
     each group alternates the two scanner kinds so scanner and diagnosis are not confounded."""
     rng = _rng(seed, phase, 0)
-    low, high = phase_rid_range(phase)
+    low, high = rid_range
     n_ad, n_cn = (n_subjects + 1) // 2, n_subjects // 2
     total = n_ad + n_cn + n_mci
     rids = np.sort(rng.choice(np.arange(low, high + 1), size=total, replace=False))
@@ -656,9 +658,9 @@ def _read_existing_csv(csv_path: Path) -> pd.DataFrame:
 
 def _check_arguments(*, n_subjects: int, seed: int, phase: str, visits: int, voxel_scale: float,
                      hippocampus_atrophy: float, ventricle_enlargement: float, progression_per_visit: float,
-                     n_mci: int, csv_name: str) -> None:
+                     n_mci: int, phase_ranges: Sequence[Sequence], csv_name: str) -> None:
     """Reject arguments that cannot give a sensible collection, naming the argument."""
-    low, high = phase_rid_range(phase)
+    low, high = phase_rid_range(phase, phase_ranges)
     checks = [(n_subjects >= 1, f"n_subjects must be at least 1, got {n_subjects}"),
               (n_subjects + n_mci <= high - low + 1, f"n_subjects + n_mci = {n_subjects + n_mci} subjects do "
                                                      f"not fit the {high - low + 1} RIDs of phase {phase}"),
@@ -757,30 +759,38 @@ def write_subject(staging: Path, subject: Subject, scans: list[Scan], *, seed: i
     return volume_rows
 
 
-def generate_collection(root: Path, *, n_subjects: int, seed: int, phase: str = "ADNI1", visits: int = 2,
-                        voxel_scale: float = 1.0, hippocampus_atrophy: float = 0.25,
-                        ventricle_enlargement: float = 0.5, progression_per_visit: float = 0.1,
-                        n_mci: int = 1, distractors: bool = True,
+def collection_options(demo: Mapping[str, Any], phase_ranges: Sequence[Sequence]) -> dict:
+    """generate_collection's keyword arguments from the resolved config ``demo`` section (its ``faults`` are
+    planted afterwards, by demo_faults) and data.phase_rid_ranges."""
+    return {**{key: value for key, value in demo.items() if key != "faults"}, "phase_ranges": phase_ranges}
+
+
+def generate_collection(root: Path, *, n_subjects: int, seed: int, phase: str, visits: int, voxel_scale: float,
+                        hippocampus_atrophy: float, ventricle_enlargement: float, progression_per_visit: float,
+                        n_mci: int, phase_ranges: Sequence[Sequence], distractors: bool = True,
                         csv_name: str = "collection.csv") -> pd.DataFrame:
     """Generate (or add a phase to) a synthetic ADNI download under ``root``; returns the rows added.
+    The settings are config ``demo``'s (``collection_options``); ``phase_ranges`` is data.phase_rid_ranges.
 
     Everything is written into ``root/.demo-staging-<phase>`` first and moved into place at
     the end, so a crash never leaves half a phase that would block a re-run.
     """
     _check_arguments(n_subjects=n_subjects, seed=seed, phase=phase, visits=visits, voxel_scale=voxel_scale,
                      hippocampus_atrophy=hippocampus_atrophy, ventricle_enlargement=ventricle_enlargement,
-                     progression_per_visit=progression_per_visit, n_mci=n_mci, csv_name=csv_name)
+                     progression_per_visit=progression_per_visit, n_mci=n_mci, phase_ranges=phase_ranges,
+                     csv_name=csv_name)
     root = Path(root)
     csv_path, volumes_path = root / csv_name, root / "truth" / "volumes.tsv"
     existing, last_number = _existing_state(root, csv_path)
-    low, high = phase_rid_range(phase)
+    low, high = phase_rid_range(phase, phase_ranges)
     clash = sorted(s for s in existing if re.fullmatch(r"\d{3}_S_\d{4}", s) and low <= int(s[-4:]) <= high)
     if clash:
         raise cli.PipelineError(
             f"phase {phase} is already in {root} ({len(clash)} subject(s) with RIDs {low}-{high}, e.g. "
-            f"{clash[0]}); add another phase (--phase) or generate into a new --root")
+            f"{clash[0]}); add another phase (demo.phase) or generate into a new --root")
 
-    subjects = plan_subjects(n_subjects=n_subjects, n_mci=n_mci, visits=visits, seed=seed, phase=phase)
+    subjects = plan_subjects(n_subjects=n_subjects, n_mci=n_mci, visits=visits, seed=seed, phase=phase,
+                             rid_range=(low, high))
     first_number = max(PHASE_STYLE[phase][0], last_number + 1)
     scans = plan_scans(subjects, seed=seed, phase=phase, distractors=distractors, first_image_number=first_number)
     staging = root / f".demo-staging-{phase}"
@@ -812,41 +822,32 @@ def generate_collection(root: Path, *, n_subjects: int, seed: int, phase: str = 
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="folder to hold ADNI/, the CSV and truth/ (created if absent)")
-    p.add_argument("--n-subjects", type=int, required=True, help="AD + CN subjects, split evenly")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--phase", default="ADNI1", choices=[name for name, _, _ in PHASE_RID_RANGES],
-                   help="ADNI phase: decides the subjects' RIDs; another phase adds to an existing root")
-    p.add_argument("--visits", type=int, default=2, help="visits (scans) per AD/CN subject, a year apart")
-    p.add_argument("--voxel-scale", type=float, default=1.0,
-                   help="multiplies every voxel size, keeping the field of view (1 = ADNI-like)")
-    p.add_argument("--hippocampus-atrophy", type=float, default=0.25, help="AD: share of hippocampus lost")
-    p.add_argument("--ventricle-enlargement", type=float, default=0.5, help="AD: lateral ventricle growth")
-    p.add_argument("--progression-per-visit", type=float, default=0.1,
-                   help="AD: extra share of both per follow-up visit")
-    p.add_argument("--n-mci", type=int, default=1, help="MCI subjects (one visit each), a distractor")
+    settings.add_argument(p, "demo", "data.phase_rid_ranges")
     p.add_argument("--no-distractors", action="store_true", help="no localizer and no duplicated series")
     p.add_argument("--csv-name", default="collection.csv", help="collection CSV file name inside --root")
-    p.add_argument("--faults", nargs="*", default=[], help="broken series to plant (see workflow_scripts/data/demo_faults.py)")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    options = dict(n_subjects=args.n_subjects, seed=args.seed, phase=args.phase, visits=args.visits,
-                   voxel_scale=args.voxel_scale, hippocampus_atrophy=args.hippocampus_atrophy,
-                   ventricle_enlargement=args.ventricle_enlargement,
-                   progression_per_visit=args.progression_per_visit, n_mci=args.n_mci, csv_name=args.csv_name)
+    demo, phase_ranges = settings.read_job(args.settings, "demo", "data.phase_rid_ranges")
+    if phase_ranges is None:
+        raise cli.PipelineError("the demo needs data.phase_rid_ranges (the subjects' RIDs come from its phase "
+                                "ranges): pass --settings config.yaml, or a JSON object with the key "
+                                "\"data.phase_rid_ranges\"")
+    options = collection_options(demo, phase_ranges)
     try:
-        _check_arguments(**options)
+        _check_arguments(**options, csv_name=args.csv_name)
     except ValueError as err:
         p.error(str(err))
     started = time.perf_counter()
-    rows = generate_collection(Path(args.root), distractors=not args.no_distractors, **options)
+    rows = generate_collection(Path(args.root), distractors=not args.no_distractors, csv_name=args.csv_name,
+                               **options)
     groups = rows.drop_duplicates("Subject")["Group"].value_counts().to_dict()
-    print(f"demo {args.phase}: {len(rows)} images of {rows['Subject'].nunique()} subjects "
+    print(f"demo {demo.phase}: {len(rows)} images of {rows['Subject'].nunique()} subjects "
           f"({', '.join(f'{n} {g}' for g, n in sorted(groups.items()))}) added to {Path(args.root) / args.csv_name} "
           f"in {time.perf_counter() - started:.1f} s")
-    if args.faults:
+    if demo.faults:
         from workflow_scripts.data.demo_faults import plant_faults
 
-        planted = plant_faults(Path(args.root), Path(args.root) / args.csv_name, args.faults, args.seed)
+        planted = plant_faults(Path(args.root), Path(args.root) / args.csv_name, demo.faults, demo.seed, phase_ranges)
         write_text_atomic(planted.to_csv(sep="\t", index=False), Path(args.root) / "truth" / "faults.tsv")
         print(f"planted faults (truth/faults.tsv), with the outcome ingest must give:\n"
               f"{planted.to_string(index=False)}")

@@ -81,11 +81,12 @@ class Planter:
     rng: np.random.Generator
     used_subjects: set
     last_number: int
+    phase_ranges: Sequence[Sequence]  # data.phase_rid_ranges
 
     def new_subject(self, like: str) -> str:
         """An unused subject id at the source's site, its RID in the source's phase range."""
-        phase = ingest.phase_of(like)
-        low, high = phase_rid_range(phase) if phase != "unknown" else (1, 9999)
+        phase = ingest.phase_of(like, self.phase_ranges)
+        low, high = phase_rid_range(phase, self.phase_ranges) if phase != "unknown" else (1, 9999)
         taken = {int(s[-4:]) for s in self.used_subjects if s[-4:].isdigit()}
         free = sorted(set(range(low, high + 1)) - taken)
         if not free:
@@ -194,9 +195,11 @@ def _row(source: Source, subject: str, image_id: str, **changes) -> dict:
             "Visit": "sc", **changes}
 
 
-def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[str], seed: int) -> pd.DataFrame:
+def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[str], seed: int,
+                 phase_ranges: Sequence[Sequence]) -> pd.DataFrame:
     """Plant each kind of fault into ``root``'s ADNI tree and ``collection_csv``; returns the planted
-    images with the outcome ingest must give each (``expected``: a reason code or 'used')."""
+    images with the outcome ingest must give each (``expected``: a reason code or 'used'). ``phase_ranges``:
+    data.phase_rid_ranges (a planted subject's RID stays in its source's phase)."""
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
         raise ValueError(f"unknown fault kind(s) {', '.join(unknown)}; the kinds are {', '.join(FAULT_KINDS)}")
@@ -206,7 +209,7 @@ def plant_faults(root: str | Path, collection_csv: str | Path, kinds: Sequence[s
     table = table[table.ne("").any(axis=1)]
     rng = np.random.default_rng([int(seed), 0xFA17])
     subjects, last_number = _existing_state(root, csv_path)
-    planter = Planter(rng, set(subjects), last_number)
+    planter = Planter(rng, set(subjects), last_number, phase_ranges)
     sources = good_sources(root, table, rng)
     first, second = sources[0], sources[-1]
     rows, planted, volume_rows = [], [], []

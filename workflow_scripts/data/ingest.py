@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.data import labels
 from workflow_scripts.common.nifti_io import write_text_atomic
 
@@ -36,12 +36,6 @@ COLLECTION_COLUMNS = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit"
 SCAN_COLUMNS = ("image_id", "subject", "group", "sex", "age", "visit", "acq_date", "description",
                 "phase", "manufacturer", "n_slices", "dicom_dir", "series_uid")
 EXCLUDED_COLUMNS = ("image_id", "subject", "group", "visit", "description", "reason_code", "reason")
-
-# ADNI enrolment phase by roster id (RID, the last four digits of a subject id); the
-# collection CSV has no phase column, so this table (config ``data.phase_rid_ranges``)
-# decides which phase a subject came in with.
-DEFAULT_PHASE_RID_RANGES = (("ADNI1", 1, 1999), ("ADNIGO", 2000, 3999), ("ADNI2", 4000, 5999),
-                            ("ADNI3", 6000, 6999), ("ADNI4", 7000, 9999))
 
 # dicom2nifti's validation codes, said in words.
 CONVERTER_REASONS = {
@@ -66,8 +60,9 @@ def normalise_description(text: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(text)).lower()
 
 
-def phase_of(subject: str, ranges: Sequence[Sequence] = DEFAULT_PHASE_RID_RANGES) -> str:
-    """The ADNI phase a subject enrolled in, from the RID in its id ('unknown' if none fits)."""
+def phase_of(subject: str, ranges: Sequence[Sequence]) -> str:
+    """The ADNI phase a subject enrolled in, from the RID in its id ('unknown' if none fits). ``ranges``:
+    config data.phase_rid_ranges, [phase, first RID, last RID] rows (the collection CSV has no phase column)."""
     match = _SUBJECT_RE.match(str(subject))
     if not match:
         return "unknown"
@@ -468,17 +463,14 @@ def _median_of_others(counts: dict[str, int], key: str) -> float | None:
 
 
 def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: Iterable[str],
-                 descriptions: Iterable[str], types: Iterable[str] = ("Original",),
-                 phase_ranges: Sequence[Sequence] = DEFAULT_PHASE_RID_RANGES,
-                 min_slice_share: float | None = None, min_extent_mm: float | None = None,
-                 check_cache: dict | None = None, workers: int = 1,
-                 label_policy: labels.LabelPolicy | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 descriptions: Iterable[str], types: Iterable[str], phase_ranges: Sequence[Sequence],
+                 min_slice_share: float | None, min_extent_mm: float | None, label_policy: labels.LabelPolicy,
+                 check_cache: dict | None = None, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split the collection into usable scans and excluded scans (first applicable reason).
 
     ``min_slice_share`` and ``min_extent_mm`` are data.min_slice_share and data.min_extent_mm
-    (the command line always passes them); None leaves that check out. ``workers`` processes
-    read the series (the job's threads). ``label_policy`` (data.label_policy; None:
-    collection_group) gives each row its class, see labels.py.
+    (None leaves that check out). ``workers`` processes read the series (the job's threads).
+    ``label_policy`` (data.label_policy) gives each row its class, see labels.py.
     """
     adni_root = Path(adni_root).resolve()
     classes = [str(c) for c in classes]
@@ -486,7 +478,7 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
     accepted_types = {t.lower() for t in types}
     cache = {} if check_cache is None else check_cache
     collection = collection.assign(Group=[canonical_group(g, classes) for g in collection["Group"]])
-    verdicts = labels.label_scans(collection, label_policy or labels.LabelPolicy(), classes[0])
+    verdicts = labels.label_scans(collection, label_policy, classes[0])
     collection = collection.assign(Group=verdicts["group"].where(verdicts["reason_code"] == "", collection["Group"]))
 
     scans, excluded, on_disk, checked = [], [], [], []
@@ -572,6 +564,14 @@ def build_tables(collection: pd.DataFrame, adni_root: str | Path, *, classes: It
     return scans_df.sort_values(["subject", "acq_date", "image_id"], ignore_index=True), excluded_df
 
 
+def table_options(data: settings.Settings, diagnosis_table: str | None = None) -> dict:
+    """build_tables' keyword arguments from the resolved ``data`` settings (and the diagnosis table's path)."""
+    return dict(classes=data.classes, descriptions=data.descriptions, types=data.types,
+                phase_ranges=data.phase_rid_ranges, min_slice_share=data.min_slice_share,
+                min_extent_mm=data.min_extent_mm,
+                label_policy=labels.LabelPolicy(data.label_policy, diagnosis_table, data.visit_aliases))
+
+
 def load_check_cache(path: Path | None) -> dict:
     """The per-series check cache ({} when absent or unreadable: every series is read again)."""
     if path is None or not path.exists():
@@ -588,24 +588,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--collection-csv", required=True)
     p.add_argument("--adni-root", required=True, help="folder holding ADNI/")
-    p.add_argument("--classes", nargs="+", required=True)
-    p.add_argument("--descriptions", nargs="+", required=True)
-    p.add_argument("--types", nargs="+", default=["Original"])
-    p.add_argument("--phase-ranges", default=json.dumps(DEFAULT_PHASE_RID_RANGES),
-                   help="JSON list of [phase, first RID, last RID]")
-    p.add_argument("--min-slice-share", type=float, required=True,
-                   help="data.min_slice_share: least share of the protocol's median slice count")
-    p.add_argument("--min-extent-mm", type=float, required=True,
-                   help="data.min_extent_mm: least field of view along every axis")
+    settings.add_argument(p, "data")
     p.add_argument("--check-cache", help="JSON file caching per-series checks between runs")
-    p.add_argument("--label-policy", choices=labels.POLICIES, default=labels.DEFAULT_POLICY,
-                   help="data.label_policy: how each scan gets its class (see workflow_scripts/data/labels.py)")
     p.add_argument("--diagnosis-table", help="data.diagnosis_table: a local ADNIMERGE or DXSUM CSV")
-    p.add_argument("--visit-aliases", default=json.dumps(labels.DEFAULT_VISIT_ALIASES),
-                   help="data.visit_aliases: JSON list of [visit code, the code it is matched as]")
     p.add_argument("--scans", required=True)
     p.add_argument("--excluded", required=True)
     args = p.parse_args(argv)
+    (data,) = settings.read_job(args.settings, "data")
 
     if not (Path(args.adni_root) / "ADNI").is_dir():
         raise cli.PipelineError(f"no ADNI/ folder under data.adni_root={args.adni_root}; point data.adni_root "
@@ -613,11 +602,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cache_path = Path(args.check_cache) if args.check_cache else None
     cache = load_check_cache(cache_path)
     scans, excluded = build_tables(read_collection_csv(args.collection_csv), args.adni_root,
-                                   classes=args.classes, descriptions=args.descriptions, types=args.types,
-                                   phase_ranges=json.loads(args.phase_ranges), min_slice_share=args.min_slice_share,
-                                   min_extent_mm=args.min_extent_mm, check_cache=cache, workers=args.threads,
-                                   label_policy=labels.LabelPolicy(args.label_policy, args.diagnosis_table,
-                                                                   json.loads(args.visit_aliases)))
+                                   check_cache=cache, workers=args.threads,
+                                   **table_options(data, args.diagnosis_table))
     if cache_path:
         write_text_atomic(json.dumps(cache), cache_path)
     write_text_atomic(excluded.to_csv(sep="\t", index=False), args.excluded)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -49,8 +49,6 @@ from workflow_scripts.common import cli
 LOG = logging.getLogger(__name__)
 
 POLICIES = ("collection_group", "visit_diagnosis", "stable")
-DEFAULT_POLICY = "collection_group"
-DEFAULT_VISIT_ALIASES = {"sc": "bl", "scmri": "bl", "m00": "bl"}
 # Reason codes of the scans a policy excludes (ingest's excluded.tsv); the split counts them.
 POLICY_CODES = ("converter", "unstable_diagnosis", "missing_diagnosis")
 VERDICT_COLUMNS = ("group", "reason_code", "reason")
@@ -70,10 +68,9 @@ _RID_RE = re.compile(r"(\d{1,4})$")
 @dataclass(frozen=True)
 class LabelPolicy:
     """The label settings of one run (``data.label_policy``, ``data.diagnosis_table``, ``data.visit_aliases``)."""
-    policy: str = DEFAULT_POLICY
-    diagnosis_table: str | None = None
-    visit_aliases: Mapping[str, str] | Sequence[Sequence[str]] = field(
-        default_factory=lambda: dict(DEFAULT_VISIT_ALIASES))  # or [code, matched as] pairs, as in config.yaml
+    policy: str
+    diagnosis_table: str | None
+    visit_aliases: Mapping[str, str] | Sequence[Sequence[str]]  # or [code, matched as] pairs, as in config.yaml
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -35,18 +35,18 @@ Rules, in order:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.data import labels
 from workflow_scripts.common.nifti_io import write_text_atomic
 
@@ -59,11 +59,10 @@ MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
 CV_COLUMNS = MANIFEST_COLUMNS + ("fold",)
 LEDGER_COLUMNS = ("subject", "group", "partition", "fold", "n_folds")
 LEDGER_NAME = "subject_assignments.tsv"
-DEFAULT_PATH_PATTERN = "results/ras/{subject}/{image_id}.nii.gz"
-DEFAULT_CLASSES = ("AD", "CN")
-DEFAULT_RATIOS = (0.8, 0.1, 0.1)  # (train, val, test), dissertation section 4.3
 
 PathOf = str | Callable[[Mapping[str, str]], str]
+# The config sections the split command reads (its --settings).
+SETTING_SECTIONS = ("split", "cv", "data.classes", "data.label_policy")
 
 
 @dataclass
@@ -90,7 +89,7 @@ def read_scans(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def scan_paths(scans: pd.DataFrame, path_of: PathOf = DEFAULT_PATH_PATTERN) -> list[str]:
+def scan_paths(scans: pd.DataFrame, path_of: PathOf) -> list[str]:
     """Each scan's image path: ``path_of`` is a str.format pattern over the row's columns, or a function."""
     rows = scans.astype(str).to_dict("records")
     if callable(path_of):
@@ -102,7 +101,7 @@ def scan_paths(scans: pd.DataFrame, path_of: PathOf = DEFAULT_PATH_PATTERN) -> l
                                 f"the scans table (columns: {', '.join(scans.columns)})") from err
     except (IndexError, ValueError) as err:
         raise cli.PipelineError(f"path pattern {path_of!r} is not a valid pattern: {err}; use named fields "
-                                f"such as {DEFAULT_PATH_PATTERN!r}") from err
+                                f"such as 'results/ras/{{subject}}/{{image_id}}.nii.gz'") from err
 
 
 def check_settings(classes: Sequence[str], ratios: Sequence[float], folds: int) -> dict[str, float]:
@@ -129,7 +128,7 @@ def first_scans(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def prepare_scans(scans: pd.DataFrame, classes: Sequence[str], path_of: PathOf,
-                  label_policy: str = labels.DEFAULT_POLICY) -> tuple[pd.DataFrame, dict]:
+                  label_policy: str) -> tuple[pd.DataFrame, dict]:
     """The scans of the two classes with path, each scan's own label, and its subject's ``stratum``.
 
     Under ``visit_diagnosis`` a subject may have scans of both classes (a converter): each scan keeps
@@ -338,12 +337,19 @@ def _ledger_state(ledger: pd.DataFrame | None, subjects: pd.DataFrame, folds: in
     return partitions, kept_folds, info
 
 
-def make_split(scans: pd.DataFrame, *, classes: Sequence[str] = DEFAULT_CLASSES,
-               path_of: PathOf = DEFAULT_PATH_PATTERN, ratios: Sequence[float] = DEFAULT_RATIOS,
-               folds: int = 3, seed: int = 42, balance: bool = True,
-               ledger: pd.DataFrame | None = None, label_policy: str = labels.DEFAULT_POLICY,
+def split_options(split: Mapping[str, Any], cv: Mapping[str, Any], classes: Sequence[str],
+                  label_policy: str) -> dict:
+    """make_split's settings from the resolved config sections split and cv, data.classes and
+    data.label_policy."""
+    return dict(classes=list(classes), ratios=list(split["ratios"]), folds=cv["folds"], seed=split["seed"],
+                balance=split["balance"], label_policy=label_policy)
+
+
+def make_split(scans: pd.DataFrame, *, classes: Sequence[str], path_of: PathOf, ratios: Sequence[float],
+               folds: int, seed: int, balance: bool, label_policy: str, ledger: pd.DataFrame | None = None,
                excluded: pd.DataFrame | None = None) -> Split:
     """Balance the classes, deal subjects into partitions and CV folds, keeping what ``ledger`` fixed.
+    The settings are those of ``split_options``; ``path_of`` gives each scan's image path.
 
     ``excluded`` (ingest's excluded.tsv) lets the summary count the subjects the label policy dropped,
     under the partition the ledger had them in.
@@ -515,7 +521,7 @@ def build_summary(table: pd.DataFrame, chosen: pd.DataFrame, targets: Mapping[st
         "scans": int(len(table)), "subjects": int(table["subject"].nunique()),
         "balance": balance_info, "partitions": partitions, "scan_labels": scan_labels, "cv_folds": fold_table,
         "demographics": demographics(table, chosen, classes, ratios),
-        "label_policy": label_info or {"policy": input_info.get("label_policy", labels.DEFAULT_POLICY),
+        "label_policy": label_info or {"policy": input_info["label_policy"],
                                        "dropped": labels.dropped_by_partition(None, {}, set())},
         "ledger": ledger_info, "input": input_info, "warnings": warnings,
     }
@@ -572,7 +578,7 @@ def summary_text(summary: dict) -> str:
 def label_policy_lines(summary: dict) -> list[str]:
     """The label policy, the scans per label, and what the policy dropped per partition the subject had."""
     policy = summary.get("label_policy", {})
-    lines = [f"Label policy: {policy.get('policy', labels.DEFAULT_POLICY)}; scans per label: "
+    lines = [f"Label policy: {policy.get('policy', resolve('data.label_policy'))}; scans per label: "
              + "; ".join(f"{p} " + ", ".join(f"{g} {n}" for g, n in per.items())
                          for p, per in summary["scan_labels"].items())]
     dropped = policy.get("dropped", {})
@@ -762,51 +768,35 @@ def write_split(split: Split, out_dir: str | Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--scans", required=True, help="scans.tsv from the ingest step")
-    p.add_argument("--path-pattern", default=DEFAULT_PATH_PATTERN,
-                   help=f"each scan's image path, formatted with the scans table's columns "
-                        f"(default {DEFAULT_PATH_PATTERN})")
-    p.add_argument("--classes", nargs=2, default=list(DEFAULT_CLASSES), help="positive class first (default AD CN)")
-    p.add_argument("--ratios", nargs=3, type=float, default=list(DEFAULT_RATIOS),
-                   help="train val test fractions of each class's scans (default 0.8 0.1 0.1)")
-    p.add_argument("--folds", type=int, default=3, help="CV folds over train+val (default 3)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the class-balancing order (default 42)")
-    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
-                   help="subsample the larger class to the smaller's scan count (default on)")
-    p.add_argument("--stable", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep earlier subjects' partitions and folds from the ledger (default on)")
+    p.add_argument("--path-pattern", required=True,
+                   help="each scan's image path, formatted with the scans table's columns, e.g. "
+                        "results/ras/{subject}/{image_id}.nii.gz")
+    settings.add_argument(p, *SETTING_SECTIONS)
     p.add_argument("--ledger", help=f"the persistent subject ledger (default OUT_DIR/{LEDGER_NAME})")
-    p.add_argument("--label-policy", choices=labels.POLICIES, default=labels.DEFAULT_POLICY,
-                   help="data.label_policy: visit_diagnosis allows a subject's scans to carry both classes")
     p.add_argument("--excluded", help="ingest's excluded.tsv: the summary counts the subjects the label policy dropped")
-    p.add_argument("--inner-val-share", type=float,
-                   help="share of each class's subjects in a CV fold's other folds that validate it "
-                        "(cv.inner_val_share); writes OUT_DIR/cv/fold<k>/{train,val,held_out}.csv (without it, "
-                        "none are written)")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="the manifests, CV folds (with each fold's cv/fold<k>/"
+                   "{train,val,held_out}.csv), summaries, audit and ledger")
     args = p.parse_args(argv)
+    split_settings, cv, classes, label_policy = settings.read_job(args.settings, *SETTING_SECTIONS)
+    options = split_options(split_settings, cv, classes, label_policy)
 
     out = Path(args.out_dir)
     ledger_path = Path(args.ledger) if args.ledger else out / LEDGER_NAME
-    ledger = read_ledger(ledger_path) if args.stable else None
-    split = make_split(read_scans(args.scans), classes=args.classes, path_of=args.path_pattern,
-                       ratios=args.ratios, folds=args.folds, seed=args.seed, balance=args.balance, ledger=ledger,
-                       label_policy=args.label_policy,
-                       excluded=labels.read_excluded(args.excluded) if args.excluded else None)
+    ledger = read_ledger(ledger_path) if split_settings.stable else None
+    split = make_split(read_scans(args.scans), path_of=args.path_pattern, ledger=ledger,
+                       excluded=labels.read_excluded(args.excluded) if args.excluded else None, **options)
     audit = audit_split(split.manifests, split.cv_folds)
-    per_fold = None
-    if args.inner_val_share is not None:
-        per_fold, untrainable = cv_fold_manifests(split.cv_folds, args.folds, args.inner_val_share, args.seed)
-        audit = with_fold_audit(audit, audit_fold_manifests(per_fold, split.cv_folds, untrainable))
-        split.summary["warnings"] += [f"{reason}; its cv/fold{fold}/train.csv and val.csv are empty, so that fold's "
-                                      f"training stops" for fold, reason in untrainable.items()]
+    per_fold, untrainable = cv_fold_manifests(split.cv_folds, cv.folds, cv.inner_val_share, split_settings.seed)
+    audit = with_fold_audit(audit, audit_fold_manifests(per_fold, split.cv_folds, untrainable))
+    split.summary["warnings"] += [f"{reason}; its cv/fold{fold}/train.csv and val.csv are empty, so that fold's "
+                                  f"training stops" for fold, reason in untrainable.items()]
     write_text_atomic(json.dumps(audit, indent=2) + "\n", out / "audit.json")
     if not audit["passed"]:
         raise cli.PipelineError(
             f"leakage audit failed for subject(s) {', '.join(audit['offending_subjects'])} (details in "
             f"{out / 'audit.json'}); look in {args.scans} for a scan listed twice or under two subjects")
     write_split(split, out)
-    if per_fold is not None:
-        write_fold_manifests(per_fold, out)
+    write_fold_manifests(per_fold, out)
     write_text_atomic(ledger_text(split.ledger), ledger_path)
     LOG.info("split %d scans: %s", split.summary["scans"],
              ", ".join(f"{p} {len(split.manifests[p])}" for p in PARTITIONS))
