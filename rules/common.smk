@@ -642,9 +642,11 @@ def predict_not_configured(wildcards):
 
 if PREDICT_ON:
     from workflow_scripts.learning.model_package import read_card
-    from workflow_scripts.predict.predict import list_new_scans, preprocessing_settings, scan_id
+    from workflow_scripts.predict.predict import (SCANS_SECTIONS as PREDICT_SCANS_SECTIONS,
+                                                  SCORE_SECTIONS as PREDICT_SCORE_SECTIONS, list_new_scans,
+                                                  listing_settings, preprocessing_settings, scan_id)
 
-    PREDICT_LISTING = {**PREDICT, "descriptions": DATA["descriptions"], "types": DATA["types"]}
+    PREDICT_LISTING = listing_settings(PREDICT, DATA["descriptions"], DATA["types"])
     try:
         PREDICT_CARD = read_card(PREDICT["model"])
         PREDICT_SCANS = list_new_scans(PREDICT_LISTING)

@@ -26,8 +26,7 @@ else:
         output:
             PREDICT_SCAN_LIST,
         params:
-            settings=json.dumps({k: PREDICT_LISTING[k] for k in ("source", "input", "collection_csv", "labels",
-                                                                 "allow_training_scans", "descriptions", "types")}),
+            settings=job_json(config, *PREDICT_SCANS_SECTIONS, omit=["predict.model", "predict.name", "predict.explain"]),
             package=lambda wildcards, input: os.path.dirname(input.card),
         log:
             f"{PREDICTED}/logs/scans.log",
@@ -192,22 +191,13 @@ else:
             package=lambda wildcards, input: os.path.dirname(input.card),
             out_dir=lambda wildcards, output: os.path.dirname(output.summary),
             cohort=Path(PREDICTED).name,
-            settings=json.dumps(
-                {
-                    "qc": config["qc"],
-                    "explain": config["explain"],
-                    "methods": PREDICT["explain"],
-                    "evaluate": config["evaluate"],
-                    "allow_training_scans": PREDICT["allow_training_scans"],
-                    "differences": PREDICT_DIFFERENCES,
-                }
-            ),
+            settings=job_json(config, *PREDICT_SCORE_SECTIONS, omit=["predict.model", "predict.name", "predict.input",
+                                                                     "predict.collection_csv", "predict.source"]),
             ras=lambda wildcards: predicted_file("ras"),
             mask=lambda wildcards: predicted_file("ras", "_mask"),
             qc=lambda wildcards: predicted_file("qc", ext=".json"),
             montage=lambda wildcards: predicted_file("qc", ext=".png"),
             hippocampus=lambda wildcards: predicted_file("hippocampus_atlas"),
-            device=config["train"]["device"],
         log:
             f"{PREDICTED}/logs/predict.log",
         benchmark:
@@ -223,4 +213,4 @@ else:
             " --package {params.package:q} --out-dir {params.out_dir:q} --cohort {params.cohort:q}"
             " --settings {params.settings:q} --ras-pattern {params.ras:q} --mask-pattern {params.mask:q}"
             " --qc-pattern {params.qc:q} --montage-pattern {params.montage:q}"
-            " --hippocampus-pattern {params.hippocampus:q} --device {params.device} > {log:q} 2>&1"
+            " --hippocampus-pattern {params.hippocampus:q} > {log:q} 2>&1"

@@ -247,7 +247,7 @@ checkpoint usable_scans:
     params:
         ras_pattern=lambda wildcards: stage_file("ras"),
         qc_pattern=lambda wildcards: QC_METRICS_FILE,
-        qc_settings=json.dumps(config["qc"]),
+        settings=job_json(config, "qc"),
         user_exclusions=lambda wildcards, input: f"--user-exclusions {input.user_exclusions}"
         if input.user_exclusions
         else "",
@@ -261,6 +261,6 @@ checkpoint usable_scans:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.preprocess.usable_scans --scans {input.scans:q} --excluded {input.excluded:q}"
-        " --ras-pattern {params.ras_pattern:q} --qc-pattern {params.qc_pattern:q} --qc-settings {params.qc_settings:q}"
+        " --ras-pattern {params.ras_pattern:q} --qc-pattern {params.qc_pattern:q} --settings {params.settings:q}"
         " {params.user_exclusions} --usable {output.usable:q}"
         " --dropped {output.dropped:q} > {log:q} 2>&1"

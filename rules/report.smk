@@ -39,7 +39,7 @@ rule report_qc:
         html=report(f"{REPORT}/qc.html", caption="../report/qc_table.rst", category="Preprocessing QC"),
         table=f"{REPORT}/qc_table.tsv",
     params:
-        settings=json.dumps(config["qc"]),
+        settings=job_json(config, "qc"),
     log:
         f"{RESULTS}/logs/report/qc.log",
     threads: res("report", "threads")
@@ -49,7 +49,7 @@ rule report_qc:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report.report_tables qc --records {input:q} --settings-json {params.settings:q}"
+        "python -m workflow_scripts.report.report_tables qc --records {input:q} --settings {params.settings:q}"
         " --table {output.table:q} --output {output.html:q} > {log:q} 2>&1"
 
 
@@ -181,7 +181,7 @@ rule run_summary:
         f"{RESULTS}/run_summary.md",
     params:
         metrics=lambda wildcards, input: " ".join(shlex.quote(f"{n}={m}") for n, m in zip(EXPERIMENTS, input.metrics)),
-        classes=" ".join(shlex.quote(c) for c in DATA["classes"]),
+        settings=job_json(config, "data.classes"),
         results=lambda wildcards, input: os.path.dirname(input.usable),
     log:
         f"{RESULTS}/logs/report/run_summary.log",
@@ -193,4 +193,4 @@ rule run_summary:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.report.run_summary --results {params.results:q} --metrics {params.metrics}"
-        " --classes {params.classes} --output {output:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"

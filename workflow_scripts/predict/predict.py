@@ -18,12 +18,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import write_text_atomic
 
 LOG = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
                  ras_pattern: str, mask_pattern: str, qc_pattern: str, montage_pattern: str,
                  hippocampus_pattern: str, qc_settings: dict[str, Any], explain_settings: dict[str, Any],
                  methods: Sequence[str], evaluate_settings: dict[str, Any], allow_training_scans: bool,
-                 setting_differences: Sequence[str], device: str = "cpu") -> dict[str, Any]:
+                 setting_differences: Sequence[str], device: str) -> dict[str, Any]:
     """Predictions, metrics where labels are known, a map and the hippocampal share per scan, and the page."""
     import torch
 
@@ -482,11 +482,21 @@ def outcome_line(out_dir: str | Path) -> str | None:
             + f"; page {Path(out_dir) / 'predictions.html'}")
 
 
+# The config sections each subcommand reads (its --settings).
+SCANS_SECTIONS = ("predict", "data.descriptions", "data.types")
+SCORE_SECTIONS = ("predict", "qc", "explain", "evaluate", "preprocess", "train.device")
+
+
+def listing_settings(predict: Mapping[str, Any], descriptions: Sequence[str], types: Sequence[str]) -> dict[str, Any]:
+    """What list_new_scans reads: config predict with the series ingest accepts (data.descriptions, data.types)."""
+    return {**predict, "descriptions": list(descriptions), "types": list(types)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     scans = sub.add_parser("scans", help="list and check the cohort's scans; the leakage guard")
-    scans.add_argument("--settings", required=True, help="config predict section (JSON)")
+    settings.add_argument(scans, *SCANS_SECTIONS)
     scans.add_argument("--package", required=True)
     scans.add_argument("--output", required=True)
     imp = sub.add_parser("import", help="one scan's stage-nifti image")
@@ -498,30 +508,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     score.add_argument("--package", required=True)
     score.add_argument("--out-dir", required=True)
     score.add_argument("--cohort", required=True)
-    score.add_argument("--settings", required=True, help="JSON: qc, explain, evaluate, methods, allow, differences")
+    settings.add_argument(score, *SCORE_SECTIONS)
     for name in ("ras", "mask", "qc", "montage", "hippocampus"):
         score.add_argument(f"--{name}-pattern", required=True, help="path with {subject} and {image_id}")
-    score.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    if args.command == "scans":
-        from workflow_scripts.learning.model_package import read_card
+    from workflow_scripts.learning.model_package import read_card
 
-        settings = json.loads(args.settings)
-        table = check_new_scans(list_new_scans(settings), read_card(args.package),
-                                bool(settings["allow_training_scans"]))
+    if args.command == "scans":
+        predict, descriptions, types = settings.read_job(args.settings, *SCANS_SECTIONS)
+        table = check_new_scans(list_new_scans(listing_settings(predict.plain(), descriptions, types)),
+                                read_card(args.package), predict.allow_training_scans)
         write_text_atomic(table.to_csv(sep="\t", index=False), args.output)
         LOG.info("%d new scans listed (%d broken)", len(table), int(table["check"].ne("ok").sum()))
     elif args.command == "import":
         import_scan(read_scans(args.scans), args.image_id, args.output)
     else:
-        s = json.loads(args.settings)
+        predict, qc, explain, evaluate, preprocess, device = settings.read_job(args.settings, *SCORE_SECTIONS)
+        _, differences = preprocessing_settings(read_card(args.package), preprocess.plain())
         score_cohort(args.scans, args.package, args.out_dir, cohort=args.cohort, ras_pattern=args.ras_pattern,
                      mask_pattern=args.mask_pattern, qc_pattern=args.qc_pattern, montage_pattern=args.montage_pattern,
-                     hippocampus_pattern=args.hippocampus_pattern, qc_settings=s["qc"], explain_settings=s["explain"],
-                     methods=s["methods"], evaluate_settings=s["evaluate"],
-                     allow_training_scans=s["allow_training_scans"], setting_differences=s["differences"],
-                     device=args.device)
+                     hippocampus_pattern=args.hippocampus_pattern, qc_settings=qc.plain(),
+                     explain_settings=explain.plain(), methods=list(predict.explain),
+                     evaluate_settings=evaluate.plain(), allow_training_scans=predict.allow_training_scans,
+                     setting_differences=differences, device=device)
 
 
 if __name__ == "__main__":

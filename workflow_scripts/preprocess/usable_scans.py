@@ -13,14 +13,13 @@ A scan is listed once, under the first reason.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import write_text_atomic
 from workflow_scripts.preprocess.qc_metrics import apply_qc, read_records
 from workflow_scripts.common.scan_failure import read_failure
@@ -125,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ras-pattern", required=True, help="each scan's final stage file, e.g. results/ras/{subject}/"
                                                         "{image_id}.nii.gz")
     p.add_argument("--qc-pattern", help="each scan's QC metrics JSON, e.g. results/qc/{subject}/{image_id}.json")
-    p.add_argument("--qc-settings", type=json.loads, help="the config's qc: section as JSON (thresholds, outliers)")
+    settings.add_argument(p, "qc")
     p.add_argument("--user-exclusions", help="TSV of image_id and reason (data.exclude_scans)")
     p.add_argument("--usable", required=True)
     p.add_argument("--dropped", required=True)
@@ -138,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     drops = None
     if args.qc_pattern:
         records = read_records([args.qc_pattern.format(**row) for row in scans.to_dict("records")])
-        _, drops = apply_qc(records, args.qc_settings)
+        _, drops = apply_qc(records, settings.read_job(args.settings, "qc")[0].plain())
     usable, dropped = split_usable(scans, stage_failures(scans, args.ras_pattern), user, known, drops)
     write_text_atomic(dropped.to_csv(sep="\t", index=False), args.dropped)
     write_text_atomic(usable.to_csv(sep="\t", index=False), args.usable)

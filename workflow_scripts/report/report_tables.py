@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import write_text_atomic
 from workflow_scripts.preprocess.skullstrip import sha256_of
 
@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--output", required=True)
     c = sub.add_parser("qc", help="the QC table of every scan (per-scan QC records, config qc:)")
     c.add_argument("--records", nargs="+", required=True, help="every scan's results/qc/<subject>/<image_id>.json")
-    c.add_argument("--settings-json", required=True, help="the config's qc: section as JSON")
+    settings.add_argument(c, "qc")
     c.add_argument("--table", required=True, help="the QC table with each scan's drop reason (TSV)")
     c.add_argument("--output", required=True)
     c = sub.add_parser("split", help="the split summary and leakage audit")
@@ -491,11 +491,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "qc":
         from workflow_scripts.preprocess.qc_metrics import apply_qc, read_records
 
-        settings = json.loads(args.settings_json)
-        table, drops = apply_qc(read_records(args.records), settings)
+        qc = settings.read_job(args.settings, "qc")[0].plain()
+        table, drops = apply_qc(read_records(args.records), qc)
         merged = table.merge(drops, on=["subject", "image_id"], how="left")
         write_text_atomic(merged.to_csv(sep="\t", index=False), args.table)
-        page = qc_html(table, drops, settings)
+        page = qc_html(table, drops, qc)
     elif args.command == "split":
         page = split_html(read_json(args.summary, "split summary"), read_json(args.audit, "split audit"))
     elif args.command == "metrics":

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.evaluation.evaluate import MIN_SUBJECTS_PER_CLASS
 from workflow_scripts.common.nifti_io import write_text_atomic
 
@@ -81,11 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--results", required=True, help="the results folder (usable.tsv, dropped.tsv, excluded.tsv)")
     p.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
                    help="each experiment's evaluation/metrics.json")
-    p.add_argument("--classes", nargs=2, required=True, help="data.classes: the positive (label 1) class first")
+    settings.add_argument(p, "data.classes")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    (classes,) = settings.read_job(args.settings, "data.classes")
     metrics = dict(item.split("=", 1) for item in args.metrics)
-    text = summary_text(args.results, metrics, args.classes)
+    text = summary_text(args.results, metrics, classes)
     write_text_atomic(text, args.output)
     LOG.info("run summary written to %s", args.output)
 
