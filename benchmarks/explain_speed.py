@@ -38,8 +38,10 @@ def timed(function, repeats: int) -> float:
 
 
 def main() -> None:
+    from workflow_scripts.common.settings import resolve
     from workflow_scripts.explain.explain import gradcam_map, occlusion_map
     from workflow_scripts.learning.models import build_model
+    from workflow_scripts.learning.recipe import training_settings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="r3d_18")
@@ -52,19 +54,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    gradcam_layer = resolve("explain").gradcam_layer  # the schema's (default)
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args.arch, weights="none").to(device).eval()
+    model = build_model(**training_settings(None, {"arch": args.arch, "weights": "none"}).model).to(device).eval()
     x = torch.randn(1, 1, args.size, args.size, args.size, device=device)
     occlusions = len(range(0, args.size - args.patch + 1, args.stride)) ** 3
     with torch.no_grad():  # warm-up: one pass at the largest batch size
         model(x.expand(max(args.batch), -1, -1, -1, -1))
     rows = [{"method": "gradcam (layer4)", "forward passes": 1, "seconds per map": timed(
-        lambda: gradcam_map(model, x, 1), args.repeats)}]
+        lambda: gradcam_map(model, x, 1, layer=gradcam_layer), args.repeats)}]
     for batch in args.batch:
-        seconds = timed(lambda: occlusion_map(model, x, 1, args.patch, args.stride, batch), args.repeats)
+        seconds = timed(lambda: occlusion_map(model, x, 1, patch=args.patch, stride=args.stride, batch=batch),
+                        args.repeats)
         rows.append({"method": f"occlusion, batch {batch}", "forward passes": 1 + -(-occlusions // batch),
                      "seconds per map": seconds})
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \

@@ -80,6 +80,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.train_speed import write_scans  # noqa: E402
 from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
+from workflow_scripts.learning.recipe import training_settings  # noqa: E402
 from workflow_scripts.learning.train import ScanDataset, VolumeTransform, forward, make_loader, pick_device  # noqa: E402
 
 CROSS_ENTROPY = nn.CrossEntropyLoss()
@@ -181,8 +182,9 @@ class LoaderBatches:
     def __init__(self, paths: Sequence[Path], labels: Sequence[int], device: torch.device, batch_size: int,
                  workers: int, epoch: int):
         sources = [paths[i % len(paths)] for i in range(epoch)]
-        dataset = ScanDataset(sources, [labels[i % len(labels)] for i in range(epoch)],
-                              VolumeTransform(train=True), seed=0)
+        recipe = training_settings(None).train  # the schema's augmentation and z-normalisation
+        transform = VolumeTransform(train=True, **recipe.augmentation, znorm_mask=recipe.znorm_mask)
+        dataset = ScanDataset(sources, [labels[i % len(labels)] for i in range(epoch)], transform, seed=0)
         self.loader = make_loader(dataset, batch_size, True, 0, workers, pin_memory=device.type == "cuda")
         self.device, self.epoch = device, 0
         self.iterator = iter(self.loader)
@@ -211,12 +213,14 @@ class LoaderBatches:
 def build(arch: str, trainable_from: str, device: torch.device, channels_last: bool,
           compiled: bool = False, compile_mode: str = "default") -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """(model, the module to call, its optimizer) set up as ``train.new_training_state`` does, random weights."""
-    model = build_model(arch, "none", trainable_from=trainable_from).to(device)
+    job = training_settings(None, {"arch": arch, "weights": "none", "trainable_from": trainable_from})
+    model = build_model(**job.model).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr_head=job.train.lr_head, lr_backbone=job.train.lr_backbone),
+                                  weight_decay=job.train.weight_decay)
     train_mode(model)
     net = torch.compile(model, mode=compile_mode) if compiled else model
     return model, net, optimizer

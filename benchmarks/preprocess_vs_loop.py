@@ -102,8 +102,8 @@ def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None
             return skullstrip.strip(img, mask, pre["skullstrip"]["method"])
 
         brain, mask = timed("stripped", strip_one)
-        brain, mask = timed("resampled", resample.resample_to_spacing, brain, mask, pre["resample"]["spacing"],
-                            pre["resample"]["interpolation"])
+        brain, mask = timed("resampled", resample.resample_to_spacing, brain, mask,
+                            spacing=pre["resample"]["spacing"], interpolation=pre["resample"]["interpolation"])
         brain, mask = timed("cropped128", crop.crop_and_zoom, brain, mask, margin=pre["crop"]["margin"],
                             target_shape=pre["target_shape"], order=pre["crop"]["zoom_order"],
                             keep_aspect=pre["crop"]["keep_aspect"])
@@ -122,16 +122,17 @@ def run_loop(scans_tsv: Path, out_dir: Path, settings: dict, weights: str | None
 
 def load_stripper(skullstrip_settings: dict, weights: str | None):
     """A mask function as a loop would have it: deepbet's network loaded once, or SynthStrip's function."""
-    from workflow_scripts.preprocess.skullstrip import deepbet_mask, synthstrip_mask
+    from workflow_scripts.preprocess.skullstrip import GPU_DEVICES, deepbet_mask, synthstrip_mask, use_gpu
 
+    gpu = use_gpu(GPU_DEVICES[skullstrip_settings["gpu"]])  # preprocess.skullstrip.gpu, as the stage reads it
     if skullstrip_settings["method"] == "deepbet":
         from deepbet import BrainExtraction
 
-        extractor = BrainExtraction(no_gpu=True)
+        extractor = BrainExtraction(no_gpu=not gpu)
         return lambda img: deepbet_mask(img, threshold=skullstrip_settings["deepbet_threshold"],
-                                        n_dilate=skullstrip_settings["deepbet_dilate"], extractor=extractor)
+                                        n_dilate=skullstrip_settings["deepbet_dilate"], gpu=gpu, extractor=extractor)
     return lambda img: synthstrip_mask(img, weights, threads=os.cpu_count() or 1,
-                                       border=skullstrip_settings["synthstrip_border"])
+                                       border=skullstrip_settings["synthstrip_border"], gpu=gpu)
 
 
 def stage_table(workflow: pd.DataFrame, loop: dict, threads: dict) -> pd.DataFrame:

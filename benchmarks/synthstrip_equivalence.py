@@ -64,7 +64,7 @@ def main() -> None:
         upstream_s = time.perf_counter() - started
         upstream = np.asanyarray(nib.load(mask_path).dataobj) > 0
         started = time.perf_counter()
-        ours = synthstrip_mask(img, weights, threads=args.threads, border=1)
+        ours = synthstrip_mask(img, weights, threads=args.threads, border=1, gpu=False)  # as the command: -b 1, CPU
         ours_s = time.perf_counter() - started
     from nipreps.synthstrip.cli import conform
 

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
+from workflow_scripts.learning.recipe import training_settings  # noqa: E402
 from workflow_scripts.learning.train import (ScanDataset, VolumeTransform, forward, make_loader,  # noqa: E402
                                     pick_device)
 
@@ -56,15 +57,20 @@ def measure(paths: list[Path], device: torch.device, workers: int, steps: int, b
     """Seconds per step, volumes per second and data-wait share over ``steps`` timed steps."""
     torch.manual_seed(0)
     labels = [i % 2 for i in range(len(paths))]
-    dataset = ScanDataset(paths, labels, VolumeTransform(train=True, znorm=arch != "resnet50"), seed=0)
+    job = training_settings(None, {"arch": arch, "weights": "none"})  # the schema's defaults otherwise
+    recipe = job.train
+    transform = VolumeTransform(train=True, **recipe.augmentation, znorm_mask=recipe.znorm_mask,
+                                znorm=arch != "resnet50")
+    dataset = ScanDataset(paths, labels, transform, seed=0)
     loader = make_loader(dataset, batch_size, True, 0, workers, pin_memory=device.type == "cuda")
-    model = build_model(arch, "none").to(device)
+    model = build_model(**job.model).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if device.type == "cuda" and arch != "resnet50":
         model.to(memory_format=torch.channels_last_3d)
         torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr_head=recipe.lr_head, lr_backbone=recipe.lr_backbone),
+                                  weight_decay=recipe.weight_decay)
     criterion = nn.CrossEntropyLoss()
     train_mode(model)
     wait = total = 0.0
@@ -78,7 +84,7 @@ def measure(paths: list[Path], device: torch.device, workers: int, steps: int, b
             iterator = iter(loader)
             x, y, _ = next(iterator)
         got = time.perf_counter()
-        _, loss = forward(model, x, y, criterion, device)
+        _, loss = forward(model, x, y, criterion, device, recipe.precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

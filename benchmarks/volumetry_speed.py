@@ -38,13 +38,17 @@ def label_scan(workdir: Path, row, transform: str) -> dict:
     import nibabel as nib
     from nibabel.processing import resample_from_to
 
+    from workflow_scripts.common.settings import resolve
     from workflow_scripts.hippocampus.hippocampus_atlas import atlas_hippocampus
     from workflow_scripts.hippocampus.volumetry import mask_volume, voxel_volume_mm3
 
     ras = workdir / "results" / "ras" / row.subject
     scan, brain = nib.load(ras / f"{row.image_id}.nii.gz"), nib.load(ras / f"{row.image_id}_mask.nii.gz")
+    hippocampus = resolve("hippocampus")  # the schema's settings, but the transform compared here
     started = time.perf_counter()
-    labels, record = atlas_hippocampus(scan, brain=brain, transform=transform)
+    labels, record = atlas_hippocampus(scan, brain=brain, template=hippocampus.template, transform=transform,
+                                       reg_iterations=list(hippocampus.reg_iterations), seed=hippocampus.seed,
+                                       drop_csf=hippocampus.drop_csf)
     seconds = time.perf_counter() - started
     truth = nib.load(workdir / "demo_data" / "truth" / row.subject / f"{row.image_id}_hippocampus.nii.gz")
     truth = np.asarray(resample_from_to(truth, labels, order=0).dataobj)

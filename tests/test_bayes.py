@@ -17,6 +17,14 @@ PREVALENCES = [{"name": "balanced", "value": 0.5, "source": "test set"},
                {"name": "memory clinic", "value": 0.46, "source": "clinic"},
                {"name": "screening", "value": 0.045, "source": "population"}]
 COUNTS = {"tp": 40, "fn": 10, "tn": 45, "fp": 5}
+BAYES = settings.resolve("bayes")  # the schema's bayes settings (defaults)
+EVALUATE = settings.resolve("evaluate")
+
+
+def posterior(**given) -> dict:
+    """The prior and Monte Carlo keywords: those ``given`` here, the schema's defaults for the rest."""
+    return {key: given.get(key, BAYES[key])
+            for key in ("prior_sensitivity", "prior_specificity", "credible", "n_draws", "seed")}
 
 
 def metrics_json(counts: dict, subject_counts: dict | None = None) -> dict:
@@ -38,7 +46,7 @@ def test_conjugate_update_gives_the_textbook_beta():
     post = bayes.beta_posterior(40, 10, (1, 1))
     assert post.args == (41, 11)
     assert post.mean() == pytest.approx(41 / 52)
-    block = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=20_000)
+    block = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=20_000))
     assert block["sensitivity"]["posterior"] == [41.0, 11.0]
     assert block["specificity"]["posterior"] == [46.0, 6.0]
     low, high = stats.beta(41, 11).ppf([0.025, 0.975])
@@ -59,7 +67,7 @@ def test_predictive_values_follow_bayes_rule_by_hand():
 
 
 def test_monte_carlo_ppv_interval_matches_the_exact_posterior():
-    block = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=200_000, seed=3)
+    block = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=200_000, seed=3))
     for entry in block["prevalences"]:
         ppv = entry["ppv"]
         assert exact_ppv_cdf(ppv["low"], COUNTS, entry["value"]) == pytest.approx(0.025, abs=0.003)
@@ -68,7 +76,7 @@ def test_monte_carlo_ppv_interval_matches_the_exact_posterior():
 
 
 def test_ppv_falls_and_npv_rises_as_ad_becomes_rare():
-    block = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=50_000)
+    block = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=50_000))
     by_name = {e["name"]: e for e in block["prevalences"]}
     assert by_name["balanced"]["ppv"]["median"] > by_name["memory clinic"]["ppv"]["median"] > \
         by_name["screening"]["ppv"]["median"]
@@ -83,29 +91,30 @@ def test_ppv_falls_and_npv_rises_as_ad_becomes_rare():
 
 
 def test_intervals_narrow_with_more_cases_and_the_prior_pulls_small_samples():
-    small = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=50_000)
-    large = bayes.analyse_level({k: 10 * v for k, v in COUNTS.items()}, PREVALENCES, n_draws=50_000)
+    small = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=50_000))
+    large = bayes.analyse_level({k: 10 * v for k, v in COUNTS.items()}, PREVALENCES, **posterior(n_draws=50_000))
     width = {name: b["sensitivity"]["high"] - b["sensitivity"]["low"] for name, b in (("s", small), ("l", large))}
     assert width["l"] == pytest.approx(width["s"] / np.sqrt(10), rel=0.15)
     ppv_width = [b["prevalences"][2]["ppv"]["high"] - b["prevalences"][2]["ppv"]["low"] for b in (small, large)]
     assert ppv_width[1] < 0.5 * ppv_width[0]
     few = {"tp": 3, "fn": 0, "tn": 3, "fp": 0}
-    flat = bayes.analyse_level(few, PREVALENCES, n_draws=20_000)
-    sceptical = bayes.analyse_level(few, PREVALENCES, (10, 10), (10, 10), n_draws=20_000)
+    flat = bayes.analyse_level(few, PREVALENCES, **posterior(n_draws=20_000))
+    sceptical = bayes.analyse_level(few, PREVALENCES, **posterior(prior_sensitivity=(10, 10),
+                                                                  prior_specificity=(10, 10), n_draws=20_000))
     assert sceptical["sensitivity"]["median"] < flat["sensitivity"]["median"]
     assert sceptical["sensitivity"]["median"] == pytest.approx(stats.beta(13, 10).median())
 
 
 def test_draws_are_reproducible_by_seed():
-    one = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=20_000, seed=5)
-    assert one == bayes.analyse_level(COUNTS, PREVALENCES, n_draws=20_000, seed=5)
-    other = bayes.analyse_level(COUNTS, PREVALENCES, n_draws=20_000, seed=6)
+    one = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=20_000, seed=5))
+    assert one == bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=20_000, seed=5))
+    other = bayes.analyse_level(COUNTS, PREVALENCES, **posterior(n_draws=20_000, seed=6))
     assert other["prevalences"][2]["ppv"] != one["prevalences"][2]["ppv"]
     assert other["prevalences"][2]["ppv"]["median"] == pytest.approx(one["prevalences"][2]["ppv"]["median"], abs=0.01)
 
 
 def test_a_test_set_without_ad_cases_leaves_the_prior_and_says_so():
-    block = bayes.analyse_level({"tp": 0, "fn": 0, "tn": 4, "fp": 1}, PREVALENCES, n_draws=20_000)
+    block = bayes.analyse_level({"tp": 0, "fn": 0, "tn": 4, "fp": 1}, PREVALENCES, **posterior(n_draws=20_000))
     assert block["sensitivity"]["posterior"] == [1.0, 1.0]
     assert block["sensitivity"]["median"] == pytest.approx(0.5)
     assert block["sensitivity"]["observed"] is None
@@ -124,10 +133,12 @@ def test_missing_counts_and_bad_prevalences_are_named():
 def test_both_levels_are_analysed_with_the_figure_level_first():
     scan = {"tp": 8, "fn": 2, "tn": 9, "fp": 1}
     subject = {"tp": 4, "fn": 1, "tn": 5, "fp": 0}
-    result = bayes.analyse(metrics_json(scan, subject), PREVALENCES, "exp", "subject", n_draws=10_000)
+    result = bayes.analyse(metrics_json(scan, subject), PREVALENCES, "exp", figure_level="subject",
+                           **posterior(n_draws=10_000))
     assert list(result["levels"]) == ["subject", "scan"]
     assert result["levels"]["scan"]["counts"] == scan and result["levels"]["subject"]["counts"] == subject
-    assert list(bayes.analyse(metrics_json(scan, subject), PREVALENCES, "exp", "scan", n_draws=10_000)["levels"]) \
+    assert list(bayes.analyse(metrics_json(scan, subject), PREVALENCES, "exp", figure_level="scan",
+                            **posterior(n_draws=10_000))["levels"]) \
         == ["scan", "subject"]
     json.dumps(result)  # JSON-ready: no numpy types
 
@@ -141,7 +152,8 @@ def test_command_line_writes_json_tables_and_figure(tmp_path):
             prob = float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1))
             rows.append({"image_id": f"I{s}{k}", "subject": f"S{s:03d}", "label": label, "prob": prob,
                          "pred": int(prob >= 0.5)})
-    metrics = evaluate_predictions(pd.DataFrame(rows), n_boot=200)
+    metrics = evaluate_predictions(pd.DataFrame(rows), n_boot=200, seed=EVALUATE.seed, alpha=EVALUATE.alpha,
+                                   threshold=EVALUATE.threshold)
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     out = {k: tmp_path / name for k, name in (("json", "posterior.json"), ("markdown", "t.md"), ("html", "t.html"),
                                                ("figure", "f.png"))}
@@ -185,7 +197,8 @@ def test_a_literature_figure_out_of_range_is_named(tmp_path):
 
 
 def test_clinician_table_marks_literature_rows_and_computes_their_predictive_values():
-    result = bayes.analyse(metrics_json(COUNTS), PREVALENCES, "r3d", n_draws=10_000)
+    result = bayes.analyse(metrics_json(COUNTS), PREVALENCES, "r3d", figure_level=BAYES.level,
+                           **posterior(n_draws=10_000))
     metrics = metrics_json(COUNTS)
     metrics["subject"].update({"auc": 0.9, "ci": {"auc": [0.8, 0.97]}})
     literature = bayes.read_literature()

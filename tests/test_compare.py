@@ -15,10 +15,13 @@ import pytest
 from scipy import stats
 
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.evaluation.compare import (PAIRED_COLUMNS, SUBJECT_PAIRED_COLUMNS, _p_text, comparison_table, delong_test,
                                       main as compare_main, markdown_table, mcnemar_test, paired_predictions)
 from workflow_scripts.evaluation.evaluate import METRIC_NAMES, evaluate_predictions
 from conftest import REPO
+
+EVALUATE = resolve("evaluate")  # the schema's evaluate settings (defaults)
 
 
 def psi(x: float, y: float) -> float:
@@ -215,7 +218,8 @@ def planted_pair(scans_per_subject: int = 4) -> dict[str, pd.DataFrame]:
 
 def test_subject_level_paired_tests_count_each_subject_once(tmp_path):
     tables = planted_pair()
-    experiments = {name: (evaluate_predictions(table, n_boot=100, seed=0), table) for name, table in tables.items()}
+    experiments = {name: (evaluate_predictions(table, n_boot=100, seed=0, alpha=EVALUATE.alpha,
+                                                threshold=EVALUATE.threshold), table) for name, table in tables.items()}
     row = comparison_table(experiments, "main_model").iloc[1]
     # independently: each subject's mean probability, thresholded at 0.5
     subjects = {name: table.groupby("subject").agg(label=("label", "first"), prob=("prob", "mean"))
@@ -245,7 +249,8 @@ def test_subject_level_paired_tests_count_each_subject_once(tmp_path):
 def three_experiments() -> dict[str, tuple[dict, pd.DataFrame]]:
     tables = {"main_model": predictions(noise=0.15, seed=0), "weaker": predictions(noise=0.35, seed=1),
               "same_as_main": predictions(noise=0.15, seed=0)}
-    return {name: (evaluate_predictions(table, n_boot=200, seed=0), table) for name, table in tables.items()}
+    return {name: (evaluate_predictions(table, n_boot=200, seed=0, alpha=EVALUATE.alpha,
+                                         threshold=EVALUATE.threshold), table) for name, table in tables.items()}
 
 
 def test_comparison_table_lists_main_first_and_copies_the_metrics(three_experiments):

@@ -11,10 +11,18 @@ import pandas as pd
 import pytest
 
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.evaluation.evaluate import (METRIC_NAMES, _weighted_metrics, bootstrap_intervals, evaluate_predictions,
                                        group_codes, metrics, read_predictions, resample_weights, subject_level,
                                        validate_predictions)
 from conftest import REPO
+
+EVALUATE = resolve("evaluate")  # the schema's evaluate settings (defaults)
+
+
+def evaluation(**given) -> dict:
+    """The bootstrap and threshold keywords: those ``given`` here, the schema's defaults for the rest."""
+    return {key: given.get(key, EVALUATE[key]) for key in ("n_boot", "seed", "alpha", "threshold")}
 
 # tp=3 (0.9, 0.8, 0.7), fn=2 (0.4, 0.3), fp=1 (0.6), tn=4 (0.45, 0.35, 0.2, 0.1)
 HAND_LABELS = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
@@ -46,7 +54,7 @@ def prediction_table(n_subjects: int = 30, scans_per_subject: int = 3, seed: int
 # --- metrics ----------------------------------------------------------------------------
 
 def test_metrics_match_a_hand_computed_confusion_matrix():
-    m = metrics(HAND_LABELS, HAND_PROBS)
+    m = metrics(HAND_LABELS, HAND_PROBS, threshold=EVALUATE.threshold)
     assert (m["tn"], m["fp"], m["fn"], m["tp"], m["n"]) == (4, 1, 2, 3, 10)
     assert m["accuracy"] == pytest.approx(0.7)
     assert m["recall"] == pytest.approx(0.6)
@@ -68,18 +76,18 @@ def test_threshold_moves_the_cut():
 
 def test_perfect_and_inverted_predictions():
     labels = [0, 0, 0, 1, 1, 1]
-    perfect = metrics(labels, [0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    perfect = metrics(labels, [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], threshold=EVALUATE.threshold)
     assert perfect["auc"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["kappa"] == pytest.approx(1.0)
-    inverted = metrics(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    inverted = metrics(labels, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], threshold=EVALUATE.threshold)
     assert inverted["auc"] == 0.0 and inverted["accuracy"] == 0.0 and inverted["kappa"] == pytest.approx(-1.0)
     assert inverted["recall"] == 0.0 and inverted["specificity"] == 0.0
 
 
 def test_one_class_leaves_class_dependent_metrics_undefined_and_json_ready():
-    m = metrics([1, 1, 1], [0.9, 0.2, 0.7])
+    m = metrics([1, 1, 1], [0.9, 0.2, 0.7], threshold=EVALUATE.threshold)
     assert m["auc"] is None and m["specificity"] is None and m["balanced_accuracy"] is None
     assert m["recall"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(2 / 3)
-    no_ad_predicted = metrics([0, 1, 0], [0.1, 0.2, 0.3])
+    no_ad_predicted = metrics([0, 1, 0], [0.1, 0.2, 0.3], threshold=EVALUATE.threshold)
     assert no_ad_predicted["precision"] is None
     json.dumps(m), json.dumps(no_ad_predicted)  # no NaN or numpy types that json rejects
     assert all(type(m[k]) in (float, type(None)) for k in METRIC_NAMES)
@@ -87,7 +95,7 @@ def test_one_class_leaves_class_dependent_metrics_undefined_and_json_ready():
 
 def test_metrics_reject_labels_that_are_not_0_or_1():
     with pytest.raises(ValueError, match="0 \\(CN\\) or 1 \\(AD\\)"):
-        metrics([0, 2], [0.1, 0.9])
+        metrics([0, 2], [0.1, 0.9], threshold=EVALUATE.threshold)
 
 
 def test_fast_bootstrap_metrics_equal_sklearn_on_the_replicated_data():
@@ -95,10 +103,10 @@ def test_fast_bootstrap_metrics_equal_sklearn_on_the_replicated_data():
     probs = probs.round(1)  # many ties, the hard case for AUC
     rng = np.random.default_rng(5)
     weights = rng.integers(0, 4, (6, len(labels))).astype(float)
-    fast = _weighted_metrics(labels, (probs >= 0.5).astype(int), probs, weights)
+    fast = _weighted_metrics(labels, (probs >= EVALUATE.threshold).astype(int), probs, weights)
     for b in range(len(weights)):
         idx = np.repeat(np.arange(len(labels)), weights[b].astype(int))
-        slow = metrics(labels[idx], probs[idx])
+        slow = metrics(labels[idx], probs[idx], threshold=EVALUATE.threshold)
         for name in METRIC_NAMES:
             assert fast[name][b] == pytest.approx(slow[name], abs=1e-12), name
 
@@ -109,8 +117,8 @@ def test_intervals_contain_the_estimate_and_narrow_as_n_grows():
     widths = {}
     for n in (60, 600):
         labels, probs = synthetic(n, seed=n)
-        point = metrics(labels, probs)
-        ci = bootstrap_intervals(labels, probs, n_boot=1000, seed=1)
+        point = metrics(labels, probs, threshold=EVALUATE.threshold)
+        ci = bootstrap_intervals(labels, probs, **evaluation(n_boot=1000, seed=1))
         for name in METRIC_NAMES:
             low, high = ci[name]
             assert low <= point[name] <= high, (n, name)
@@ -121,8 +129,10 @@ def test_intervals_contain_the_estimate_and_narrow_as_n_grows():
 
 def test_bootstrap_is_reproducible_by_seed():
     labels, probs = synthetic(50, seed=2)
-    assert bootstrap_intervals(labels, probs, 300, seed=4) == bootstrap_intervals(labels, probs, 300, seed=4)
-    assert bootstrap_intervals(labels, probs, 300, seed=4) != bootstrap_intervals(labels, probs, 300, seed=5)
+    assert bootstrap_intervals(labels, probs, **evaluation(n_boot=300, seed=4)) == \
+        bootstrap_intervals(labels, probs, **evaluation(n_boot=300, seed=4))
+    assert bootstrap_intervals(labels, probs, **evaluation(n_boot=300, seed=4)) != \
+        bootstrap_intervals(labels, probs, **evaluation(n_boot=300, seed=5))
 
 
 def test_cluster_bootstrap_keeps_a_subjects_scans_together():
@@ -134,9 +144,10 @@ def test_cluster_bootstrap_keeps_a_subjects_scans_together():
     def width(ci):
         return ci["accuracy"][1] - ci["accuracy"][0], ci["auc"][1] - ci["auc"][0]
 
-    one_scan_each = width(bootstrap_intervals(labels, probs, 1000, seed=0))
-    scans_as_independent = width(bootstrap_intervals(dup_labels, dup_probs, 1000, seed=0))
-    by_subject = width(bootstrap_intervals(dup_labels, dup_probs, 1000, seed=0, groups=dup_subjects))
+    one_scan_each = width(bootstrap_intervals(labels, probs, **evaluation(n_boot=1000, seed=0)))
+    scans_as_independent = width(bootstrap_intervals(dup_labels, dup_probs, **evaluation(n_boot=1000, seed=0)))
+    by_subject = width(bootstrap_intervals(dup_labels, dup_probs, **evaluation(n_boot=1000, seed=0),
+                                           groups=dup_subjects))
     for base, naive, cluster in zip(one_scan_each, scans_as_independent, by_subject):
         assert naive < 0.5 * base  # ten copies pass for ten times the evidence
         assert cluster == pytest.approx(base, rel=0.05)  # copies of one subject add nothing
@@ -157,10 +168,10 @@ def test_resample_weights_draw_whole_subjects_as_often_as_there_are_subjects():
 
 def test_resamples_with_one_class_are_skipped_for_auc():
     labels, probs = [0, 1, 0, 1], [0.2, 0.9, 0.6, 0.4]
-    ci = bootstrap_intervals(labels, probs, n_boot=500, seed=0)
+    ci = bootstrap_intervals(labels, probs, **evaluation(n_boot=500, seed=0))
     low, high = ci["auc"]
     assert 0.0 <= low <= high <= 1.0
-    ci_one_class = bootstrap_intervals([1, 1, 1], [0.2, 0.6, 0.9], n_boot=50)
+    ci_one_class = bootstrap_intervals([1, 1, 1], [0.2, 0.6, 0.9], **evaluation(n_boot=50))
     assert ci_one_class["auc"] == (None, None)
 
 
@@ -172,7 +183,7 @@ def test_subject_level_averages_scan_probabilities():
                           "label": [0, 1, 1, 0, 1, 0],
                           "prob": [0.9, 0.2, 0.6, 0.5, 0.5, 0.4],
                           "pred": [1, 0, 1, 1, 1, 0]})
-    subjects = subject_level(table).set_index("subject")
+    subjects = subject_level(table, threshold=EVALUATE.threshold).set_index("subject")
     assert list(subjects.index) == ["A", "B", "C"]
     assert subjects["prob"].tolist() == pytest.approx([0.4, 0.6, 0.5])
     assert subjects["pred"].tolist() == [0, 1, 1]  # 0.5 counts as AD
@@ -184,11 +195,11 @@ def test_a_converter_labelled_per_visit_counts_once_per_diagnosis_and_is_resampl
     table = pd.DataFrame({"image_id": ["I1", "I2", "I3", "I4"],
                           "subject": ["002_S_0295", "002_S_0295", "002_S_0295", "011_S_0002"],
                           "label": [0, 1, 1, 0], "prob": [0.3, 0.8, 0.6, 0.1], "pred": [0, 1, 1, 0]})
-    subjects = subject_level(table)
+    subjects = subject_level(table, threshold=EVALUATE.threshold)
     assert subjects[["subject", "label", "n_scans"]].values.tolist() == [["002_S_0295", 0, 1], ["002_S_0295", 1, 2],
                                                                          ["011_S_0002", 0, 1]]
     assert subjects["prob"].tolist() == pytest.approx([0.3, 0.7, 0.1])  # the CN and AD visits are not averaged
-    result = evaluate_predictions(table, n_boot=300)
+    result = evaluate_predictions(table, **evaluation(n_boot=300))
     assert result["n_subjects"] == 2 and result["subject"]["n"] == 3 and result["subject"]["accuracy"] == 1.0
 
 
@@ -205,17 +216,17 @@ def test_a_broken_predictions_table_is_named(change, message):
 
 def test_evaluate_predictions_reports_both_levels():
     table = prediction_table(30, 3)
-    result = evaluate_predictions(table, n_boot=300, seed=0)
+    result = evaluate_predictions(table, **evaluation(n_boot=300, seed=0))
     assert result["n_scans"] == 90 and result["n_subjects"] == 30
     assert result["scan"]["n"] == 90 and result["subject"]["n"] == 30
-    expected = metrics(table["label"], table["prob"])
+    expected = metrics(table["label"], table["prob"], threshold=EVALUATE.threshold)
     for name in METRIC_NAMES:
         assert result["scan"][name] == pytest.approx(expected[name])
         low, high = result["scan"]["ci"][name]
         assert low <= result["scan"][name] <= high
     means = table.groupby("subject")["prob"].mean()
     labels = table.groupby("subject")["label"].first()
-    assert result["subject"]["auc"] == pytest.approx(metrics(labels, means)["auc"])
+    assert result["subject"]["auc"] == pytest.approx(metrics(labels, means, threshold=EVALUATE.threshold)["auc"])
 
 
 # --- command lines ----------------------------------------------------------------------
@@ -260,8 +271,8 @@ def test_intervals_from_fewer_than_five_subjects_of_a_class_are_flagged_not_esti
                              "subject": [f"S{i}" for i in range(len(labels))], "label": labels, "prob": probs,
                              "pred": (probs >= 0.5).astype(int)})
 
-    few = evaluate_predictions(table(2), n_boot=200)
+    few = evaluate_predictions(table(2), **evaluation(n_boot=200))
     assert few["subjects_per_label"] == {0: 2, 1: 2} and few["intervals_estimable"] is False
     assert few["subject"]["auc"] == 1.0 and few["subject"]["ci"]["auc"] == [1.0, 1.0]  # what would pass for certain
-    enough = evaluate_predictions(table(5), n_boot=200)
+    enough = evaluate_predictions(table(5), **evaluation(n_boot=200))
     assert enough["subjects_per_label"] == {0: 5, 1: 5} and enough["intervals_estimable"] is True

@@ -15,9 +15,11 @@ from torch import nn
 
 from conftest import discard_unless_failed
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.explain import explain
 
 SIDE = 32
+EXPLAIN = resolve("explain")  # the schema's explain settings (defaults)
 
 
 # ----------------------------------------------------------------------------- measures
@@ -55,11 +57,13 @@ def test_rank_correlation_and_bootstrap_mean():
     assert explain.rank_correlation(a, a ** 3, mask) == pytest.approx(1.0)  # monotone: ranks agree
     assert explain.rank_correlation(a, -a, mask) == pytest.approx(-1.0)
     assert np.isnan(explain.rank_correlation(a, np.zeros_like(a), mask))
-    mean, low, high = explain.bootstrap_mean([1.0, 3.0, np.nan, 5.0], ["s1", "s1", "s2", "s2"], n_boot=500)
+    interval = {"seed": EXPLAIN.seed, "alpha": explain.INTERVAL_ALPHA}
+    mean, low, high = explain.bootstrap_mean([1.0, 3.0, np.nan, 5.0], ["s1", "s1", "s2", "s2"], n_boot=500,
+                                             **interval)
     assert mean == pytest.approx(3.0)
     assert low == pytest.approx(2.0) and high == pytest.approx(5.0)  # resamples of {s1: 1, 3} and {s2: 5}
-    assert explain.bootstrap_mean([2.0], ["s"], n_boot=100) == (2.0, 2.0, 2.0)
-    assert explain.bootstrap_mean([np.nan], ["s"]) == (None, None, None)
+    assert explain.bootstrap_mean([2.0], ["s"], n_boot=100, **interval) == (2.0, 2.0, 2.0)
+    assert explain.bootstrap_mean([np.nan], ["s"], n_boot=EXPLAIN.n_boot, **interval) == (None, None, None)
 
 
 # ----------------------------------------------------------------------------- maps
@@ -95,15 +99,19 @@ def test_occlusion_puts_the_attribution_on_the_region_the_model_reads():
 
 def test_occlusion_rejects_a_patch_larger_than_the_input():
     with pytest.raises(cli.PipelineError, match="patch"):
-        explain.occlusion_map(RegionModel((slice(0, 2),) * 3), torch.ones(1, 1, 8, 8, 8), 1, patch=16, stride=8)
+        explain.occlusion_map(RegionModel((slice(0, 2),) * 3), torch.ones(1, 1, 8, 8, 8), 1, patch=16, stride=8,
+                              batch=EXPLAIN.occlusion_batch)
 
 
 @pytest.fixture(scope="module")
 def random_r3d():
+    from workflow_scripts.common.settings import resolve
     from workflow_scripts.learning.models import build_model
 
+    slices = resolve("experiments.*", {})  # r3d_18 does not use them; the schema's defaults
     torch.manual_seed(0)
-    return build_model("r3d_18", "none", 2, 1, "layer4").eval()
+    return build_model(arch="r3d_18", weights="none", num_classes=2, in_channels=1, trainable_from="layer4",
+                       plane=slices.plane, n_slices=slices.n_slices, slice_spacing=slices.slice_spacing).eval()
 
 
 def test_gradcam_map_has_the_input_shape_and_is_not_negative(random_r3d):
@@ -304,7 +312,7 @@ def test_randomised_weights_change_the_maps_while_the_trained_maps_are_reproduci
     model, config = load_trained_model(trained["checkpoint"])
     x = explain.model_input(scan["path"], config)
     brain = explain.read_mask(scan["brain"], tuple(x.shape[2:]), "brain mask") > 0
-    first, again = (explain.gradcam_map(model, x, 1, "layer4") for _ in range(2))
+    first, again = (explain.gradcam_map(model, x, 1, layer="layer4") for _ in range(2))
     assert explain.rank_correlation(first, again, brain) == pytest.approx(1.0)
     saved = nib.load(trained["out"] / "scans" / scan["subject"] / f"{scan['image_id']}_gradcam.nii.gz")
     np.testing.assert_allclose(saved.get_fdata(), first, rtol=1e-4, atol=1e-6)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.train import VolumeTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,8 @@ def test_device_augmentation_matches_the_training_recipe_statistically():
     volume = torch.from_numpy(np.where((grid ** 2).sum(0) < (0.42 * side) ** 2,
                                        rng.uniform(0.1, 1.0, (side,) * 3), 0).astype(np.float32))[None]
     torch.manual_seed(0)
-    transform = VolumeTransform(train=True)
+    recipe = resolve("train")  # the training recipe as the schema's defaults make it
+    transform = VolumeTransform(train=True, **recipe.augmentation, znorm_mask=recipe.znorm_mask)
     reference = _draw_statistics(torch.stack([transform(volume) for _ in range(n)]), volume)
     torch.manual_seed(1)
     ours = _draw_statistics(bench.augment_on_device(volume.expand(n, *volume.shape)), volume)

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from conftest import REPO
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.data import demo
 from workflow_scripts.hippocampus import hippocampus_atlas, volumetry
 from workflow_scripts.common.nifti_io import save_nifti_atomic
@@ -27,6 +28,9 @@ from workflow_scripts.common.nifti_io import save_nifti_atomic
 # not all the smallest, so raw volumes alone would not sort the groups; atrophy must be seen.
 COHORT = [("AD", 0.35, 1.00), ("CN", 0.0, 0.92), ("AD", 0.25, 0.95), ("CN", 0.0, 1.05), ("AD", 0.45, 0.90)]
 SPACING = (1.5, 1.6, 1.4)  # mm: anisotropic, near the 128^3 model input's 1.1-1.4 mm
+# atlas_hippocampus's keywords with the schema's hippocampus settings (defaults)
+HIPPOCAMPUS = {key: value for key, value in resolve("hippocampus").items()
+               if key in ("template", "transform", "reg_iterations", "seed", "drop_csf")}
 
 
 def render_scan(model: demo.HeadModel, loss: float, scale: float, seed: int, spacing=SPACING) -> dict:
@@ -134,7 +138,7 @@ def test_a_brain_mask_on_another_grid_is_refused_before_registering(cohort):
     scan = nib.load(cohort["scan"].iloc[0])
     other = nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4))
     with pytest.raises(cli.PipelineError, match="brain mask's grid"):
-        hippocampus_atlas.atlas_hippocampus(scan, brain=other)
+        hippocampus_atlas.atlas_hippocampus(scan, brain=other, **HIPPOCAMPUS)
 
 
 def test_one_thread_and_the_seed_give_the_same_labels_on_a_rerun(tmp_path):
@@ -153,7 +157,7 @@ def test_one_thread_and_the_seed_give_the_same_labels_on_a_rerun(tmp_path):
 def test_an_unknown_template_or_transform_is_named(option):
     scan = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(cli.PipelineError, match=next(iter(option.values()))):
-        hippocampus_atlas.atlas_hippocampus(scan, **option)
+        hippocampus_atlas.atlas_hippocampus(scan, **{**HIPPOCAMPUS, **option})
 
 
 def test_the_csf_threshold_separates_the_darkest_of_three_tissues():

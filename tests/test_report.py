@@ -11,6 +11,7 @@ import pytest
 
 from conftest import chromium, run_snakemake
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.report import report_tables
 from workflow_scripts.evaluation.evaluate import evaluate_predictions
 
@@ -55,7 +56,9 @@ def test_metrics_page_shows_both_levels_with_intervals():
     rng = np.random.default_rng(1)
     rows = [{"image_id": f"I{i}", "subject": f"S{i // 2}", "label": (i // 2) % 2,
              "prob": float(np.clip(rng.normal(0.3 + 0.4 * ((i // 2) % 2), 0.2), 0, 1)), "pred": 0} for i in range(40)]
-    metrics = evaluate_predictions(pd.DataFrame(rows), n_boot=200)
+    evaluate = resolve("evaluate")
+    metrics = evaluate_predictions(pd.DataFrame(rows), n_boot=200, seed=evaluate.seed, alpha=evaluate.alpha,
+                                   threshold=evaluate.threshold)
     table = report_tables.metrics_table(metrics).set_index("metric")
     auc, (low, high) = metrics["subject"]["auc"], metrics["subject"]["ci"]["auc"]
     assert table.loc["AUC", "subject level [95% CI]"] == f"{auc:.3f} [{low:.3f}, {high:.3f}]"

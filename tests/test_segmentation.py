@@ -24,7 +24,7 @@ from workflow_scripts.hippocampus.segmentation import (LOSSES, assign_sides, bui
 from workflow_scripts.hippocampus.segmentation_data import (check_partitions, deal_msd, demo_items, eval_transforms, mask_models,
                                                 msd_items, train_transforms, truth_on_grid)
 from workflow_scripts.preprocess.skullstrip import dice
-from conftest import REPO, TINY
+from conftest import REPO, TINY, demo_options, split_options
 
 # The settings of the tiny runs: the TINY config's U-Net (a 3D U-Net on the whole 32^3 volume).
 SMALL = {"model": "unet3d", "plane": "coronal", "channels": [8, 16, 32, 64], "strides": [2, 2, 2],
@@ -291,6 +291,7 @@ def study(tmp_path_factory) -> dict:
 
     from workflow_scripts.preprocess.convert import convert_series
     from workflow_scripts.preprocess.crop import crop_and_zoom
+    from workflow_scripts.common.settings import resolve
     from workflow_scripts.data.demo import generate_collection
     from workflow_scripts.data.ingest import find_image_dir
     from workflow_scripts.common.nifti_io import clean_image, save_nifti_atomic
@@ -298,7 +299,9 @@ def study(tmp_path_factory) -> dict:
     from workflow_scripts.learning.split import make_split
 
     root = tmp_path_factory.mktemp("segmentation_study")
-    generate_collection(root, n_subjects=20, seed=5, visits=1, voxel_scale=3.0, n_mci=0, distractors=False)
+    crop = resolve("preprocess.crop")  # the schema's crop settings (defaults)
+    generate_collection(root, **demo_options(n_subjects=20, seed=5, visits=1, voxel_scale=3.0, n_mci=0,
+                                             distractors=False))
     rows = []
     for row in pd.read_csv(root / "collection.csv", dtype=str).itertuples():
         subject, image_id = row.Subject, row._1
@@ -308,15 +311,16 @@ def study(tmp_path_factory) -> dict:
                                                order=0).dataobj) > 0
         stripped = clean_image(np.asarray(image.dataobj, np.float32) * brain, image.affine, "dicom2nifti>truthmask")
         cropped, mask = crop_and_zoom(stripped, clean_image(brain, image.affine, "truthmask", np.uint8),
-                                      target_shape=(32, 32, 32))
+                                      margin=crop.margin, target_shape=(32, 32, 32), order=crop.zoom_order,
+                                      keep_aspect=crop.keep_aspect)
         ras = to_ras(cropped)
         save_nifti_atomic(ras, root / "ras" / subject / f"{image_id}.nii.gz")
         save_nifti_atomic(to_ras(mask), root / "ras" / subject / f"{image_id}_mask.nii.gz")
         save_nifti_atomic(truth_on_grid(load_nifti(truth / f"{image_id}_hippocampus.nii.gz"), ras),
                           root / "truth_grid" / subject / f"{image_id}.nii.gz")
         rows.append({"image_id": image_id, "subject": subject, "group": row.Group})
-    split = make_split(pd.DataFrame(rows), path_of=str(root / "ras" / "{subject}" / "{image_id}.nii.gz"),
-                       ratios=(0.5, 0.1, 0.4), folds=2)
+    split = make_split(pd.DataFrame(rows), **split_options(
+        path_of=str(root / "ras" / "{subject}" / "{image_id}.nii.gz"), ratios=(0.5, 0.1, 0.4), folds=2))
     manifests = split.manifests
     held_out = pd.concat([manifests["val"], manifests["test"]])
     return {"root": root, "manifests": manifests, "truth_dir": root / "truth_grid",

@@ -74,3 +74,70 @@ def test_the_training_command_stops_on_a_wrong_setting_naming_it(tmp_path):
     assert result.returncode == 1
     assert "train.batch_size = 0: 0 is less than the minimum of 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def schema_defaults() -> dict[str, list[tuple[str, object]]]:
+    """Every scalar or list default of the schema, by its key name: [(dotted section, default)]."""
+    found: dict[str, list[tuple[str, object]]] = {}
+
+    def walk(node: dict, path: list[str]) -> None:
+        for key, sub in (node.get("properties") or {}).items():
+            if "default" in sub and not isinstance(sub["default"], dict):
+                found.setdefault(key, []).append((".".join([*path, key]), sub["default"]))
+            walk(sub, [*path, key])
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], [*path, "*"])
+
+    walk(SCHEMA, [])
+    return found
+
+
+def comparable(value: object) -> object:
+    """Tuples and lists, ints and floats compare equal; booleans stay booleans."""
+    if isinstance(value, (list, tuple)):
+        return tuple(comparable(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return float(value)
+
+
+def test_no_function_re_declares_a_default_of_the_schema():
+    """The schema is the only place a setting's default is written: a library function whose parameter is
+    named like a setting takes it from its caller, never from a second copy of the default."""
+    import ast
+
+    defaults = schema_defaults()
+    modules = {path: ast.parse(path.read_text()) for path in sorted((REPO / "workflow_scripts").rglob("*.py"))}
+    constants = {}  # module-level NAME = <literal>, as a default may name one (classes=DEFAULT_CLASSES)
+    for tree in modules.values():
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    constants[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    copies = []
+    for path, tree in modules.items():
+        where = str(path.relative_to(REPO / "workflow_scripts"))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            for arg, default in pairs:
+                if arg.arg not in defaults:
+                    continue
+                try:
+                    value = ast.literal_eval(default)
+                except ValueError:
+                    name = ast.unparse(default).rsplit(".", 1)[-1]
+                    if name not in constants:
+                        continue  # a call or a computed value: not a written copy
+                    value = constants[name]
+                same = [section for section, d in defaults[arg.arg] if value is not None
+                        and comparable(d) == comparable(value)]
+                if same:
+                    copies.append(f"{where}:{node.lineno} {node.name}({arg.arg}={value!r}) copies {same}")
+    assert copies == []

@@ -16,7 +16,15 @@ from nibabel.processing import resample_from_to
 
 from workflow_scripts.preprocess import skullstrip
 from workflow_scripts.common.cli import PipelineError
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.preprocess.convert import convert_series
+
+STRIP = resolve("preprocess.skullstrip")  # the schema's skull-strip settings (defaults)
+
+
+def strip_gpu() -> bool:
+    """Whether the network runs on a GPU under the schema's preprocess.skullstrip.gpu, as the stage decides."""
+    return skullstrip.use_gpu(skullstrip.GPU_DEVICES[STRIP.gpu])
 
 
 def plant_synthstrip_checkpoint(path: Path, bias: float = -5.0) -> Path:
@@ -46,7 +54,8 @@ def demo_scan(tiny_demo):
 
 def test_deepbet_mask_matches_the_true_brain_mask(demo_scan):
     img, truth = demo_scan
-    mask = skullstrip.deepbet_mask(img)
+    mask = skullstrip.deepbet_mask(img, threshold=STRIP.deepbet_threshold, n_dilate=STRIP.deepbet_dilate,
+                                   gpu=strip_gpu())
     truth_on_img = np.asanyarray(resample_from_to(truth, img, order=0).dataobj) > 0
     assert skullstrip.dice(mask, truth_on_img) > 0.85
 
@@ -113,7 +122,7 @@ def test_synthstrip_mask_follows_the_network_output(demo_scan, tmp_path):
     weights = plant_synthstrip_checkpoint(tmp_path / "positive.pt", bias=+5.0)
     with pytest.raises(PipelineError, match="SynthStrip found no brain"):
         # a positive distance everywhere means no brain: upstream finds no component
-        mask = skullstrip.synthstrip_mask(img, weights, threads=2)
+        mask = skullstrip.synthstrip_mask(img, weights, threads=2, border=STRIP.synthstrip_border, gpu=strip_gpu())
         skullstrip.strip(img, mask, "synthstrip")
 
 

@@ -11,8 +11,15 @@ from scipy.spatial.transform import Rotation
 from workflow_scripts.preprocess.crop import bounding_box, crop_and_zoom, zoom_affine
 from workflow_scripts.preprocess.n4 import n4_correct
 from workflow_scripts.common.nifti_io import clean_image, provenance_of
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.preprocess.reorient import to_ras
 from workflow_scripts.preprocess.resample import resampled_grid, resample_to_spacing
+
+# the schema's preprocessing settings (defaults), for the calls that do not set their own
+CROP = resolve("preprocess.crop")
+RESAMPLE = {"spacing": resolve("preprocess.resample").spacing,
+            "interpolation": resolve("preprocess.resample").interpolation}
+N4 = {key: resolve("preprocess.n4")[key] for key in ("shrink_factor", "iterations", "tolerance", "spline_param")}
 
 
 def ellipsoid(shape, centre, radii) -> np.ndarray:
@@ -41,7 +48,8 @@ def test_crop_keeps_every_brain_voxel_and_leaves_the_margin(margin):
     img, mask_img = clean_image(data, np.eye(4), "t"), clean_image(mask.astype(np.uint8), np.eye(4), "t")
     box_shape = tuple(int(s) for s in np.ptp(np.argwhere(mask), axis=0) + 1 + 2 * margin)
     # zoom to the box's own shape: a pure crop, so voxels can be compared one to one
-    cropped, cropped_mask = crop_and_zoom(img, mask_img, margin=margin, target_shape=box_shape, order=0)
+    cropped, cropped_mask = crop_and_zoom(img, mask_img, margin=margin, target_shape=box_shape, order=0,
+                                          keep_aspect=CROP.keep_aspect)
     m = np.asanyarray(cropped_mask.dataobj) > 0
     assert m.sum() == mask.sum()  # every brain voxel kept
     coords = np.argwhere(m)
@@ -54,11 +62,11 @@ def test_crop_keeps_every_brain_voxel_and_leaves_the_margin(margin):
 def test_crop_pads_when_the_brain_touches_the_edge():
     mask = np.zeros((40, 40, 40), bool)
     mask[0:10, 5:20, 30:40] = True  # touches three faces
-    start, stop = bounding_box(mask, margin=3)
+    start, stop = bounding_box(mask, margin=3, cube=CROP.keep_aspect)
     assert tuple(start) == (-3, 2, 27) and tuple(stop) == (13, 23, 43)
     img = clean_image(mask.astype(np.float32), np.eye(4), "t")
     _, cropped_mask = crop_and_zoom(img, clean_image(mask.astype(np.uint8), np.eye(4), "t"), margin=3,
-                                    target_shape=(16, 21, 16), order=0)
+                                    target_shape=(16, 21, 16), order=0, keep_aspect=CROP.keep_aspect)
     m = np.asanyarray(cropped_mask.dataobj) > 0
     assert m.sum() == mask.sum()
     coords = np.argwhere(m)
@@ -70,7 +78,8 @@ def test_zoom_hits_the_target_shape_and_keeps_the_brain_in_place(target):
     mask = ellipsoid((90, 110, 80), (45, 50, 40), (30, 40, 28))
     img = clean_image(np.where(mask, 50.0, 0).astype(np.float32), oblique_affine((1.0, 1.0, 1.0)), "t")
     mask_img = clean_image(mask.astype(np.uint8), img.affine, "t")
-    zoomed, zoomed_mask = crop_and_zoom(img, mask_img, target_shape=target)
+    zoomed, zoomed_mask = crop_and_zoom(img, mask_img, margin=CROP.margin, target_shape=target,
+                                        order=CROP.zoom_order, keep_aspect=CROP.keep_aspect)
     assert zoomed.shape == target and zoomed_mask.shape == target
     np.testing.assert_allclose(world_centroid(zoomed_mask), world_centroid(mask_img), atol=1.0)
     # brain volume in mm^3 is preserved by the affine within a few per cent
@@ -83,7 +92,8 @@ def test_keep_aspect_gives_isotropic_voxels():
     mask = ellipsoid((90, 110, 80), (45, 55, 40), (20, 40, 25))
     mask_img = clean_image(mask.astype(np.uint8), np.eye(4), "t")
     zoomed, _ = crop_and_zoom(clean_image(mask.astype(np.float32), np.eye(4), "t"), mask_img,
-                              target_shape=(64, 64, 64), keep_aspect=True)
+                              margin=CROP.margin, target_shape=(64, 64, 64), order=CROP.zoom_order,
+                              keep_aspect=True)
     zooms = zoomed.header.get_zooms()
     assert max(zooms) - min(zooms) < 1e-6
 
@@ -122,7 +132,7 @@ def test_resampled_spacing_is_1mm_and_geometry_is_kept():
     mask = ellipsoid(shape, (40, 50, 50), (25, 35, 30))
     affine = oblique_affine(zooms)
     img = clean_image(np.where(mask, 300.0, 0).astype(np.float32), affine, "dicom2nifti>deepbet")
-    out, out_mask = resample_to_spacing(img, clean_image(mask.astype(np.uint8), affine, "x"))
+    out, out_mask = resample_to_spacing(img, clean_image(mask.astype(np.uint8), affine, "x"), **RESAMPLE)
     np.testing.assert_allclose(out.header.get_zooms(), (1.0, 1.0, 1.0), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0), 1.0, atol=1e-5)
     # field of view kept: extent along each axis within one voxel
@@ -138,7 +148,7 @@ def test_bspline_interpolation_is_not_nearest_neighbour():
     ramp = np.tile(np.arange(40, dtype=np.float32)[:, None, None], (1, 20, 20)) * 10 + 100
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     out, _ = resample_to_spacing(clean_image(ramp, affine, "t"),
-                                 clean_image(np.ones_like(ramp, np.uint8), affine, "t"))
+                                 clean_image(np.ones_like(ramp, np.uint8), affine, "t"), **RESAMPLE)
     profile = np.asanyarray(out.dataobj)[10:60, 10, 10]
     assert len(np.unique(np.round(profile, 3))) > 40  # nearest neighbour would give 25 values
     np.testing.assert_allclose(np.diff(profile), 5.0, atol=0.2)
@@ -179,7 +189,7 @@ def test_bspline_in_the_brain_box_equals_the_whole_grid_resampling_inside_the_ma
     affine = oblique_affine(zooms)
     brain = np.where(mask, 200 + 50 * rng.random(shape), 0).astype(np.float32)
     img = clean_image(brain, affine, "t")
-    out, out_mask = resample_to_spacing(img, clean_image(mask.astype(np.uint8), affine, "t"))
+    out, out_mask = resample_to_spacing(img, clean_image(mask.astype(np.uint8), affine, "t"), **RESAMPLE)
     whole = ants.resample_image(to_ants(img), (1.0, 1.0, 1.0), use_voxels=False, interp_type=4).numpy()
     inside = np.asanyarray(out_mask.dataobj) > 0
     assert whole.shape == out.shape and inside.sum() > 10_000
@@ -238,7 +248,7 @@ def test_n4_removes_a_planted_smooth_bias_field():
     img = clean_image(biased, affine, "crop")
     mask_img = clean_image(mask.astype(np.uint8), affine, "crop")
     cv = lambda d: float(d[mask].std() / d[mask].mean())
-    corrected = np.asanyarray(n4_correct(img, mask_img).dataobj)
+    corrected = np.asanyarray(n4_correct(img, mask_img, **N4).dataobj)
     assert cv(biased) > 0.15
     assert cv(corrected) < 0.5 * cv(biased)
     assert (corrected[~mask] == 0).all()

@@ -19,6 +19,7 @@ import torch
 
 from conftest import discard_unless_failed
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.tensor_cache import cache_scan, rescale_intensities
 from workflow_scripts.learning.recipe import training_settings
 from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeTransform, check_no_overlap,
@@ -27,6 +28,13 @@ from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeT
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 16
+TRAIN = resolve("train")  # the training settings as the schema's defaults make them
+
+
+def _transform(train: bool, **given) -> VolumeTransform:
+    """``VolumeTransform`` with the schema's augmentation and z-normalisation settings for what the test does not
+    give."""
+    return VolumeTransform(train, **{**TRAIN.augmentation, "znorm_mask": TRAIN.znorm_mask, **given})
 
 
 def _volume(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -121,9 +129,9 @@ def test_class_weights_are_inverse_frequency():
         class_weights([0, 0, 0], 2)
 
 
-def _run_stopper(accuracies, losses, patience=5) -> int | None:
+def _run_stopper(accuracies, losses, patience=TRAIN.patience) -> int | None:
     """The 1-based epoch at which early stopping fires, or None."""
-    stopper = EarlyStopping(patience)
+    stopper = EarlyStopping(patience=patience, monitor=TRAIN.early_stopping)
     for epoch, (acc, loss) in enumerate(zip(accuracies, losses), start=1):
         if stopper.update(acc, loss)["stop"]:
             return epoch
@@ -145,10 +153,10 @@ def test_early_stopping_needs_both_metrics_stalled_for_patience_epochs():
 
 
 def test_early_stopping_state_round_trip():
-    stopper = EarlyStopping(3)
+    stopper = EarlyStopping(patience=3, monitor=TRAIN.early_stopping)
     stopper.update(0.6, 0.7)
     stopper.update(0.5, 0.8)
-    restored = EarlyStopping(3)
+    restored = EarlyStopping(patience=3, monitor=TRAIN.early_stopping)
     restored.load_state_dict(stopper.state_dict())
     assert restored.update(0.5, 0.8) == stopper.update(0.5, 0.8) == {"accuracy": False, "loss": False, "stop": False}
     assert restored.update(0.5, 0.8)["stop"] and restored.accuracy_wait == 3
@@ -157,16 +165,16 @@ def test_early_stopping_state_round_trip():
 def test_augmentation_only_in_the_training_transform():
     volume = torch.from_numpy(_volume(np.random.default_rng(3), 0).astype(np.float32))[None]
     brain = volume > 0
-    val = VolumeTransform(train=False)
+    val = _transform(train=False)
     out = val(volume)
     assert torch.equal(out, val(volume))  # deterministic
     assert abs(out[brain].mean().item()) < 1e-5 and abs(out[brain].std().item() - 1) < 1e-4
     expected = (volume - volume[brain].mean()) / volume[brain].std()
     torch.testing.assert_close(out, expected)
-    whole = VolumeTransform(train=False, znorm_mask="none")(volume)
+    whole = _transform(train=False, znorm_mask="none")(volume)
     assert abs(whole.mean().item()) < 1e-5 and abs(whole.std().item() - 1) < 1e-4
 
-    train = VolumeTransform(train=True, gamma_p=1.0, noise_p=1.0)
+    train = _transform(train=True, gamma_p=1.0, noise_p=1.0)
     torch.manual_seed(0)
     first = train(volume)
     torch.manual_seed(1)
@@ -175,14 +183,14 @@ def test_augmentation_only_in_the_training_transform():
     assert torch.isfinite(first).all()
     # The brain mask of the z-normalisation comes from the clean volume, not the noisy one.
     assert abs(first[brain].mean().item()) < 1e-4 and abs(first[brain].std().item() - 1) < 1e-3
-    never = VolumeTransform(train=True, gamma_p=0.0, noise_p=0.0)
+    never = _transform(train=True, gamma_p=0.0, noise_p=0.0)
     torch.testing.assert_close(never(volume), out)
 
 
 def test_dataset_augmentation_is_keyed_to_epoch_and_scan(tiny):
     table = pd.read_csv(tiny["train"])
     dataset = ScanDataset([Path(p) for p in table["path"]], table["label"],
-                          VolumeTransform(True, gamma_p=1.0, noise_p=1.0), seed=5)
+                          _transform(True, gamma_p=1.0, noise_p=1.0), seed=5)
     a, label, index = dataset[(3, 2)]
     torch.rand(10)  # global RNG use in between must not matter
     b, _, _ = dataset[(3, 2)]
@@ -463,12 +471,12 @@ def test_recalibrate_bn_leaves_the_trained_layers_statistics_of_the_training_sca
 
     def recomputed_gap(out_dir: Path, **recipe) -> float:
         fit(_config(tiny, out_dir, max_epochs=1, model={"trainable_from": "layer4"}, **recipe))
-        model = build_model("r3d_18", "none")
+        model = build_model(**training_settings(None, {"arch": "r3d_18", "weights": "none"}).model)
         model.load_state_dict(load_checkpoint(out_dir / "last.pt")["model"])
         saved = model.layer4[1].conv2[1].running_mean.clone()
         table = pd.read_csv(tiny["train"], dtype={"subject": str, "image_id": str})
         volumes = [load_volume(Path(p)) for p in table["path"]]
-        batches = [torch.stack([VolumeTransform(train=False)(v) for v in volumes[i:i + 2]])
+        batches = [torch.stack([_transform(train=False)(v) for v in volumes[i:i + 2]])
                    for i in range(0, len(volumes), 2)]
         recalibrate_batchnorm(model, batches, torch.device("cpu"))
         return float((model.layer4[1].conv2[1].running_mean - saved).abs().max())

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from conftest import run_snakemake, write_config
-from test_train import SIDE, _config, tiny  # noqa: F401  (the tiny tensors and manifests fixture)
+from test_train import SIDE, TRAIN, _config, tiny  # noqa: F401  (the tiny tensors and manifests fixture)
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.models import (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, SliceResNet, _pretrained_enum,
                                      build_model, count_parameters, parameter_groups, stage_of)
 from workflow_scripts.learning.recipe import check_recipe, merge_recipe
@@ -24,12 +25,26 @@ from workflow_scripts.learning.train import (EarlyStopping, EpochSampler, EpochS
                                     optimizer_step)
 
 TIMING = {"seconds", "train_data_wait_share", "val_data_wait_share"}
+EXPERIMENT = resolve("experiments.*", {})  # an experiment's settings as the schema's defaults make them
+TRAIN = resolve("train")  # the schema's training recipe
+SCHEDULE_KEYS = ("warmup_epochs", "max_epochs", "t0", "t_mult", "eta_min", "plateau_factor", "plateau_patience")
+
+
+def _model(arch: str, weights: str, **given) -> nn.Module:
+    """``build_model`` with the schema's experiment settings for what the test does not give."""
+    settings = {key: EXPERIMENT[key] for key in ("trainable_from", "plane", "n_slices", "slice_spacing")}
+    return build_model(arch=arch, weights=weights, **{**settings, **given})
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, kind: str, **given) -> EpochScheduler:
+    """``EpochScheduler`` with the schema's training settings for what the test does not give."""
+    return EpochScheduler(optimizer, kind=kind, **{**{key: TRAIN[key] for key in SCHEDULE_KEYS}, **given})
 
 
 def _lrs(kind: str, epochs: int, val_losses=None, **kwargs) -> list[float]:
     """The learning rate in force during each of ``epochs`` epochs."""
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = EpochScheduler(optimizer, kind, **kwargs)
+    scheduler = _scheduler(optimizer, kind, **kwargs)
     seen = []
     for epoch in range(epochs):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -60,11 +75,11 @@ def test_plateau_halves_the_rate_after_patience_epochs_without_a_lower_val_loss(
 
 def test_scheduler_state_round_trip_continues_the_schedule():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    first = EpochScheduler(optimizer, "cosine", warmup_epochs=2, max_epochs=6)
+    first = _scheduler(optimizer, "cosine", warmup_epochs=2, max_epochs=6)
     for _ in range(3):
         first.step(1.0)
     other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    second = EpochScheduler(other, "cosine", warmup_epochs=2, max_epochs=6)
+    second = _scheduler(other, "cosine", warmup_epochs=2, max_epochs=6)
     other.load_state_dict(optimizer.state_dict())
     second.load_state_dict(first.state_dict())
     first.step(1.0)
@@ -96,19 +111,19 @@ def _big_gradient_step(options: StepOptions) -> tuple[float, torch.Tensor, nn.Li
 
 
 def test_gradient_clipping_bounds_the_update_and_reports_the_norm_before():
-    norm, before, model = _big_gradient_step(StepOptions(grad_clip_norm=0.1))
+    norm, before, model = _big_gradient_step(StepOptions(TRAIN.precision, grad_clip_norm=0.1))
     assert norm > 10  # the true global norm, before clipping
     update = torch.cat([(model.weight - before).flatten()])
     assert float(update.norm()) <= 0.1 + 1e-5  # SGD lr 1: the update is the clipped gradient
-    unclipped, before, model = _big_gradient_step(StepOptions())
+    unclipped, before, model = _big_gradient_step(StepOptions(TRAIN.precision))
     assert np.isnan(unclipped) and float((model.weight - before).norm()) > 10
 
 
 def test_loss_scaler_is_unscaled_before_clipping():
     """fp16's GradScaler multiplies the loss by 2^k; clipping must see the true gradients."""
-    plain, _, _ = _big_gradient_step(StepOptions(grad_clip_norm=0.1))
+    plain, _, _ = _big_gradient_step(StepOptions(TRAIN.precision, grad_clip_norm=0.1))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaled, before, model = _big_gradient_step(StepOptions(scaler=scaler, grad_clip_norm=0.1))
+    scaled, before, model = _big_gradient_step(StepOptions(TRAIN.precision, scaler=scaler, grad_clip_norm=0.1))
     assert scaled == pytest.approx(plain, rel=1e-4)
     assert float((model.weight - before).norm()) <= 0.1 + 1e-5
 
@@ -153,7 +168,7 @@ def test_early_stopping_on_loss_alone_ignores_accuracy():
     stopper.update(1.0, 1.2)
     assert stopper.stopped  # 'both' would go on: accuracy kept improving
     with pytest.raises(cli.PipelineError, match="monitors"):
-        EarlyStopping(monitor="auc")
+        EarlyStopping(patience=TRAIN.patience, monitor="auc")
 
 
 def test_selection_hierarchy_orders_balanced_accuracy_then_kappa_then_auc():
@@ -196,7 +211,7 @@ def test_selection_rule_picks_the_checkpoint_and_embeddings_are_exported(tiny, t
     val = pd.read_csv(tiny["val"], dtype={"image_id": str})
     assert list(embeddings["image_id"]) == list(val["image_id"]) and embeddings["embedding"].shape == (4, 512)
     # the stored embedding is the input of the final linear layer: the head reproduces the probabilities
-    model = build_model("r3d_18", "none")
+    model = _model("r3d_18", "none")
     model.load_state_dict(load_checkpoint(out / "best_hierarchy.pt")["model"])
     logits = model.fc(torch.from_numpy(embeddings["embedding"]))
     np.testing.assert_allclose(torch.softmax(logits, 1)[:, 1].detach().numpy(), embeddings["prob"], rtol=1e-4,
@@ -219,7 +234,7 @@ def test_selection_rule_picks_the_checkpoint_and_embeddings_are_exported(tiny, t
 
 def test_slice_resnet_prediction_is_the_mean_of_its_slices():
     torch.manual_seed(0)
-    model = build_model("resnet50", "none", trainable_from="fc", plane="coronal", n_slices=3, slice_spacing=2).eval()
+    model = _model("resnet50", "none", trainable_from="fc", plane="coronal", n_slices=3, slice_spacing=2).eval()
     assert model.slice_indices(16) == [6, 8, 10]
     assert [type(m) for m in model.fc] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
     assert model.fc[0].in_features == 2048 and model.fc[0].out_features == 512 and model.fc[2].p == 0.5
@@ -240,19 +255,20 @@ def test_slice_resnet_freezing_and_one_channel_stem():
 
     torch.manual_seed(1)
     rgb = resnet50(weights=None)
-    model = SliceResNet(rgb, 2)
+    model = SliceResNet(rgb, 2, plane=EXPERIMENT.plane, n_slices=EXPERIMENT.n_slices, spacing=EXPERIMENT.slice_spacing)
     torch.testing.assert_close(model.stem[0].weight, rgb.conv1.weight.sum(1, keepdim=True))
-    model = build_model("resnet50", "none", trainable_from="fc")
+    model = _model("resnet50", "none", trainable_from="fc")
     counts = count_parameters(model)
     assert counts["trainable"] == 2048 * 512 + 512 + 512 * 2 + 2
-    assert [g["name"] for g in parameter_groups(model)] == ["head"]
+    assert [g["name"] for g in parameter_groups(model, lr_head=TRAIN.lr_head,
+                                                 lr_backbone=TRAIN.lr_backbone)] == ["head"]
     with pytest.raises(cli.PipelineError, match="plane"):
-        build_model("resnet50", "none", plane="oblique")
+        _model("resnet50", "none", plane="oblique")
 
 
 def test_mvit_takes_a_volume_and_trains_only_its_last_stage():
     torch.manual_seed(0)
-    model = build_model("mvit_v2_s", "none", trainable_from="layer4")
+    model = _model("mvit_v2_s", "none", trainable_from="layer4")
     assert model.net.conv_proj.in_channels == 1
     stages = {stage_of(model, name) for name, p in model.named_parameters() if p.requires_grad}
     assert stages == {"layer4", "fc"}

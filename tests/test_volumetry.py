@@ -11,8 +11,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from workflow_scripts.common import cli
+from workflow_scripts.common.settings import resolve
 from workflow_scripts.hippocampus import volumetry
 from workflow_scripts.evaluation.evaluate import PREDICTION_COLUMNS, validate_predictions
+
+VOLUMETRY_C = resolve("experiments.*", {}).C  # the schema's default inverse regularisation of volumetry
 
 
 def _image(data: np.ndarray, zooms, path=None, rotate: bool = False) -> nib.Nifti1Image:
@@ -114,7 +117,7 @@ def test_separable_volumes_give_a_high_auc_and_a_predictions_table_evaluate_acce
     val, val_volumes = _cohort(20, seed=2, shift=2.0)
     volumes = pd.concat([train_volumes, val_volumes], ignore_index=True)
 
-    summary = volumetry.fit_run(train, val, volumes, ["left_mm3", "right_mm3"], tmp_path)
+    summary = volumetry.fit_run(train, val, volumes, ["left_mm3", "right_mm3"], tmp_path, C=VOLUMETRY_C)
 
     table = pd.read_csv(tmp_path / "val_predictions.csv", dtype={"image_id": str, "subject": str})
     assert tuple(table.columns) == PREDICTION_COLUMNS
@@ -134,7 +137,8 @@ def test_separable_volumes_give_a_high_auc_and_a_predictions_table_evaluate_acce
 def test_features_carry_no_signal_gives_chance_auc(tmp_path):
     train, train_volumes = _cohort(60, seed=3, shift=0.0)
     val, val_volumes = _cohort(60, seed=4, shift=0.0)
-    volumetry.fit_run(train, val, pd.concat([train_volumes, val_volumes]), ["left_icv", "right_icv"], tmp_path)
+    volumetry.fit_run(train, val, pd.concat([train_volumes, val_volumes]), ["left_icv", "right_icv"], tmp_path,
+                      C=VOLUMETRY_C)
     table = pd.read_csv(tmp_path / "val_predictions.csv")
     assert 0.3 < roc_auc_score(table["label"], table["prob"]) < 0.7
 
@@ -191,12 +195,12 @@ def test_the_summary_records_the_subjects_and_scans_fitted_and_validated_on(tmp_
     train, train_volumes = _cohort(12, seed=10, scans_per_subject=2)
     val, val_volumes = _cohort(6, seed=11)
     volumes = pd.concat([train_volumes, val_volumes], ignore_index=True)
-    record = volumetry.fit_run(train, val, volumes, ["left_icv"], tmp_path)["data"]
+    record = volumetry.fit_run(train, val, volumes, ["left_icv"], tmp_path, C=VOLUMETRY_C)["data"]
     assert record["train"]["subjects"] == sorted(set(train["subject"])) and len(record["train"]["subjects"]) == 12
     assert [scan["image_id"] for scan in record["val"]["scans"]] == val["image_id"].tolist()
     assert [scan["label"] for scan in record["train"]["scans"]] == train["label"].tolist()
     moved = volumes.assign(left_icv=volumes["left_icv"] * 1.01)  # other feature values: another record
-    assert volumetry.fit_run(train, val, moved, ["left_icv"], tmp_path)["data"]["hash"] != record["hash"]
+    assert volumetry.fit_run(train, val, moved, ["left_icv"], tmp_path, C=VOLUMETRY_C)["data"]["hash"] != record["hash"]
     assert json.loads((tmp_path / "summary.json").read_text())["data"]["val"]["subjects"] == record["val"]["subjects"]
 
 
@@ -230,7 +234,8 @@ def test_a_scan_without_volumes_stops_the_fit_naming_it_and_the_rule_to_rerun(tm
     train, volumes = _cohort(10, seed=8)
     missing = train["image_id"].iloc[3]
     with pytest.raises(cli.PipelineError, match=rf"{missing}.*hippocampal_volumes"):
-        volumetry.fit_run(train, train, volumes[volumes["image_id"] != missing], ["left_icv", "right_icv"], tmp_path)
+        volumetry.fit_run(train, train, volumes[volumes["image_id"] != missing], ["left_icv", "right_icv"], tmp_path,
+                          C=VOLUMETRY_C)
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -238,7 +243,7 @@ def test_training_scans_of_one_class_are_refused(tmp_path):
     train, volumes = _cohort(10, seed=9)
     cn = train[train["label"] == 0]
     with pytest.raises(cli.PipelineError, match="one class only"):
-        volumetry.fit_run(cn, cn, volumes, ["left_icv"], tmp_path)
+        volumetry.fit_run(cn, cn, volumes, ["left_icv"], tmp_path, C=VOLUMETRY_C)
 
 
 # --- in the shared workflow run -------------------------------------------------------------

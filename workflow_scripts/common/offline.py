@@ -31,7 +31,7 @@ def offline_config(config: dict[str, Any]) -> list[str]:
         weights = entry.weights
         if entry.kind == "volumetry" or weights not in DOWNLOADED_WEIGHTS or not entry.enabled:
             continue
-        cached = pretrained_cache_path(entry.arch, weights)
+        cached = pretrained_cache_path(entry.arch, weights=weights)
         if cached.is_file():
             notes.append(f"offline: {name}'s {weights} weights are not downloaded; torchvision's cached copy "
                          f"{cached} is used")

@@ -64,7 +64,7 @@ def confusion_counts(metrics: dict, level: str, source: str = "metrics.json") ->
     return counts
 
 
-def beta_posterior(successes: int, failures: int, prior: Sequence[float] = (1.0, 1.0)):
+def beta_posterior(successes: int, failures: int, prior: Sequence[float]):
     """Beta(a + successes, b + failures): the conjugate update of a Beta(a, b) prior."""
     a, b = (float(v) for v in prior)
     if a <= 0 or b <= 0:
@@ -105,9 +105,8 @@ def draw_rates(counts: dict[str, int], prior_sensitivity: Sequence[float], prior
     return se, sp
 
 
-def analyse_level(counts: dict[str, int], prevalences: Sequence[dict], prior_sensitivity: Sequence[float] = (1, 1),
-                  prior_specificity: Sequence[float] = (1, 1), credible: float = 0.95, n_draws: int = 200_000,
-                  seed: int = 0) -> dict:
+def analyse_level(counts: dict[str, int], prevalences: Sequence[dict], *, prior_sensitivity: Sequence[float],
+                  prior_specificity: Sequence[float], credible: float, n_draws: int, seed: int) -> dict:
     """Posteriors of sensitivity, specificity, likelihood ratios, and PPV/NPV at each prevalence."""
     if not 0 < credible < 1:
         raise ValueError(f"credible must lie in (0, 1), got {credible}")
@@ -253,9 +252,9 @@ def plot_curves(result: dict, se: np.ndarray, sp: np.ndarray, path: str | Path) 
     return save_figure(fig, Path(path))
 
 
-def analyse(metrics: dict, prevalences: Sequence[dict], experiment: str, figure_level: str = "subject",
-            prior_sensitivity: Sequence[float] = (1, 1), prior_specificity: Sequence[float] = (1, 1),
-            credible: float = 0.95, n_draws: int = 200_000, seed: int = 0, source: str = "metrics.json") -> dict:
+def analyse(metrics: dict, prevalences: Sequence[dict], experiment: str, *, figure_level: str,
+            prior_sensitivity: Sequence[float], prior_specificity: Sequence[float], credible: float, n_draws: int,
+            seed: int, source: str = "metrics.json") -> dict:
     """Both levels' posteriors (the figure's level first) in one JSON-ready dict."""
     if figure_level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {figure_level!r}")
@@ -267,8 +266,9 @@ def analyse(metrics: dict, prevalences: Sequence[dict], experiment: str, figure_
         "prior": {"sensitivity": [float(v) for v in prior_sensitivity],
                   "specificity": [float(v) for v in prior_specificity]},
         "n_draws": int(n_draws), "seed": int(seed), "threshold": metrics.get("threshold"),
-        "levels": {level: analyse_level(confusion_counts(metrics, level, source), prevalences, prior_sensitivity,
-                                        prior_specificity, credible, n_draws, seed) for level in order},
+        "levels": {level: analyse_level(confusion_counts(metrics, level, source), prevalences,
+                                        prior_sensitivity=prior_sensitivity, prior_specificity=prior_specificity,
+                                        credible=credible, n_draws=n_draws, seed=seed) for level in order},
     }
 
 
@@ -398,10 +398,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "posterior":
         prevalences = [entry.plain() for entry in bayes.prevalences]
         metrics = read_metrics(args.metrics)
-        result = analyse(metrics, prevalences, args.experiment, bayes.level,
-                         _pair(bayes.prior_sensitivity, "bayes.prior_sensitivity"),
-                         _pair(bayes.prior_specificity, "bayes.prior_specificity"), bayes.credible, bayes.n_draws,
-                         bayes.seed, source=args.metrics)
+        result = analyse(metrics, prevalences, args.experiment, figure_level=bayes.level,
+                         prior_sensitivity=_pair(bayes.prior_sensitivity, "bayes.prior_sensitivity"),
+                         prior_specificity=_pair(bayes.prior_specificity, "bayes.prior_specificity"),
+                         credible=bayes.credible, n_draws=bayes.n_draws, seed=bayes.seed, source=args.metrics)
         write_text_atomic(json.dumps(result, indent=2) + "\n", args.json)
         write_text_atomic(markdown(result), args.markdown)
         write_text_atomic(html(result), args.html)

@@ -193,7 +193,8 @@ def paired_tests(labels: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, pre
 def subject_pairs(pairs: pd.DataFrame, threshold_other: float, threshold_main: float) -> pd.DataFrame:
     """The paired scans as paired subjects (``evaluate.subject_level`` of each side at its own threshold):
     columns ``subject, label, prob_main, pred_main, prob_other, pred_other``."""
-    sides = [subject_level(pairs.rename(columns={f"prob_{side}": "prob"})[["subject", "label", "prob"]], threshold)
+    sides = [subject_level(pairs.rename(columns={f"prob_{side}": "prob"})[["subject", "label", "prob"]],
+                           threshold=threshold)
              .rename(columns={"prob": f"prob_{side}", "pred": f"pred_{side}"})
              for side, threshold in (("main", threshold_main), ("other", threshold_other))]
     return sides[0][["subject", "label", "prob_main", "pred_main"]].merge(

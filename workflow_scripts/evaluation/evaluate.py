@@ -98,7 +98,7 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def metrics(labels: Sequence, probs: Sequence, threshold: float = 0.5) -> dict:
+def metrics(labels: Sequence, probs: Sequence, *, threshold: float) -> dict:
     """Every metric the dissertation reports, at ``pred = prob >= threshold``.
 
     A metric that needs a class or a prediction that is absent (AUC, specificity,
@@ -166,9 +166,9 @@ def resample_weights(codes: np.ndarray, size: int, rng: np.random.Generator) -> 
     return counts[:, codes].astype(float)
 
 
-def bootstrap_intervals(labels: Sequence, probs: Sequence, n_boot: int = 2000, seed: int = 0,
-                        alpha: float = 0.05, groups: Sequence | None = None,
-                        threshold: float = 0.5) -> dict[str, tuple[float | None, float | None]]:
+def bootstrap_intervals(labels: Sequence, probs: Sequence, *, n_boot: int, seed: int, alpha: float,
+                        threshold: float, groups: Sequence | None = None
+                        ) -> dict[str, tuple[float | None, float | None]]:
     """Percentile bootstrap ``1 - alpha`` intervals of each metric in ``METRIC_NAMES``.
 
     With ``groups`` (subject ids) whole subjects are resampled, so that correlated scans
@@ -212,7 +212,7 @@ def bootstrap_intervals(labels: Sequence, probs: Sequence, n_boot: int = 2000, s
 
 # --- levels -----------------------------------------------------------------------------
 
-def subject_level(predictions: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+def subject_level(predictions: pd.DataFrame, *, threshold: float) -> pd.DataFrame:
     """One row per subject and diagnosis: the mean of its scans' probabilities, ``pred = prob >= threshold``.
 
     A subject has one diagnosis unless ``data.label_policy: visit_diagnosis`` labels each scan by its
@@ -232,9 +232,10 @@ def subject_level(predictions: pd.DataFrame, threshold: float = 0.5) -> pd.DataF
 def _level(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int, alpha: float,
            threshold: float, groups: Sequence | None) -> dict:
     """Point metrics plus their intervals, as one JSON-ready block."""
-    block = metrics(labels, probs, threshold)
+    block = metrics(labels, probs, threshold=threshold)
     block["ci"] = {name: list(bounds) for name, bounds in
-                   bootstrap_intervals(labels, probs, n_boot, seed, alpha, groups, threshold).items()}
+                   bootstrap_intervals(labels, probs, n_boot=n_boot, seed=seed, alpha=alpha, threshold=threshold,
+                                       groups=groups).items()}
     return block
 
 
@@ -244,8 +245,7 @@ def _level(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int, alpha:
 MIN_SUBJECTS_PER_CLASS = 5
 
 
-def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: int = 0,
-                         alpha: float = 0.05, threshold: float = 0.5) -> dict:
+def evaluate_predictions(predictions: pd.DataFrame, *, n_boot: int, seed: int, alpha: float, threshold: float) -> dict:
     """Scan- and subject-level metrics with ``1 - alpha`` bootstrap intervals.
 
     Scan-level intervals resample subjects (cluster bootstrap); subject-level ones resample
@@ -256,7 +256,7 @@ def evaluate_predictions(predictions: pd.DataFrame, n_boot: int = 2000, seed: in
     if mismatched:
         LOG.warning("%d scan(s) have a pred column that differs from prob >= %g; metrics use prob >= %g",
                     mismatched, threshold, threshold)
-    subjects = subject_level(table, threshold)
+    subjects = subject_level(table, threshold=threshold)
     per_label = subjects.groupby("label")["subject"].nunique().reindex([0, 1], fill_value=0)
     return {
         "scan": _level(table["label"].to_numpy(), table["prob"].to_numpy(), n_boot, seed, alpha, threshold,
@@ -335,9 +335,9 @@ def write_report(result: dict, predictions: pd.DataFrame, out_dir: str | Path) -
     ``subject_predictions.csv`` into ``out_dir``; returns their paths by name."""
     out_dir = Path(out_dir)
     table = validate_predictions(predictions)
-    threshold = float(result.get("threshold", 0.5))
-    coverage = 100 * (1 - float(result.get("bootstrap", {}).get("alpha", 0.05)))
-    subjects = subject_level(table, threshold)
+    threshold = float(result["threshold"])
+    coverage = 100 * (1 - float(result["bootstrap"]["alpha"]))
+    subjects = subject_level(table, threshold=threshold)
     paths = {
         "metrics": write_text_atomic(json.dumps(result, indent=2) + "\n", out_dir / "metrics.json"),
         "predictions": write_text_atomic(table.to_csv(index=False), out_dir / "predictions.csv"),
@@ -355,7 +355,7 @@ def write_report(result: dict, predictions: pd.DataFrame, out_dir: str | Path) -
 
 def summary_lines(result: dict) -> list[str]:
     """One line per level and metric, for the log: 'scan accuracy 0.812 (95% CI ...)'."""
-    coverage = 100 * (1 - float(result.get("bootstrap", {}).get("alpha", 0.05)))
+    coverage = 100 * (1 - float(result["bootstrap"]["alpha"]))
     lines = []
     for level in ("scan", "subject"):
         block = result[level]

@@ -66,6 +66,7 @@ AXES = (("x", "sagittal slices, left to right: the video networks' time axis"),
         ("y", "coronal slices, posterior to anterior"),
         ("z", "axial slices, inferior to superior"))
 SCAN_COLUMNS = ("image_id", "subject", "label", "group", "prob", "pred", "outcome")
+INTERVAL_ALPHA = 0.05  # the class means' intervals are 95% (fixed, not a setting; summary.json says so)
 
 
 # --- which scans --------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
             from err
 
 
-def gradcam_map(model: nn.Module, x: torch.Tensor, target: int, layer: str = "layer4") -> np.ndarray:
+def gradcam_map(model: nn.Module, x: torch.Tensor, target: int, *, layer: str) -> np.ndarray:
     """3D Grad-CAM of the target's log-odds at ``layer``, upsampled trilinearly to the input's (x, y, z)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
@@ -173,8 +174,8 @@ def gradcam_map(model: nn.Module, x: torch.Tensor, target: int, layer: str = "la
     return cam[0, 0].cpu().numpy().astype(np.float32)
 
 
-def occlusion_map(model: nn.Module, x: torch.Tensor, target: int, patch: int, stride: int,
-                  batch: int = 4) -> np.ndarray:
+def occlusion_map(model: nn.Module, x: torch.Tensor, target: int, *, patch: int, stride: int,
+                  batch: int) -> np.ndarray:
     """Occlusion sensitivity of the target's log-odds: mean drop when a ``patch``^3 cube around each
     voxel is set to 0 (the brain's mean in the z-normalised input)."""
     from captum.attr import Occlusion
@@ -193,10 +194,10 @@ def occlusion_map(model: nn.Module, x: torch.Tensor, target: int, patch: int, st
 def attribution_map(method: str, model: nn.Module, x: torch.Tensor, target: int, settings: dict) -> np.ndarray:
     """One method's map of one scan (``settings``: gradcam_layer, occlusion_patch/stride/batch)."""
     if method == "gradcam":
-        return gradcam_map(model, x, target, settings["gradcam_layer"])
+        return gradcam_map(model, x, target, layer=settings["gradcam_layer"])
     if method == "occlusion":
-        return occlusion_map(model, x, target, settings["occlusion_patch"], settings["occlusion_stride"],
-                             settings["occlusion_batch"])
+        return occlusion_map(model, x, target, patch=settings["occlusion_patch"],
+                             stride=settings["occlusion_stride"], batch=settings["occlusion_batch"])
     raise cli.PipelineError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -245,8 +246,8 @@ def hottest_voxel(attribution: np.ndarray, brain: np.ndarray, sigma: float = 1.0
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(smooth)), smooth.shape))
 
 
-def bootstrap_mean(values: Sequence[float], groups: Sequence, n_boot: int = 2000, seed: int = 0,
-                   alpha: float = 0.05) -> tuple[float | None, float | None, float | None]:
+def bootstrap_mean(values: Sequence[float], groups: Sequence, *, n_boot: int, seed: int,
+                   alpha: float) -> tuple[float | None, float | None, float | None]:
     """Mean of ``values`` and its percentile bootstrap interval, resampling ``groups`` (subjects) with
     their values together; NaN values are left out. (None, None, None) when nothing is left."""
     v = np.asarray(values, dtype=float)
@@ -427,7 +428,7 @@ def class_summary(table: pd.DataFrame, column: str, by: Sequence[str], n_boot: i
     """Mean of ``column`` with its subject-resampled 95% interval, per combination of ``by``."""
     rows = []
     for keys, part in table.groupby(list(by), sort=True):
-        mean, low, high = bootstrap_mean(part[column], part["subject"], n_boot, seed)
+        mean, low, high = bootstrap_mean(part[column], part["subject"], n_boot=n_boot, seed=seed, alpha=INTERVAL_ALPHA)
         finite = part[column][np.isfinite(part[column].astype(float))]
         rows.append({**dict(zip(by, keys if isinstance(keys, tuple) else (keys,))), "mean": mean, "ci_low": low,
                      "ci_high": high, "median": float(finite.median()) if len(finite) else None,
@@ -469,10 +470,9 @@ def explain_page(experiment: str, share_summary: pd.DataFrame, sanity_summary: p
 
 def explain_experiment(scans: pd.DataFrame, checkpoint: str | Path, tensors: Sequence[str], images: Sequence[str],
                        brains: Sequence[str], hippocampi: Sequence[str], out_dir: str | Path, *,
-                       methods: Sequence[str] = METHODS, target: str = "AD", gradcam_layer: str = "layer4",
-                       occlusion_patch: int = 32, occlusion_stride: int = 32, occlusion_batch: int = 4,
-                       hippocampus_masks: str = "atlas", n_boot: int = 2000, seed: int = 0, device: str = "auto",
-                       experiment: str = "") -> dict:
+                       methods: Sequence[str], target: str, gradcam_layer: str, occlusion_patch: int,
+                       occlusion_stride: int, occlusion_batch: int, hippocampus_masks: str, n_boot: int, seed: int,
+                       device: str, experiment: str = "") -> dict:
     """Maps, figures, depth profiles, hippocampal shares and the sanity check of the chosen scans;
     writes everything into ``out_dir`` and returns the summary."""
     from workflow_scripts.learning.train import load_trained_model, pick_device

@@ -67,8 +67,8 @@ def template_labels(template: nib.Nifti1Image) -> np.ndarray:
     return labels
 
 
-def register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, *, transform: str = "SyN",
-             reg_iterations: Sequence[int] = (40, 20, 0), seed: int = 1, workdir: str | Path) -> dict:
+def register(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, *, transform: str, reg_iterations: Sequence[int],
+             seed: int, workdir: str | Path) -> dict:
     """``ants.registration`` of ``moving`` onto ``fixed``; transforms are written under ``workdir``.
 
     The seed fixes the random metric sampling of the affine stage: with one ITK thread a re-run
@@ -109,9 +109,8 @@ def exclude_csf(labels: np.ndarray, image: np.ndarray, brain: np.ndarray) -> tup
     return np.where(image > threshold, labels, 0).astype(labels.dtype), threshold
 
 
-def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = None, template: str = "mni152_fsl",
-                      transform: str = "SyN", reg_iterations: Sequence[int] = (40, 20, 0), seed: int = 1,
-                      drop_csf: bool = True) -> tuple[nib.Nifti1Image, dict]:
+def atlas_hippocampus(scan: nib.Nifti1Image, *, brain: nib.Nifti1Image | None = None, template: str, transform: str,
+                      reg_iterations: Sequence[int], seed: int, drop_csf: bool) -> tuple[nib.Nifti1Image, dict]:
     """Hippocampus labels on ``scan``'s grid and a record of how they were made; ``brain`` (the scan's
     brain mask, default: its non-zero voxels) gives the intensities the CSF threshold comes from."""
     image = np.asarray(scan.dataobj, dtype=np.float32)

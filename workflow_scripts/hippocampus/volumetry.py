@@ -152,7 +152,7 @@ def with_features(manifest: pd.DataFrame, volumes: pd.DataFrame, features: Seque
     return table
 
 
-def fit_classifier(train: pd.DataFrame, features: Sequence[str], C: float = 1.0):
+def fit_classifier(train: pd.DataFrame, features: Sequence[str], *, C: float):
     """A Pipeline(StandardScaler, LogisticRegression(class_weight='balanced')) fitted on ``train``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -209,7 +209,7 @@ def model_summary(model, features: Sequence[str], train: pd.DataFrame, val: pd.D
 
 
 def fit_run(train: pd.DataFrame, val: pd.DataFrame, volumes: pd.DataFrame, features: Sequence[str],
-            out_dir: str | Path, C: float = 1.0, config: dict | None = None,
+            out_dir: str | Path, *, C: float, config: dict | None = None,
             sources: tuple[str, str] = ("the training scans", "the validation scans"),
             volumes_source: str = "volumes table") -> dict:
     """Fit on ``train``, predict ``val``: writes model.joblib, val_predictions.csv and summary.json."""
@@ -218,7 +218,7 @@ def fit_run(train: pd.DataFrame, val: pd.DataFrame, volumes: pd.DataFrame, featu
     out_dir = Path(out_dir)
     train = with_features(train, volumes, features, sources[0], volumes_source)
     val = with_features(val, volumes, features, sources[1], volumes_source)
-    model = fit_classifier(train, features, C)
+    model = fit_classifier(train, features, C=C)
     write_atomic(out_dir / "model.joblib", lambda tmp: joblib.dump(model, tmp))
     write_text_atomic(predictions(model, val, features).to_csv(index=False), out_dir / "val_predictions.csv")
     summary = model_summary(model, features, train, val, config or {})

@@ -30,15 +30,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workflow_scripts.common import cli
+from workflow_scripts.common import cli, settings
 from workflow_scripts.common.nifti_io import write_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
 CARD_VERSION = 1
 CARD_FILE, STATE_FILE, SCRIPT_FILE = "model_card.json", "model.pt", "model.ts"
-# The study labels its first data.classes entry 1 (AD) and the second 0 (CN): split.py.
-DEFAULT_CLASSES = ("AD", "CN")
 # Predictions are the argmax of the two-class softmax; no threshold is tuned on any scans.
 DECISION_THRESHOLD = 0.5
 INTENSITY_NORMALISATION = (
@@ -87,8 +85,7 @@ def classes_by_label(classes: Sequence[str]) -> list[str]:
     return [classes[1], classes[0]]
 
 
-def training_data_summary(record: dict[str, Any], scans: pd.DataFrame,
-                          classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
+def training_data_summary(record: dict[str, Any], scans: pd.DataFrame, *, classes: Sequence[str]) -> dict[str, Any]:
     """Scans and subjects per role (train, val), by class and by ADNI phase."""
     names = classes_by_label(classes)
     summary = {}
@@ -123,8 +120,8 @@ def _float(value: Any) -> float | None:
 
 
 def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str, Any] | None,
-               scans: pd.DataFrame, preprocess: dict[str, Any], experiment: str,
-               classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
+               scans: pd.DataFrame, preprocess: dict[str, Any], experiment: str, *,
+               classes: Sequence[str]) -> dict[str, Any]:
     """The model card: everything a receiver needs to use the model as it was trained, and judge it."""
     from workflow_scripts.report.report_tables import package_versions
 
@@ -165,7 +162,7 @@ def model_card(summary: dict[str, Any], checkpoint: str, test_metrics: dict[str,
                       "checkpoint": Path(checkpoint).name,
                       "chosen_on": "the validation split (val.csv)", "stop_reason": summary.get("stop_reason"),
                       "epochs_run": summary.get("epochs_run")},
-        "training_data": training_data_summary(summary["data"], scans, classes),
+        "training_data": training_data_summary(summary["data"], scans, classes=classes),
         "data_hash": summary["data"].get("hash"),
         "known_identifiers": known_identifiers(summary["data"], scans),
         "metrics": {"validation_at_selected_epoch": validation,
@@ -197,8 +194,8 @@ def script_module(module: PackagedClassifier, input_shape: Sequence[int]) -> tor
 
 
 def write_package(summary_path: str | Path, checkpoint: str | Path, out_dir: str | Path, *, scans_path: str | Path,
-                  preprocess: dict[str, Any], test_metrics_path: str | Path | None = None,
-                  experiment: str | None = None, classes: Sequence[str] = DEFAULT_CLASSES) -> dict[str, Any]:
+                  preprocess: dict[str, Any], classes: Sequence[str], test_metrics_path: str | Path | None = None,
+                  experiment: str | None = None) -> dict[str, Any]:
     """Write model.pt, model.ts (where the architecture can be traced) and model_card.json; returns the card."""
     from workflow_scripts.report.report_tables import read_json, read_tsv
     from workflow_scripts.learning.train import load_trained_model
@@ -210,7 +207,7 @@ def write_package(summary_path: str | Path, checkpoint: str | Path, out_dir: str
     test_metrics = read_json(test_metrics_path, "test metrics") if test_metrics_path else None
     experiment = experiment or Path(summary_path).parent.name
     network, config = load_trained_model(checkpoint, "cpu")
-    card = model_card(summary, str(checkpoint), test_metrics, scans, preprocess, experiment, classes)
+    card = model_card(summary, str(checkpoint), test_metrics, scans, preprocess, experiment, classes=classes)
     write_atomic(out_dir / STATE_FILE, lambda tmp: torch.save(network.state_dict(), tmp))
     try:
         traced = script_module(packaged_module(network, config["arch"]), summary["input_shape"])
@@ -258,8 +255,12 @@ def load_package(package: str | Path, device: str | torch.device = "cpu",
     from workflow_scripts.learning.models import build_model
 
     arch = card["architecture"]
-    slices = arch.get("slices") or {}
-    network = build_model(arch["arch"], "none", arch["num_classes"], 1, **{k: v for k, v in slices.items() if v})
+    # The card's model keys; what it leaves out (the slices of a 3D network) takes the schema's defaults.
+    given = {"arch": arch["arch"], "trainable_from": arch.get("trainable_from"), **(arch.get("slices") or {})}
+    model = settings.resolve("experiments.*", {k: v for k, v in given.items() if v is not None})
+    network = build_model(arch=model.arch, weights="none", num_classes=arch["num_classes"], in_channels=1,
+                          trainable_from=model.trainable_from, plane=model.plane, n_slices=model.n_slices,
+                          slice_spacing=model.slice_spacing)
     network.load_state_dict(torch.load(Path(package) / STATE_FILE, map_location="cpu", weights_only=True))
     return packaged_module(network, arch["arch"]).to(device), card
 
@@ -269,17 +270,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--summary", required=True, help="the training run's summary.json")
     p.add_argument("--checkpoint", required=True, help="the selected checkpoint (best_acc.pt, best_loss.pt, ...)")
     p.add_argument("--scans", required=True, help="results/scans.tsv (phases and series UIDs)")
-    p.add_argument("--preprocess", required=True, help="the preprocessing settings (JSON: config preprocess)")
+    settings.add_argument(p, "preprocess", "data.classes")
     p.add_argument("--test-metrics", help="the experiment's evaluation/metrics.json")
     p.add_argument("--experiment", help="experiment name (default: the summary's folder)")
-    p.add_argument("--classes", nargs=2, default=list(DEFAULT_CLASSES),
-                   help="data.classes: the positive class (label 1) first")
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    write_package(args.summary, args.checkpoint, args.out_dir, scans_path=args.scans,
-                  preprocess=json.loads(args.preprocess), test_metrics_path=args.test_metrics,
-                  experiment=args.experiment, classes=args.classes)
+    preprocess, classes = settings.read_job(args.settings, "preprocess", "data.classes")
+    write_package(args.summary, args.checkpoint, args.out_dir, scans_path=args.scans, preprocess=preprocess.plain(),
+                  test_metrics_path=args.test_metrics, experiment=args.experiment, classes=classes)
 
 
 if __name__ == "__main__":

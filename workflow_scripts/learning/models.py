@@ -61,7 +61,7 @@ def _weights_enum(arch: str):
     return get_model_weights(arch)
 
 
-def pretrained_cache_path(arch: str, weights: str = "kinetics400") -> Path:
+def pretrained_cache_path(arch: str, *, weights: str) -> Path:
     """Where torchvision keeps (and looks for) the pretrained weights of ``arch``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_pretrained_enum(arch, weights).url)
 
@@ -69,7 +69,7 @@ def pretrained_cache_path(arch: str, weights: str = "kinetics400") -> Path:
 def missing_weights_message(arch: str, weights: str, err: BaseException) -> str:
     url = _pretrained_enum(arch, weights).url
     return (f"cannot load the {weights} weights of {arch} ({err}); torchvision reads them from "
-            f"{pretrained_cache_path(arch, weights)} and downloads them there when missing: copy the file from "
+            f"{pretrained_cache_path(arch, weights=weights)} and downloads them there when missing: copy the file from "
             f"{url} to that path (set TORCH_HOME to choose the cache folder), or set the experiment's weights to "
             "a local state-dict file or to none")
 
@@ -86,7 +86,7 @@ def _pretrained_enum(arch: str, weights: str):
                             "state-dict file")
 
 
-def fetch_pretrained_weights(arch: str, weights: str = "kinetics400") -> dict[str, object]:
+def fetch_pretrained_weights(arch: str, *, weights: str) -> dict[str, object]:
     """Download the pretrained weights of ``arch`` into torch's cache once (torchvision checks the
     SHA-256 prefix in the file name) and return a record of them; the workflow runs this on the
     submitting host, because cluster compute nodes often have no network."""
@@ -97,7 +97,7 @@ def fetch_pretrained_weights(arch: str, weights: str = "kinetics400") -> dict[st
         state = enum.get_state_dict(progress=False, check_hash=True)
     except Exception as err:
         raise cli.PipelineError(missing_weights_message(arch, weights, err)) from err
-    path = pretrained_cache_path(arch, weights)
+    path = pretrained_cache_path(arch, weights=weights)
     return {"arch": arch, "weights": f"{type(enum).__name__}.{enum.name}", "url": enum.url, "path": str(path),
             "bytes": path.stat().st_size, "tensors": len(state)}
 
@@ -165,8 +165,7 @@ class SliceResNet(nn.Module):
     """A 2D ResNet-50 on ``n_slices`` slices of one plane, ``spacing`` voxels apart around the centre;
     returns the log of the mean of the slices' class probabilities (a scan-level log-probability)."""
 
-    def __init__(self, net: nn.Module, num_classes: int = 2, plane: str = "axial", n_slices: int = 16,
-                 spacing: int = 2):
+    def __init__(self, net: nn.Module, num_classes: int = 2, *, plane: str, n_slices: int, spacing: int):
         super().__init__()
         if plane not in PLANES:
             raise cli.PipelineError(f"plane must be one of {', '.join(PLANES)}, not {plane!r}")
@@ -218,7 +217,7 @@ def stage_of(model: nn.Module, parameter_name: str) -> str:
     return parameter_name.split(".")[0]
 
 
-def freeze_before(model: nn.Module, trainable_from: str = "layer4") -> None:
+def freeze_before(model: nn.Module, *, trainable_from: str) -> None:
     """Freeze every stage before ``trainable_from``; train it and the rest."""
     if trainable_from not in BLOCKS:
         raise cli.PipelineError(f"trainable_from must be one of {', '.join(BLOCKS)}, not {trainable_from!r}")
@@ -239,18 +238,18 @@ def unfreeze_from(model: nn.Module, stage: str) -> list[nn.Parameter]:
     return new
 
 
-def build_model(arch: str = "r3d_18", weights: str = "kinetics400", num_classes: int = 2, in_channels: int = 1,
-                trainable_from: str = "layer4", plane: str = "axial", n_slices: int = 16,
-                slice_spacing: int = 2) -> nn.Module:
+def build_model(*, arch: str, weights: str, num_classes: int = 2, in_channels: int = 1, trainable_from: str,
+                plane: str, n_slices: int, slice_spacing: int) -> nn.Module:
     """The network of ``arch`` with ``weights`` ('kinetics400', 'imagenet', 'none' or a torchvision
     state-dict file), an ``in_channels`` stem made from the RGB kernels, a new ``num_classes`` head,
     and its stages before ``trainable_from`` frozen. ``plane``, ``n_slices`` and ``slice_spacing``
-    set the slices the 2D resnet50 sees."""
+    set the slices the 2D resnet50 sees. Every setting is the caller's: the experiment's resolved settings
+    (experiments.<name>, defaults in schemas/config.schema.yaml)."""
     base = _base_model(arch, str(weights))
     if arch == "resnet50":
         if in_channels != 1:
             raise cli.PipelineError("the 2D baseline takes one-channel slices")
-        model = SliceResNet(base, num_classes, plane, n_slices, slice_spacing)
+        model = SliceResNet(base, num_classes, plane=plane, n_slices=n_slices, spacing=slice_spacing)
     elif arch == "mvit_v2_s":
         base.conv_proj = _adapt_first_conv(base.conv_proj, in_channels)
         base.head[-1] = nn.Linear(base.head[-1].in_features, num_classes)
@@ -259,7 +258,7 @@ def build_model(arch: str = "r3d_18", weights: str = "kinetics400", num_classes:
         base.stem[0] = _adapt_first_conv(base.stem[0], in_channels)
         base.fc = nn.Linear(base.fc.in_features, num_classes)
         model = base
-    freeze_before(model, trainable_from)
+    freeze_before(model, trainable_from=trainable_from)
     LOG.info("%s: weights %s, %d input channel(s), %d classes, trained from %s", arch, weights, in_channels,
              num_classes, trainable_from)
     return model
@@ -314,7 +313,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-def parameter_groups(model: nn.Module, lr_head: float = 1e-3, lr_backbone: float = 1e-4) -> list[dict]:
+def parameter_groups(model: nn.Module, *, lr_head: float, lr_backbone: float) -> list[dict]:
     """Optimizer groups: the new head at ``lr_head``, the trainable pretrained layers at ``lr_backbone``.
 
     Named "head" and "backbone" so learning rates can be logged by name; an empty group is left out.
@@ -337,10 +336,11 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download once (hash-checked) and write a record of the file")
     fetch.add_argument("--arch", required=True, choices=ARCHS)
-    fetch.add_argument("--weights", default="kinetics400", choices=["kinetics400", "imagenet"])
+    fetch.add_argument("--weights", required=True, choices=["kinetics400", "imagenet"],
+                       help="the experiment's weights (kinetics400 for the video models, imagenet for resnet50)")
     fetch.add_argument("--record", required=True, help="JSON file recording the weights file used")
     args = p.parse_args(argv)
-    record = fetch_pretrained_weights(args.arch, args.weights)
+    record = fetch_pretrained_weights(args.arch, weights=args.weights)
     write_text_atomic(json.dumps(record, indent=2) + "\n", args.record)
     LOG.info("%s weights of %s: %s (%d bytes)", args.weights, args.arch, record["path"], record["bytes"])
 

@@ -89,6 +89,9 @@ RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "th
                   "export_embeddings"}
 # The networks classify AD against CN: two outputs (evaluation.evaluate.metrics is binary).
 NUM_CLASSES = 2
+# Training's metrics take the network's own decision, the argmax of its two outputs: p(AD) >= 0.5. The
+# reported figures use evaluate.threshold (evaluation.evaluate).
+ARGMAX_THRESHOLD = 0.5
 
 
 # ----------------------------------------------------------------------------- data
@@ -186,9 +189,8 @@ def load_volume(path: Path) -> torch.Tensor:
 class VolumeTransform:
     """TorchIO intensity transforms on one (1, x, y, z) tensor; picklable for DataLoader workers."""
 
-    def __init__(self, train: bool, gamma_log_range: Sequence[float] = (-0.2, 0.2), gamma_p: float = 0.3,
-                 noise_std_range: Sequence[float] = (0.0, 0.1), noise_p: float = 0.3, znorm_mask: str = "brain",
-                 znorm: bool = True):
+    def __init__(self, train: bool, *, gamma_log_range: Sequence[float], gamma_p: float,
+                 noise_std_range: Sequence[float], noise_p: float, znorm_mask: str, znorm: bool = True):
         import torchio as tio
 
         if znorm_mask not in ("brain", "none"):
@@ -312,7 +314,7 @@ class EarlyStopping:
     Each metric has its own counter of epochs without a strict improvement.
     """
 
-    def __init__(self, patience: int = 5, monitor: str = "both"):
+    def __init__(self, *, patience: int, monitor: str):
         if monitor not in ("both", "accuracy", "loss"):
             raise cli.PipelineError(f"early stopping monitors 'both', 'accuracy' or 'loss', not {monitor!r}")
         self.patience, self.monitor = patience, monitor
@@ -363,7 +365,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: t
         raise cli.PipelineError(f"the network has {logits.shape[1]} outputs; training and evaluation report the "
                                 "binary AD-versus-CN metrics, so the model needs 2 (num_classes 2)")
     loss = F.cross_entropy(logits, labels, weight=None if weight is None else weight.cpu()).item()
-    shared = metrics(labels.numpy(), torch.softmax(logits, dim=1)[:, 1].numpy())
+    shared = metrics(labels.numpy(), torch.softmax(logits, dim=1)[:, 1].numpy(), threshold=ARGMAX_THRESHOLD)
     return {"loss": loss, **{name: shared[name] for name in ("accuracy", "balanced_accuracy", "kappa", "auc")}}
 
 
@@ -391,7 +393,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
-            precision: str = "auto", channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            precision: str, channels_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and loss of one batch under ``precision``'s autocast; channels_last_3d inputs on CUDA by
     default (the fast path). The loss is always computed in fp32."""
     dtype = autocast_dtype(precision, device)
@@ -407,7 +409,7 @@ def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Mo
 @dataclass
 class StepOptions:
     """How one optimisation step runs: mixed precision, its loss scaler (fp16) and gradient clipping."""
-    precision: str = "auto"
+    precision: str  # train.precision
     scaler: torch.amp.GradScaler | None = None
     grad_clip_norm: float | None = None
 
@@ -459,14 +461,13 @@ class Progress:
 
 
 def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight: torch.Tensor | None,
-              optimizer: torch.optim.Optimizer | None = None, epoch: int = 1,
-              options: StepOptions | None = None) -> tuple[dict, torch.Tensor, list[int]]:
+              optimizer: torch.optim.Optimizer | None, epoch: int,
+              options: StepOptions) -> tuple[dict, torch.Tensor, list[int]]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
 
     Returns the split's metrics (plus the share of time spent waiting for data), its
     softmax probabilities and the dataset indices in the order seen.
     """
-    options = options or StepOptions()
     training = optimizer is not None
     progress = Progress(f"epoch {epoch} training" if training else f"epoch {epoch} validation" if epoch
                         else "prediction", len(loader))
@@ -848,8 +849,9 @@ def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequenc
 def input_transform(config: dict[str, Any], train: bool) -> VolumeTransform:
     """The run's transform; the 2D baseline (resnet50) takes [0, 1] intensities and applies ImageNet's
     normalisation itself, so it skips z-normalisation."""
-    return VolumeTransform(train, config["gamma_log_range"], config["gamma_p"], config["noise_std_range"],
-                           config["noise_p"], config["znorm_mask"], znorm=config["arch"] != "resnet50")
+    return VolumeTransform(train, gamma_log_range=config["gamma_log_range"], gamma_p=config["gamma_p"],
+                           noise_std_range=config["noise_std_range"], noise_p=config["noise_p"],
+                           znorm_mask=config["znorm_mask"], znorm=config["arch"] != "resnet50")
 
 
 @dataclass
@@ -886,9 +888,8 @@ class EpochScheduler:
     (the dissertation's), a cosine decay to ``eta_min`` over the remaining epochs, or
     ReduceLROnPlateau on the validation loss."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, kind: str = "warm_restarts", warmup_epochs: int = 0,
-                 max_epochs: int = 50, t0: int = 5, t_mult: int = 1, eta_min: float = 0.0,
-                 plateau_factor: float = 0.5, plateau_patience: int = 3):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, kind: str, warmup_epochs: int, max_epochs: int, t0: int,
+                 t_mult: int, eta_min: float, plateau_factor: float, plateau_patience: int):
         sched = torch.optim.lr_scheduler
         self.optimizer, self.kind, self.warmup, self.epoch = optimizer, kind, warmup_epochs, 0
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -970,9 +971,9 @@ class TrainingState:
 
 def model_from_config(config: dict[str, Any], weights: str | None = None) -> nn.Module:
     """The run's network (``weights`` overrides the configured ones, e.g. 'none' before loading a checkpoint)."""
-    return build_model(config["arch"], config["weights"] if weights is None else weights, config["num_classes"], 1,
-                       config["trainable_from"], plane=config.get("plane", "axial"),
-                       n_slices=config.get("n_slices", 16), slice_spacing=config.get("slice_spacing", 2))
+    return build_model(arch=config["arch"], weights=config["weights"] if weights is None else weights,
+                       num_classes=config["num_classes"], in_channels=1, trainable_from=config["trainable_from"],
+                       plane=config["plane"], n_slices=config["n_slices"], slice_spacing=config["slice_spacing"])
 
 
 def apply_unfreezing(model: nn.Module, config: dict[str, Any], epoch: int) -> None:
@@ -1006,19 +1007,21 @@ def new_training_state(config: dict[str, Any], device: torch.device) -> Training
     if device.type == "cuda" and config["arch"] != "resnet50":
         model.to(memory_format=torch.channels_last_3d)
     later = unfreeze_from(model, config["unfreeze_from"]) if config["unfreeze_epoch"] is not None else []
-    groups = parameter_groups(model, config["lr_head"], config["lr_backbone"])
+    groups = parameter_groups(model, lr_head=config["lr_head"], lr_backbone=config["lr_backbone"])
     for param in later:
         param.requires_grad_(False)
     fused = config["fused_optimizer"] and device.type == "cuda"
     optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config["optimizer"]]
     optimizer = optimizer_class(groups, weight_decay=config["weight_decay"], **({"fused": True} if fused else {}))
-    scheduler = EpochScheduler(optimizer, config["scheduler"], config["warmup_epochs"], config["max_epochs"],
-                               config["t0"], config["t_mult"], config["eta_min"], config["plateau_factor"],
-                               config["plateau_patience"])
+    scheduler = EpochScheduler(optimizer, kind=config["scheduler"], warmup_epochs=config["warmup_epochs"],
+                               max_epochs=config["max_epochs"], t0=config["t0"], t_mult=config["t_mult"],
+                               eta_min=config["eta_min"], plateau_factor=config["plateau_factor"],
+                               plateau_patience=config["plateau_patience"])
     autocast_dtype(config["precision"], device)  # fp16 off CUDA fails here, before any epoch
     scaler = torch.amp.GradScaler("cuda") if config["precision"] == "fp16" else None
     options = StepOptions(config["precision"], scaler, config["grad_clip_norm"])
-    return TrainingState(model, optimizer, scheduler, EarlyStopping(config["patience"], config["early_stopping"]),
+    return TrainingState(model, optimizer, scheduler,
+                         EarlyStopping(patience=config["patience"], monitor=config["early_stopping"]),
                          step_options=options)
 
 

@@ -442,8 +442,8 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
         table = pd.DataFrame({"image_id": labelled["image_id"], "subject": labelled["subject"],
                               "label": labelled["label"].astype(int), "prob": labelled["prob_ad"],
                               "pred": (labelled["prob_ad"] >= threshold).astype(int)})
-        metrics = evaluate_predictions(table, evaluate_settings["n_boot"], evaluate_settings["seed"],
-                                       evaluate_settings["alpha"], threshold)
+        metrics = evaluate_predictions(table, n_boot=evaluate_settings["n_boot"], seed=evaluate_settings["seed"],
+                                       alpha=evaluate_settings["alpha"], threshold=threshold)
         metrics["subjects_per_class"] = {card["classes"][k]: n for k, n in metrics["subjects_per_label"].items()}
         write_report(metrics, table, out_dir / "evaluation")
     notes = [f"The preprocessing is the model's; the current config differs at {d} (the model's was used)"

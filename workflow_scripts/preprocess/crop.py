@@ -21,7 +21,7 @@ from workflow_scripts.common.scan_failure import ScanDataError, run_stage
 LOG = logging.getLogger(__name__)
 
 
-def bounding_box(mask: np.ndarray, margin: int = 3, cube: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def bounding_box(mask: np.ndarray, *, margin: int, cube: bool) -> tuple[np.ndarray, np.ndarray]:
     """Start (inclusive) and stop (exclusive) voxel indices of the mask's box plus ``margin``.
 
     The box may reach outside the volume; ``cube`` grows it symmetrically to equal sides.
@@ -49,7 +49,7 @@ def extract_box(data: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.nda
     return out
 
 
-def zoom_to_shape(data: np.ndarray, target_shape: Sequence[int], order: int = 3) -> np.ndarray:
+def zoom_to_shape(data: np.ndarray, target_shape: Sequence[int], order: int) -> np.ndarray:
     """Resize with scipy's grid-aligned spline zoom so the output has exactly ``target_shape``."""
     factors = np.asarray(target_shape, float) / np.asarray(data.shape, float)
     return ndimage.zoom(data, factors, order=order, grid_mode=True, mode="grid-constant", cval=0.0)
@@ -65,12 +65,11 @@ def zoom_affine(affine: np.ndarray, start: np.ndarray, in_shape: Sequence[int],
     return affine @ box_to_vox
 
 
-def crop_and_zoom(img: nib.Nifti1Image, mask: nib.Nifti1Image, *, margin: int = 3,
-                  target_shape: Sequence[int] = (128, 128, 128), order: int = 3,
-                  keep_aspect: bool = False) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def crop_and_zoom(img: nib.Nifti1Image, mask: nib.Nifti1Image, *, margin: int, target_shape: Sequence[int],
+                  order: int, keep_aspect: bool) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Crop image and mask to the brain box plus ``margin`` voxels, then zoom to ``target_shape``."""
     mask_data = np.asanyarray(mask.dataobj) > 0
-    start, stop = bounding_box(mask_data, margin, cube=keep_aspect)
+    start, stop = bounding_box(mask_data, margin=margin, cube=keep_aspect)
     box = extract_box(np.asarray(img.dataobj, dtype=np.float32), start, stop)
     box_mask = extract_box(mask_data.astype(np.uint8), start, stop)
     zoomed = zoom_to_shape(box, target_shape, order)

@@ -19,9 +19,9 @@ from workflow_scripts.common.scan_failure import ScanDataError, run_stage
 LOG = logging.getLogger(__name__)
 
 
-def n4_correct(img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, *, shrink_factor: int = 4,
-               iterations: Sequence[int] = (50, 50, 50, 50), tolerance: float = 1e-7,
-               spline_param: float | Sequence[int] | None = None) -> nib.Nifti1Image:
+def n4_correct(img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, *, shrink_factor: int,
+               iterations: Sequence[int], tolerance: float,
+               spline_param: float | Sequence[int] | None) -> nib.Nifti1Image:
     """N4-corrected image (antspyx ``n4_bias_field_correction`` with these settings)."""
     ants = import_ants()
 

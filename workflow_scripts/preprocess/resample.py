@@ -46,8 +46,8 @@ def bspline_in_box(image, grid, mask: np.ndarray) -> np.ndarray:
     return values
 
 
-def resample_to_spacing(img: nib.Nifti1Image, mask: nib.Nifti1Image, spacing: Sequence[float] = (1, 1, 1),
-                        interpolation: str = "bspline") -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def resample_to_spacing(img: nib.Nifti1Image, mask: nib.Nifti1Image, *, spacing: Sequence[float],
+                        interpolation: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Resample image and mask onto a grid of ``spacing`` mm covering the same field of view.
 
     B-spline overshoot is clipped: no voxel outside the resampled mask, and none below zero.
@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def work() -> None:
         img, mask = resample_to_spacing(load_nifti(args.input), load_nifti(args.input_mask),
-                                        [float(v) for v in resample.spacing], resample.interpolation)
+                                        spacing=[float(v) for v in resample.spacing],
+                                        interpolation=resample.interpolation)
         save_nifti_atomic(mask, args.output_mask)
         save_nifti_atomic(img, args.output)
         LOG.info("resampled to %s mm: shape %s", list(resample.spacing), img.shape)

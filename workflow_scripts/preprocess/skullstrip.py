@@ -153,8 +153,8 @@ def resample_spline(data: np.ndarray, source_affine: np.ndarray, shape: Sequence
     return out
 
 
-def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int = 1, border: int = 1,
-                    gpu: bool = False) -> np.ndarray:
+def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int = 1, border: int,
+                    gpu: bool) -> np.ndarray:
     """Brain mask from SynthStrip: nipreps' network and weights, and the steps of its command line (conform
     to its 1 mm grid, scale to the 99th percentile, signed distance back on the image's grid, keep the
     largest component within ``border`` mm, fill holes), run in this process."""
@@ -187,8 +187,8 @@ def synthstrip_mask(img: nib.Nifti1Image, weights: str | Path, *, threads: int =
     return ndimage.binary_fill_holes(components == np.argmax(sizes) + 1)
 
 
-def deepbet_mask(img: nib.Nifti1Image, *, threshold: float = 0.5, n_dilate: int = 0,
-                 gpu: bool = False, extractor=None) -> np.ndarray:
+def deepbet_mask(img: nib.Nifti1Image, *, threshold: float, n_dilate: int, gpu: bool,
+                 extractor=None) -> np.ndarray:
     """Brain mask from deepbet (weights inside its wheel); ``extractor``: a ``BrainExtraction`` already
     loaded, for a caller that strips many scans in one process."""
     if extractor is None:
