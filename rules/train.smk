@@ -178,8 +178,7 @@ rule model_package:
         state=f"{RESULTS}/models/{{experiment}}/package/model.pt",
     params:
         checkpoint=selected_checkpoint,
-        preprocess=json.dumps(PRE),
-        classes=" ".join(shlex.quote(c) for c in DATA["classes"]),
+        settings=job_json(config, "preprocess", "data.classes"),
         out_dir=lambda wildcards, output: os.path.dirname(output.card),
     log:
         f"{RESULTS}/logs/model_package/{{experiment}}.log",
@@ -191,5 +190,5 @@ rule model_package:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.learning.model_package --summary {input.model:q} --checkpoint {params.checkpoint:q}"
-        " --test-metrics {input.metrics:q} --scans {input.scans:q} --preprocess {params.preprocess:q}"
-        " --experiment {wildcards.experiment:q} --classes {params.classes} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --test-metrics {input.metrics:q} --scans {input.scans:q} --settings {params.settings:q}"
+        " --experiment {wildcards.experiment:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
