@@ -81,7 +81,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.train_speed import write_scans  # noqa: E402
 from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
 from workflow_scripts.learning.recipe import training_settings  # noqa: E402
-from workflow_scripts.learning.train import ScanDataset, VolumeTransform, forward, make_loader, pick_device  # noqa: E402
+from workflow_scripts.common.devices import pick_device  # noqa: E402
+from workflow_scripts.learning.scan_data import ScanDataset, VolumeTransform, make_loader  # noqa: E402
+from workflow_scripts.learning.train import forward  # noqa: E402
 
 CROSS_ENTROPY = nn.CrossEntropyLoss()
 

@@ -34,7 +34,7 @@ from workflow_scripts.common.settings import resolve  # noqa: E402
 from workflow_scripts.hippocampus.segmentation import (STUDY_STEPS_PER_HOUR_T4, build_loss, build_unet,  # noqa: E402
                                                        flat_settings, segment, train_steps, training_loader)
 from workflow_scripts.hippocampus.segmentation_data import eval_transforms  # noqa: E402
-from workflow_scripts.learning.train import pick_device  # noqa: E402
+from workflow_scripts.common.devices import pick_device  # noqa: E402
 
 def default_settings() -> dict:
     """The training CLI's defaults (config.yaml's segmentation: section), so the benchmark times what runs."""

@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.learning.models import build_model, parameter_groups, train_mode  # noqa: E402
 from workflow_scripts.learning.recipe import training_settings  # noqa: E402
-from workflow_scripts.learning.train import (ScanDataset, VolumeTransform, forward, make_loader,  # noqa: E402
-                                    pick_device)
+from workflow_scripts.common.devices import pick_device
+from workflow_scripts.learning.scan_data import ScanDataset, VolumeTransform, make_loader
+from workflow_scripts.learning.train import forward
 
 
 def write_scans(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:

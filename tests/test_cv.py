@@ -14,7 +14,7 @@ from workflow_scripts.common import cli
 from workflow_scripts.learning import split
 from workflow_scripts.evaluation.cv_summary import format_metric, main as cv_main, summarise_cv, summarise_folds
 from workflow_scripts.evaluation.evaluate import METRIC_NAMES
-from workflow_scripts.learning.train import fold_manifests
+from workflow_scripts.learning.scan_data import fold_manifests
 
 
 def scans_table(n_ad: int = 9, n_cn: int = 12, visits: int = 2) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from workflow_scripts.common.settings import resolve
-from workflow_scripts.learning.train import VolumeTransform
+from workflow_scripts.learning.scan_data import VolumeTransform
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,10 @@ from workflow_scripts.common import cli
 from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.tensor_cache import cache_scan, rescale_intensities
 from workflow_scripts.learning.recipe import training_settings
-from workflow_scripts.learning.train import (EarlyStopping, ScanDataset, VolumeTransform, check_no_overlap,
-                                             class_weights, data_record, fit, load_checkpoint, load_volume, main,
-                                             predict, restore_rng_states, rng_states, run_config, tensor_sources)
+from workflow_scripts.learning.checkpoints import (check_no_overlap, data_record, load_checkpoint, restore_rng_states,
+                                                   rng_states)
+from workflow_scripts.learning.scan_data import ScanDataset, VolumeTransform, load_volume, tensor_sources
+from workflow_scripts.learning.train import EarlyStopping, class_weights, fit, main, predict, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 16

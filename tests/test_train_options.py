@@ -20,9 +20,11 @@ from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.models import (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, SliceResNet, _pretrained_enum,
                                      build_model, count_parameters, parameter_groups, stage_of)
 from workflow_scripts.learning.recipe import check_recipe, merge_recipe
-from workflow_scripts.learning.train import (EarlyStopping, EpochSampler, EpochScheduler, StepOptions, autocast_dtype, fit,
-                                    forward, hierarchy_key, load_checkpoint, main, new_training_state,
-                                    optimizer_step)
+from workflow_scripts.common.devices import autocast_dtype
+from workflow_scripts.learning.checkpoints import load_checkpoint
+from workflow_scripts.learning.scan_data import EpochSampler
+from workflow_scripts.learning.train import (EarlyStopping, EpochScheduler, StepOptions, fit, forward, hierarchy_key,
+                                             main, new_training_state, optimizer_step)
 
 TIMING = {"seconds", "train_data_wait_share", "val_data_wait_share"}
 EXPERIMENT = resolve("experiments.*", {})  # an experiment's settings as the schema's defaults make them

@@ -8,10 +8,11 @@ header extensions.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -134,3 +135,8 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a text file (table, JSON sidecar) atomically."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """``obj`` as indented JSON, atomically (anything JSON cannot hold written as its str)."""
+    write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)

@@ -268,7 +268,7 @@ def bootstrap_mean(values: Sequence[float], groups: Sequence, *, n_boot: int, se
 
 def model_input(tensor_path: str | Path, config: dict) -> torch.Tensor:
     """The scan's (1, 1, x, y, z) input exactly as prediction prepares it."""
-    from workflow_scripts.learning.train import input_transform, load_volume
+    from workflow_scripts.learning.scan_data import input_transform, load_volume
 
     return input_transform(config, False)(load_volume(Path(tensor_path)))[None]
 
@@ -475,7 +475,8 @@ def explain_experiment(scans: pd.DataFrame, checkpoint: str | Path, tensors: Seq
                        device: str, experiment: str = "") -> dict:
     """Maps, figures, depth profiles, hippocampal shares and the sanity check of the chosen scans;
     writes everything into ``out_dir`` and returns the summary."""
-    from workflow_scripts.learning.train import load_trained_model, pick_device
+    from workflow_scripts.common.devices import pick_device
+    from workflow_scripts.learning.train import load_trained_model
 
     for name, files in (("tensors", tensors), ("images", images), ("brains", brains), ("hippocampi", hippocampi)):
         if len(files) != len(scans):

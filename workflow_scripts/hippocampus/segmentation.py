@@ -247,7 +247,7 @@ def subjects_digest(subjects: Mapping[str, Sequence[str]]) -> str:
 
 def read_segmenter_state(checkpoint: str | Path) -> dict[str, Any]:
     """A segmentation checkpoint's contents, checked to hold its settings and the subjects it saw."""
-    from workflow_scripts.learning.train import load_checkpoint
+    from workflow_scripts.learning.checkpoints import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     if "settings" not in state:
@@ -313,7 +313,8 @@ def fit(settings: dict[str, Any], items: Sequence[dict[str, Any]], out_dir: str 
     from monai.data import CacheDataset
     from monai.utils import set_determinism
 
-    from workflow_scripts.learning.train import pick_device, write_json_atomic
+    from workflow_scripts.common.devices import pick_device
+    from workflow_scripts.common.nifti_io import write_json_atomic
 
     check_settings(settings)
     out = Path(out_dir)
@@ -396,7 +397,7 @@ def run_summary(settings: Mapping[str, Any], parts: Mapping[str, list], history:
     """Settings, partitions, Dice per partition, best and worst held-out scans, speed and provenance."""
     import monai
 
-    from workflow_scripts.learning.train import code_version
+    from workflow_scripts.common.provenance import code_version
 
     best_step = max(history, key=lambda row: row["val_dice"])["step"] if history else None
     return {
@@ -484,7 +485,7 @@ def flat_settings(segmentation: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_manifests(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     """The project's split manifests by partition (test optional)."""
-    from workflow_scripts.learning.train import read_manifest
+    from workflow_scripts.learning.scan_data import read_manifest
 
     paths = {"train": args.train, "val": args.val, "test": args.test, "held_out": args.held_out}
     missing = [name for name in ("train", "val") if not paths[name]]
@@ -550,7 +551,8 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sidecar", required=True, help="results/hippocampus/<subject>/<image_id>.json: the mask's U-Net")
     args = p.parse_args(argv)
     cli.limit_threads(args.threads)
-    from workflow_scripts.learning.train import pick_device, write_json_atomic
+    from workflow_scripts.common.devices import pick_device
+    from workflow_scripts.common.nifti_io import write_json_atomic
 
     state = read_segmenter_state(args.checkpoint)
     check_unseen(args.subject, state["subjects"], args.checkpoint)
@@ -581,7 +583,7 @@ def assign_main(argv: Sequence[str] | None = None) -> None:
                    help="results/splits/cv/fold<k>/held_out.csv of every fold, in fold order")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    from workflow_scripts.learning.train import read_manifest
+    from workflow_scripts.learning.scan_data import read_manifest
 
     scans = pd.read_csv(args.scans, sep="\t", dtype=str, keep_default_na=False)
     main = {name: read_manifest(getattr(args, name)) for name in ("train", "val", "test")}

@@ -190,7 +190,9 @@ def feature_digests(table: pd.DataFrame, features: Sequence[str]) -> list[str]:
 def model_summary(model, features: Sequence[str], train: pd.DataFrame, val: pd.DataFrame, config: dict) -> dict:
     """What was fitted and on what: coefficients (per standard deviation), scaler, counts, versions, and
     the data record (subjects, scans, labels, feature digests; ``train.data_record``)."""
-    from workflow_scripts.learning.train import code_version, data_record, split_counts
+    from workflow_scripts.common.provenance import code_version
+    from workflow_scripts.learning.checkpoints import data_record
+    from workflow_scripts.learning.scan_data import split_counts
 
     scaler, logistic = model[0], model[-1]
     return {
@@ -222,7 +224,7 @@ def fit_run(train: pd.DataFrame, val: pd.DataFrame, volumes: pd.DataFrame, featu
     write_atomic(out_dir / "model.joblib", lambda tmp: joblib.dump(model, tmp))
     write_text_atomic(predictions(model, val, features).to_csv(index=False), out_dir / "val_predictions.csv")
     summary = model_summary(model, features, train, val, config or {})
-    from workflow_scripts.learning.train import write_json_atomic
+    from workflow_scripts.common.nifti_io import write_json_atomic
 
     write_json_atomic(summary, out_dir / "summary.json")
     return summary
@@ -311,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         LOG.info("%s: %d scans; mean left %.0f, right %.0f mm3, ICV %.0f ml", args.output, len(table),
                  table["left_mm3"].mean(), table["right_mm3"].mean(), table["icv_mm3"].mean() / 1000)
         return
-    from workflow_scripts.learning.train import check_no_overlap, fold_manifests, read_manifest
+    from workflow_scripts.learning.checkpoints import check_no_overlap
+    from workflow_scripts.learning.scan_data import fold_manifests, read_manifest
 
     volumes = read_volumes(args.volumes)
     if args.command == "predict":

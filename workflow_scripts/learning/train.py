@@ -46,248 +46,46 @@ an uninterrupted one does (on CPU, with the same --threads).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
-import platform
 import random
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from workflow_scripts.common import cli
 from workflow_scripts.learning.models import (build_model, count_parameters, parameter_groups,
                                      recalibrate_batchnorm, train_mode, unfreeze_from)
 from workflow_scripts.common import settings
 from workflow_scripts.learning.recipe import training_settings
-from workflow_scripts.common.nifti_io import partial_prefix, remove_stale_partials, write_atomic, write_text_atomic
+from workflow_scripts.common.devices import autocast_dtype, pick_device
+from workflow_scripts.common.nifti_io import write_json_atomic, write_text_atomic
+from workflow_scripts.common.provenance import code_version, library_versions
+from workflow_scripts.learning.checkpoints import (copy_atomic, save_torch_atomic, check_no_overlap, load_checkpoint,
+                                                   restore_rng_states, resume_or_restart, rng_states, training_data)
+from workflow_scripts.learning.embeddings import capture_embeddings, plot_embeddings, save_embeddings
+from workflow_scripts.learning.scan_data import (ScanDataset, Splits, check_shapes, input_transform, load_splits,
+                                                 make_loader, read_manifest, split_counts, tensor_sources)
+from workflow_scripts.learning.wandb_run import log_artifacts, start_wandb
 
 LOG = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFEST_COLUMNS = ("path", "subject", "image_id", "group", "label")
 # The checkpoint kept for each best-model selection rule (train.selection).
 CHECKPOINTS = {"accuracy": "best_acc.pt", "loss": "best_loss.pt", "hierarchy": "best_hierarchy.pt"}
-# Everything a training run writes in its folder (glob patterns), removed before a fresh start.
-RUN_FILES = ("*.pt", "history.json", "summary.json", "*predictions*.csv", "embeddings_*.npz")
-# Settings that may differ between an interrupted run and its resumption: they change how
-# or how long the run goes on, not what one epoch computes.
-RESUMABLE_KEYS = {"max_epochs", "stop_after_epoch", "num_workers", "device", "threads", "wandb_mode",
-                  "wandb_project", "wandb_entity", "resume", "on_changed_settings", "out_dir", "run_name",
-                  "export_embeddings"}
 # The networks classify AD against CN: two outputs (evaluation.evaluate.metrics is binary).
 NUM_CLASSES = 2
 # Training's metrics take the network's own decision, the argmax of its two outputs: p(AD) >= 0.5. The
 # reported figures use evaluate.threshold (evaluation.evaluate).
 ARGMAX_THRESHOLD = 0.5
-
-
-# ----------------------------------------------------------------------------- data
-
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """A manifest CSV with its required columns checked and integer labels."""
-    try:
-        table = pd.read_csv(path, dtype={"subject": str, "image_id": str, "group": str, "path": str})
-    except (OSError, pd.errors.ParserError) as err:
-        raise cli.PipelineError(f"cannot read manifest {path}: {err}") from err
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
-    if missing:
-        raise cli.PipelineError(f"manifest {path} lacks columns {missing}; it needs {', '.join(MANIFEST_COLUMNS)}")
-    if table.empty:
-        raise cli.PipelineError(f"manifest {path} has no scans")
-    table["label"] = table["label"].astype(int)
-    return table.reset_index(drop=True)
-
-
-def fold_manifests(folds_csv: str | os.PathLike, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, inner validation) of one CV fold: the split's cv/fold<k>/train.csv and val.csv beside
-    cv_folds.csv. Fold k itself (held_out.csv) is only reported on, never used for selection."""
-    from workflow_scripts.learning.split import fold_manifest_path
-
-    table = read_manifest(folds_csv)
-    if "fold" not in table.columns:
-        raise cli.PipelineError(f"{folds_csv} has no 'fold' column; pass the split's cv_folds.csv")
-    folds = sorted(table["fold"].astype(int).unique())
-    if fold not in folds:
-        raise cli.PipelineError(f"fold {fold} is not in {folds_csv} (folds {folds})")
-    paths = [fold_manifest_path(Path(folds_csv).parent, fold, role) for role in ("train", "val")]
-    missing = [str(path) for path in paths if not path.is_file()]
-    if missing:
-        raise cli.PipelineError(f"fold {fold} of {folds_csv} has no {' or '.join(missing)}; re-run the split with "
-                                f"--inner-val-share (config cv.inner_val_share) to write the per-fold manifests")
-    train, val = (read_manifest(path) for path in paths)
-    held_out = set(table.loc[table["fold"].astype(int).eq(fold), "subject"])
-    leaked = sorted(held_out & (set(train["subject"]) | set(val["subject"])))
-    if leaked:
-        raise cli.PipelineError(f"{paths[0].parent} trains or validates on subject(s) of fold {fold} in {folds_csv} "
-                                f"({', '.join(leaked[:5])}): the manifests are stale; re-run the split")
-    return train, val
-
-
-def tensor_sources(table: pd.DataFrame, tensor_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where each scan's volume is read from (see the module docstring for the order)."""
-    sources = []
-    for row in table.itertuples(index=False):
-        tensor_path = getattr(row, "tensor_path", None)
-        if isinstance(tensor_path, str) and tensor_path:
-            sources.append(Path(tensor_path))
-        elif tensor_dir is not None:
-            sources.append(Path(tensor_dir) / str(row.subject) / f"{row.image_id}.npy")
-        else:
-            sources.append(Path(row.path))
-    missing = [(i, p) for i, p in zip(table["image_id"], sources) if not p.is_file()]
-    if missing:
-        listing = ", ".join(f"{i}: {p}" for i, p in missing[:5])
-        raise cli.PipelineError(f"{len(missing)} scan tensors missing ({listing}{', ...' if len(missing) > 5 else ''});"
-                                " run the tensor_cache step for them or fix the manifest's paths")
-    return sources
-
-
-def volume_shape(path: Path) -> tuple[int, ...]:
-    """The volume's shape without reading its voxels (from the .npy header or the NIfTI header)."""
-    if path.suffix == ".npy":
-        return tuple(np.load(path, mmap_mode="r").shape)
-    from workflow_scripts.common.nifti_io import load_nifti
-
-    return tuple(load_nifti(path).shape[:3])
-
-
-def check_shapes(sources: Sequence[Path], image_ids: Sequence[str]) -> tuple[int, ...]:
-    """The common volume shape; scans of other shapes are named, as a batch cannot mix them."""
-    shapes = [volume_shape(p) for p in sources]
-    common = max(set(shapes), key=shapes.count)
-    odd = [f"{i} {s}" for i, s in zip(image_ids, shapes) if s != common]
-    if odd:
-        raise cli.PipelineError(f"scans of a shape other than {common}: {', '.join(odd[:5])}; "
-                                "re-run their preprocessing with the configured target shape")
-    return common
-
-
-def load_volume(path: Path) -> torch.Tensor:
-    """One scan as a float32 tensor of shape (1, x, y, z), values in [0, 1]."""
-    if path.suffix == ".npy":
-        array = np.load(path)
-    else:
-        from workflow_scripts.learning.tensor_cache import normalised_volume
-
-        array = normalised_volume(path)
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-
-
-class VolumeTransform:
-    """TorchIO intensity transforms on one (1, x, y, z) tensor; picklable for DataLoader workers."""
-
-    def __init__(self, train: bool, *, gamma_log_range: Sequence[float], gamma_p: float,
-                 noise_std_range: Sequence[float], noise_p: float, znorm_mask: str, znorm: bool = True):
-        import torchio as tio
-
-        if znorm_mask not in ("brain", "none"):
-            raise cli.PipelineError(f"znorm_mask must be 'brain' or 'none', not {znorm_mask!r}")
-        self.znorm_mask = znorm_mask if znorm else "off"
-        steps = []
-        if train:
-            steps += [tio.RandomGamma(log_gamma=tuple(gamma_log_range), p=gamma_p),
-                      tio.RandomNoise(std=tuple(noise_std_range), p=noise_p)]
-        if znorm:
-            steps.append(tio.ZNormalization(masking_method="brain" if znorm_mask == "brain" else None))
-        self.transform = tio.Compose(steps) if steps else None
-        self.random = bool(train)
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        import torchio as tio
-
-        if self.transform is None:
-            return volume
-        images = {"image": tio.ScalarImage(tensor=volume)}
-        if self.znorm_mask == "brain":
-            images["brain"] = tio.LabelMap(tensor=(volume > 0).to(torch.uint8))
-        return self.transform(tio.Subject(**images))["image"].data
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one scan's augmentation in one epoch, independent of worker and batch order."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class ScanDataset(Dataset):
-    """Scans of one split; indexed by (epoch, index) so augmentation is keyed to both."""
-
-    def __init__(self, sources: Sequence[Path], labels: Sequence[int], transform: VolumeTransform, seed: int,
-                 names: Sequence[str] | None = None):
-        self.sources, self.labels = list(sources), [int(v) for v in labels]
-        self.transform, self.seed = transform, seed
-        self.names = [str(n) for n in names] if names is not None else [p.name for p in self.sources]
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        volume = load_volume(self.sources[index])
-        if self.transform.random:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
-                volume = self.transform(volume)
-        else:
-            volume = self.transform(volume)
-        return volume, self.labels[index], index
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index); the order of epoch e depends only on (seed, e).
-
-    With ``weights`` an epoch is ``n`` draws with replacement by torch's WeightedRandomSampler
-    (class balancing by sampling), from the same (seed, e) generator.
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, weights: Sequence[float] | None = None):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(entropy))
-        if self.weights is not None:
-            order = list(WeightedRandomSampler(self.weights, self.n, replacement=True, generator=generator))
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=generator).tolist()
-        else:
-            order = list(range(self.n))
-        return iter([(self.epoch, i) for i in order])
-
-
-def _worker_init(worker_id: int) -> None:
-    """One thread per worker (the main process does the math); numpy/random seeded from torch's seed."""
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(dataset: ScanDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                pin_memory: bool = False, weights: Sequence[float] | None = None) -> DataLoader:
-    """A DataLoader over ``dataset`` whose sampler carries the epoch (and draws by ``weights`` when given)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed, weights),
-                      num_workers=num_workers, worker_init_fn=_worker_init, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
 
 
 # ----------------------------------------------------------------------------- training pieces
@@ -344,17 +142,6 @@ class EarlyStopping:
         vars(self).update(state)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """CUDA, then Apple MPS, then CPU, unless a device is named."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> dict:
     """Weighted cross-entropy over the whole split, and the split's accuracy, balanced accuracy, kappa and AUC
     from evaluation.evaluate.metrics, the function every reported figure comes from (None where undefined)."""
@@ -373,23 +160,6 @@ def hierarchy_key(metrics: dict) -> tuple[float, float, float]:
     """The selection hierarchy's order: balanced accuracy, then Cohen's kappa, then AUC (an undefined one last)."""
     return tuple(-math.inf if metrics.get(name) is None else metrics[name]
                  for name in ("balanced_accuracy", "kappa", "auc"))
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device`` (None: full fp32).
-
-    ``auto`` is bf16 on CUDA (no loss scaling needed) and fp32 elsewhere; ``fp16`` needs CUDA,
-    where a GradScaler keeps small gradients from vanishing.
-    """
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "fp16" and device.type != "cuda":
-        raise cli.PipelineError(f"precision fp16 needs a CUDA device (this run is on {device}); use bf16, fp32 or "
-                                "auto")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if precision not in dtypes:
-        raise cli.PipelineError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
-    return dtypes[precision]
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
@@ -500,330 +270,6 @@ def run_epoch(model: nn.Module, loader: DataLoader, device: torch.device, weight
     return metrics, torch.softmax(logits, dim=1), all_indices
 
 
-def final_linear(model: nn.Module) -> nn.Linear:
-    """The classifier's last linear layer, whose input is the penultimate-layer embedding."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-
-
-@contextlib.contextmanager
-def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects, per forward pass, the penultimate-layer embedding of each scan in the batch (the
-    mean over a scan's slices for the 2D baseline)."""
-    captured: list[torch.Tensor] = []
-    slices = getattr(model, "n_slices", None)
-
-    def hook(module, inputs, output):
-        features = inputs[0].detach().float().cpu()
-        captured.append(features.reshape(-1, slices, features.shape[-1]).mean(dim=1) if slices else features)
-
-    handle = final_linear(model).register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def save_embeddings(path: Path, table: pd.DataFrame, probs: torch.Tensor, indices: Sequence[int],
-                    captured: Sequence[torch.Tensor]) -> Path:
-    """embeddings_*.npz: one row per scan in manifest order (image_id, subject, label, prob, embedding)."""
-    order = np.argsort(indices)
-    rows = table.iloc[np.asarray(indices)[order]]
-    embedding = torch.cat(list(captured)).numpy()[order]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, image_id=np.asarray(rows["image_id"], dtype=str),
-                                subject=np.asarray(rows["subject"], dtype=str), label=rows["label"].to_numpy(),
-                                prob=probs.numpy()[order][:, 1], embedding=embedding)
-    return write_atomic(path, write)
-
-
-def plot_embeddings(files: Sequence[str | os.PathLike], output: str | os.PathLike, title: str = "") -> Path:
-    """A 2D principal-component projection of the embeddings of ``files`` (e.g. val and test), one
-    colour per class and one marker per file; PCA because it is deterministic and needs no tuning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-
-    from workflow_scripts.common.figures import save_figure
-    from workflow_scripts.evaluation.evaluate import CLASS_NAMES
-
-    parts = [np.load(f) for f in files]
-    stacked = np.concatenate([p["embedding"] for p in parts])
-    centred = stacked - stacked.mean(axis=0)
-    n_components = min(2, *centred.shape)
-    points = PCA(n_components=n_components).fit_transform(centred) if n_components else np.zeros((len(centred), 0))
-    points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    start = 0
-    for file, part, marker in zip(files, parts, "os^Dv"):
-        end = start + len(part["label"])
-        for label, colour in ((0, "tab:blue"), (1, "tab:red")):
-            chosen = part["label"] == label
-            ax.scatter(*points[start:end][chosen].T, c=colour, marker=marker, alpha=0.8, edgecolors="k",
-                       label=f"{CLASS_NAMES[label]}, {Path(file).stem.removeprefix('embeddings_')}")
-        start = end
-    ax.set_xlabel("principal component 1")
-    ax.set_ylabel("principal component 2")
-    ax.set_title(title or "penultimate-layer embeddings")
-    ax.legend(fontsize=8)
-    return save_figure(fig, Path(output))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def _save_torch_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` atomically: no half-written checkpoint."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    """``target`` becomes a hard link to (or, failing that, a copy of) ``source``, atomically.
-
-    ``last.pt`` is replaced by a new file each epoch, so the link keeps the old contents.
-    """
-    import shutil
-
-    remove_stale_partials(target)
-    tmp = target.with_name(f"{partial_prefix(target)}{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def rng_states() -> dict[str, Any]:
-    """torch, CUDA, numpy and Python RNG states in types ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state(legacy=False)
-    states = {"torch": torch.get_rng_state(),
-              "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                        "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                        "gauss": float(np_state["gauss"])},
-              "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    """Put back the RNG states saved by ``rng_states``."""
-    torch.set_rng_state(states["torch"])
-    np_state = states["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
-                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by this module, read safely (tensors and plain containers only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise cli.PipelineError(f"cannot read checkpoint {path}: {err}; delete it to start the run afresh") from err
-
-
-def changed_settings(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """Settings that differ from those of a saved run, other than the ones a resumption may change."""
-    return [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(saved) | set(config))
-            if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k)]
-
-
-def clear_run(out_dir: Path) -> None:
-    """Remove a previous run's checkpoints, history, summary, predictions and embeddings, so nothing
-    of it is resumed or mistaken for the new run's."""
-    for pattern in RUN_FILES:
-        for path in out_dir.glob(pattern):
-            path.unlink(missing_ok=True)
-
-
-def resume_or_restart(state: TrainingState, config: dict[str, Any], out_dir: Path) -> None:
-    """Continue from out_dir/last.pt only when it was written on this run's scans (``state.data``:
-    the same manifest rows and tensor contents) with this run's settings.
-
-    Otherwise ``on_changed_settings`` decides: "error" stops, naming what changed; "restart"
-    clears the old run's files and starts afresh. --no-resume always starts afresh, and so does
-    a folder without last.pt (clearing any files an older run left there).
-    """
-    last = out_dir / "last.pt"
-    if not config["resume"] or not last.is_file():
-        clear_run(out_dir)
-        return
-    saved = load_checkpoint(last)
-    changed = changed_settings(saved["config"], config) + data_changes(saved.get("data"), state.data, config)
-    if changed and config["on_changed_settings"] == "restart":
-        LOG.warning("settings or training data changed since %s was written (%s): starting afresh", last,
-                    "; ".join(changed))
-        clear_run(out_dir)
-        return
-    if changed:
-        raise cli.PipelineError(f"{last} was written with other settings or training data ({'; '.join(changed)}); "
-                                f"delete the checkpoints in {out_dir}, pass --no-resume, or set train.on_changed_settings: "
-                                "restart")
-    state.restore(saved, config)
-    LOG.info("resuming %s after epoch %d (same settings; same scans, data hash %s)", out_dir, state.epoch,
-             state.data["hash"][:12])
-
-
-# ----------------------------------------------------------------------------- training data record
-
-def scan_digests(sources: Sequence[Path]) -> list[str]:
-    """SHA-256 of each file a scan is read from: new contents under an old name are new data."""
-    from workflow_scripts.preprocess.skullstrip import sha256_of
-
-    return [sha256_of(path) for path in sources]
-
-
-def data_record(tables: dict[str, pd.DataFrame], digests: dict[str, Sequence[str]]) -> dict[str, Any]:
-    """What a model learnt from, per role (train, val): its subjects and, in manifest order, each
-    scan's image id, subject, label and content digest; ``hash`` is the SHA-256 of all of it.
-
-    Saved in every checkpoint and summary.json, so resuming and prediction can check a model's
-    scans and subjects without its manifests.
-    """
-    record: dict[str, Any] = {}
-    rows = []
-    for role, table in tables.items():
-        scans = [{"image_id": str(i), "subject": str(s), "label": int(v), "sha256": str(d)}
-                 for i, s, v, d in zip(table["image_id"], table["subject"], table["label"], digests[role], strict=True)]
-        record[role] = {"subjects": sorted({scan["subject"] for scan in scans}), "scans": scans}
-        rows += [[role, scan["image_id"], scan["subject"], scan["label"], scan["sha256"]] for scan in scans]
-    record["hash"] = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
-    return record
-
-
-def training_data(splits: Splits) -> dict[str, Any]:
-    """The run's data record: the manifests' rows and the SHA-256 of every scan's tensor."""
-    return data_record({"train": splits.train, "val": splits.val},
-                       {"train": scan_digests(splits.train_sources), "val": scan_digests(splits.val_sources)})
-
-
-def _ids(ids: Sequence[str], limit: int = 10) -> str:
-    return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
-
-
-def data_changes(saved: dict[str, Any] | None, current: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """How the scans of a saved run differ from this run's, per manifest: scans added or removed (by
-    image id), labels or subjects changed, tensor contents changed, or the same scans reordered."""
-    if not saved or "hash" not in saved:
-        return ["the checkpoint records no training data (written before data records were kept), so its "
-                "scans cannot be checked"]
-    if saved["hash"] == current["hash"]:
-        return []
-    changes = []
-    for role, what in (("train", "training"), ("val", "validation")):
-        source = config.get(role) or (f"{config['folds_csv']} fold {config['fold']}" if config.get("folds_csv") else "")
-        name = f"{what} manifest{f' {source}' if source else ''}"
-        old = {scan["image_id"]: scan for scan in saved.get(role, {}).get("scans", [])}
-        new = {scan["image_id"]: scan for scan in current[role]["scans"]}
-        added, removed = [i for i in new if i not in old], [i for i in old if i not in new]
-        both = [i for i in new if i in old]
-        parts = [f"{len(added)} scan(s) added ({_ids(added)})"] if added else []
-        parts += [f"{len(removed)} scan(s) removed ({_ids(removed)})"] if removed else []
-        for key, label in (("label", "labels"), ("subject", "subjects")):
-            differ = [f"{i} {old[i][key]} -> {new[i][key]}" for i in both if old[i][key] != new[i][key]]
-            parts += [f"{label} changed ({_ids(differ)})"] if differ else []
-        altered = [i for i in both if old[i]["sha256"] != new[i]["sha256"]]
-        parts += [f"tensor contents changed ({_ids(altered)})"] if altered else []
-        if not parts and list(old) != list(new):
-            parts.append("the same scans in another order")
-        changes += [f"{name}: {', '.join(parts)}"] if parts else []
-    return changes or [f"data hash {saved['hash'][:12]} -> {current['hash'][:12]}"]
-
-
-def check_no_overlap(table: pd.DataFrame, record: dict[str, Any] | None, model: str | os.PathLike,
-                     manifest: str | os.PathLike) -> None:
-    """Refuse to score subjects a model was trained or selected on: its figures on them would be optimistic
-    (the leakage a re-split with a reused model causes)."""
-    if not record or not all(role in record for role in ("train", "val")):
-        raise cli.PipelineError(f"model {model} records no training and validation subjects (written before "
-                                f"data records were kept), so {manifest} cannot be checked for overlap with them; "
-                                "re-train the model")
-    subjects = set(table["subject"].astype(str))
-    for role, what in (("train", "training"), ("val", "validation")):
-        shared = sorted(subjects & set(record[role]["subjects"]))
-        if shared:
-            raise cli.PipelineError(
-                f"{manifest} holds {len(shared)} subject(s) that model {model} used as {what} data: {_ids(shared)}; "
-                "a model must not be scored on subjects it was trained or selected on: predict a manifest of other "
-                "subjects, or re-train the model on a split that holds these out")
-
-
-# ----------------------------------------------------------------------------- provenance
-
-def code_version() -> str:
-    """``git describe`` of this repository, or "unknown" outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, capture_output=True,
-                             text=True, timeout=20)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def library_versions() -> dict[str, str]:
-    import torchio
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "torchio": torchio.__version__, "numpy": np.__version__}
-
-
-def split_counts(table: pd.DataFrame) -> dict[str, Any]:
-    """Scans and subjects of one split, in all and per label (with its group name)."""
-    per_class = {}
-    for label, part in table.groupby("label"):
-        per_class[str(label)] = {"group": "/".join(sorted(part["group"].astype(str).unique())),
-                                 "scans": len(part), "subjects": int(part["subject"].nunique())}
-    return {"scans": len(table), "subjects": int(table["subject"].nunique()), "per_class": per_class}
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
-
-
-# ----------------------------------------------------------------------------- Weights & Biases
-
-def start_wandb(config: dict[str, Any], out_dir: Path, run_id: str | None):
-    """A W&B run (None when disabled); offline runs write under ``out_dir/wandb`` and need no account.
-
-    An online run reads its key from the environment (WANDB_API_KEY) or ~/.netrc, never from arguments.
-    """
-    mode = config["wandb_mode"]
-    if mode == "disabled":
-        return None
-    import wandb
-
-    try:
-        return wandb.init(project=config["wandb_project"], entity=config["wandb_entity"], dir=str(out_dir),
-                          mode=mode, config=config, id=run_id, resume="allow", name=config["run_name"],
-                          reinit="finish_previous")
-    except Exception as err:
-        raise cli.PipelineError(f"Weights & Biases could not start in {mode} mode ({err}); for online mode set "
-                                "WANDB_API_KEY in the environment, or set train.wandb.mode: offline") from err
-
-
-def log_artifacts(run, out_dir: Path, name: str) -> None:
-    """The best checkpoints as W&B model artifacts, referenced in place until synced or uploaded.
-
-    ``policy="immutable"`` keeps W&B from copying each checkpoint (hundreds of MB) into its
-    staging folder under the home directory.
-    """
-    import wandb
-
-    for file, alias in (("best_acc.pt", "best-accuracy"), ("best_loss.pt", "best-loss")):
-        if (out_dir / file).is_file():
-            artifact = wandb.Artifact(f"{name}-{alias}", type="model")
-            artifact.add_file(str(out_dir / file), policy="immutable")
-            run.log_artifact(artifact, aliases=[alias])
-
-
 # ----------------------------------------------------------------------------- the run
 
 def epoch_row(epoch: int, train: dict, val: dict, lrs: dict, seconds: float) -> dict[str, Any]:
@@ -844,42 +290,6 @@ def predictions_table(table: pd.DataFrame, probs: torch.Tensor, indices: Sequenc
     rows = table.iloc[np.asarray(indices)[order]]
     return pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "subject": rows["subject"].to_numpy(),
                          "label": rows["label"].to_numpy(), "prob": p[:, 1], "pred": p.argmax(axis=1)})
-
-
-def input_transform(config: dict[str, Any], train: bool) -> VolumeTransform:
-    """The run's transform; the 2D baseline (resnet50) takes [0, 1] intensities and applies ImageNet's
-    normalisation itself, so it skips z-normalisation."""
-    return VolumeTransform(train, gamma_log_range=config["gamma_log_range"], gamma_p=config["gamma_p"],
-                           noise_std_range=config["noise_std_range"], noise_p=config["noise_p"],
-                           znorm_mask=config["znorm_mask"], znorm=config["arch"] != "resnet50")
-
-
-@dataclass
-class Splits:
-    """The training and validation scans of one run, with where their tensors are."""
-    train: pd.DataFrame
-    val: pd.DataFrame
-    train_sources: list[Path]
-    val_sources: list[Path]
-    shape: tuple[int, ...]
-
-
-def load_splits(config: dict[str, Any]) -> Splits:
-    """The run's manifests (--train/--val, or one fold of --folds-csv), checked for tensors and shapes."""
-    if config["folds_csv"]:
-        train, val = fold_manifests(config["folds_csv"], config["fold"])
-    elif config["train"] and config["val"]:
-        train, val = read_manifest(config["train"]), read_manifest(config["val"])
-    else:
-        raise cli.PipelineError("give --train and --val manifests, or --folds-csv with --fold")
-    for name, table in (("training", train), ("validation", val)):
-        bad = table[~table["label"].between(0, config["num_classes"] - 1)]
-        if len(bad):
-            raise cli.PipelineError(f"{name} scans with labels outside 0..{config['num_classes'] - 1}: "
-                                    f"{', '.join(bad['image_id'].head(5))}; fix the split's label column")
-    train_sources, val_sources = tensor_sources(train, config["tensor_dir"]), tensor_sources(val, config["tensor_dir"])
-    shape = check_shapes(train_sources + val_sources, list(train["image_id"]) + list(val["image_id"]))
-    return Splits(train, val, train_sources, val_sources, shape)
 
 
 class EpochScheduler:
@@ -1029,10 +439,10 @@ def save_epoch(state: TrainingState, config: dict[str, Any], out_dir: Path, impr
     """last.pt every epoch; best_acc.pt / best_loss.pt / best_hierarchy.pt when that selection rule's
     validation metric improved (hard links to last.pt, so no extra disk)."""
     last = out_dir / "last.pt"
-    _save_torch_atomic(state.checkpoint(config), last)
+    save_torch_atomic(state.checkpoint(config), last)
     for rule, name in CHECKPOINTS.items():
         if improved[rule]:
-            _copy_atomic(last, out_dir / name)
+            copy_atomic(last, out_dir / name)
     write_json_atomic(state.history, out_dir / "history.json")
 
 

@@ -372,7 +372,7 @@ def score_cohort(scans_path: str | Path, package: str | Path, out_dir: str | Pat
     from workflow_scripts.learning.model_package import load_package
     from workflow_scripts.preprocess.skullstrip import sha256_of
     from workflow_scripts.learning.tensor_cache import normalised_volume, save_npy_atomic
-    from workflow_scripts.learning.train import pick_device
+    from workflow_scripts.common.devices import pick_device
 
     out_dir = Path(out_dir)
     dev = pick_device(device)

@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         LOG.info("wrote %s", args.output)
         return
     elif args.command == "provenance":
-        from workflow_scripts.learning.train import code_version
+        from workflow_scripts.common.provenance import code_version
 
         record = provenance(json.loads(args.config_json), args.scans, args.split_files, args.model, code_version())
         write_text_atomic(json.dumps(record, indent=2, default=str) + "\n", args.json)
