@@ -15,7 +15,9 @@ Every network experiment's selected checkpoint becomes ``results/models/<experim
 
     python -m workflow_scripts.learning.model_package --summary results/models/M/summary.json \
         --checkpoint results/models/M/best_acc.pt --test-metrics results/evaluation/M/metrics.json \
-        --scans results/scans.tsv --preprocess '{...}' --out-dir results/models/M/package
+        --scans results/scans.tsv --settings config.yaml --out-dir results/models/M/package
+
+``--settings``: the config sections preprocess and data.classes (a JSON object, or a config file).
 """
 from __future__ import annotations
 

@@ -49,8 +49,8 @@ def fold_manifests(folds_csv: str | os.PathLike, fold: int) -> tuple[pd.DataFram
     paths = [fold_manifest_path(Path(folds_csv).parent, fold, role) for role in ("train", "val")]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise cli.PipelineError(f"fold {fold} of {folds_csv} has no {' or '.join(missing)}; re-run the split with "
-                                f"--inner-val-share (config cv.inner_val_share) to write the per-fold manifests")
+        raise cli.PipelineError(f"fold {fold} of {folds_csv} has no {' or '.join(missing)}; re-run the split "
+                                f"(snakemake split), which writes the per-fold manifests (config cv.inner_val_share)")
     train, val = (read_manifest(path) for path in paths)
     held_out = set(table.loc[table["fold"].astype(int).eq(fold), "subject"])
     leaked = sorted(held_out & (set(train["subject"]) | set(val["subject"])))

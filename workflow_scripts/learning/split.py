@@ -27,7 +27,7 @@ Rules, in order:
    furthest below its target (relative to the target) and skipping partitions at target.
 5. Audit: no subject in two partitions or two folds, no test subject in a fold, no scan
    twice, the folds cover exactly train+val; a failure names the subjects.
-6. Per-fold manifests (``--inner-val-share``, config cv.inner_val_share): for each CV fold k,
+6. Per-fold manifests (config cv.inner_val_share): for each CV fold k,
    ``cv/fold<k>/held_out.csv`` is fold k (reported on, never selected on); the other folds'
    subjects are split per class into ``val.csv`` (the inner validation split: early stopping
    and checkpoint choice) and ``train.csv``, by a seeded hash of the subject id. The audit
