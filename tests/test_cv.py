@@ -134,7 +134,7 @@ def test_split_cli_writes_the_per_fold_manifests_and_audits_them(tmp_path):
 
 def test_training_on_a_fold_without_its_manifests_says_how_to_write_them(tmp_path):
     cv_folds_of(scans_table()).to_csv(tmp_path / "cv_folds.csv", index=False)
-    with pytest.raises(cli.PipelineError, match=r"re-run the split with --inner-val-share"):
+    with pytest.raises(cli.PipelineError, match=r"re-run the split \(snakemake split\), which writes the per-fold manifests"):
         fold_manifests(tmp_path / "cv_folds.csv", 1)
     with pytest.raises(cli.PipelineError, match="fold 5"):
         fold_manifests(tmp_path / "cv_folds.csv", 5)
