@@ -2,13 +2,12 @@
 and the autocast type of a precision setting."""
 from __future__ import annotations
 
-
 import torch
 
 from workflow_scripts.common import cli
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str) -> torch.device:
     """CUDA, then Apple MPS, then CPU, unless a device is named."""
     if name != "auto":
         return torch.device(name)

@@ -46,7 +46,6 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from workflow_scripts.common import cli, settings
-from workflow_scripts.common.settings import resolve
 from workflow_scripts.data import labels
 from workflow_scripts.common.nifti_io import write_text_atomic
 
@@ -578,7 +577,7 @@ def summary_text(summary: dict) -> str:
 def label_policy_lines(summary: dict) -> list[str]:
     """The label policy, the scans per label, and what the policy dropped per partition the subject had."""
     policy = summary.get("label_policy", {})
-    lines = [f"Label policy: {policy.get('policy', resolve('data.label_policy'))}; scans per label: "
+    lines = [f"Label policy: {policy.get('policy', settings.resolve('data.label_policy'))}; scans per label: "
              + "; ".join(f"{p} " + ", ".join(f"{g} {n}" for g, n in per.items())
                          for p, per in summary["scan_labels"].items())]
     dropped = policy.get("dropped", {})
