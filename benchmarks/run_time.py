@@ -2,7 +2,9 @@
 
 Runs `snakemake [--profile P] TARGET` in a fresh folder (or reads the log of a finished run) and
 prints the run's wall time and, per rule, the number of jobs, their summed and longest wall time
-(each job from its start line to its `Finished jobid` line; 1 s resolution):
+(each job from its start line to its `Finished jobid` line; 1 s resolution). Rules are then summed
+by family, the rule file that defines them (rules/preprocess.smk -> preprocess), with the family's
+wall time: the time during which at least one of its jobs ran.
 
     python benchmarks/run_time.py --workdir /tmp/quick --profile profiles/quick      # the quick profile
     python benchmarks/run_time.py --workdir /tmp/full --cores 2                        # the default `all`
@@ -28,6 +30,8 @@ STAMP = re.compile(r"^\[(?P<when>\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 STARTED = re.compile(r"^(local)?(checkpoint|rule) (?P<rule>\w+):$")
 JOBID = re.compile(r"^\s+jobid: (?P<jobid>\d+)$")
 FINISHED = re.compile(r"^Finished jobid: (?P<jobid>\d+) \(Rule: (?P<rule>\w+)\)$")
+RULE_DEFINITION = re.compile(r"^\s*(?:(?:local)?(?:rule|checkpoint) (?P<rule>\w+)|use rule \w+ as (?P<twin>\w+)"
+                             r"(?: with)?)\s*:", re.MULTILINE)
 
 
 def job_times(log_lines: list[str]) -> pd.DataFrame:
@@ -54,6 +58,40 @@ def rule_table(jobs: pd.DataFrame) -> pd.DataFrame:
                   longest_job_s=("seconds", "max"))
              .sort_values("first_start").drop(columns="first_start").reset_index())
     return table
+
+
+def rule_families(repo: Path = REPO) -> dict[str, str]:
+    """Each rule of the workflow -> the stem of the file that defines it (the Snakefile's own rules: 'all')."""
+    families = {}
+    for path in [repo / "Snakefile", *sorted((repo / "rules").glob("*.smk"))]:
+        family = "all" if path.name == "Snakefile" else path.stem
+        for m in RULE_DEFINITION.finditer(path.read_text()):
+            families[m["rule"] or m["twin"]] = family
+    return families
+
+
+def busy_seconds(jobs: pd.DataFrame) -> float:
+    """Seconds during which at least one of ``jobs`` ran (the union of their start-end intervals)."""
+    total, end = 0.0, None
+    for start, stop in sorted(zip(jobs["start"], jobs["end"])):
+        if end is None or start > end:
+            total, end = total + (stop - start).total_seconds(), stop
+        elif stop > end:
+            total, end = total + (stop - end).total_seconds(), stop
+    return total
+
+
+def family_table(jobs: pd.DataFrame, families: dict[str, str]) -> pd.DataFrame:
+    """Per rule family, in the order the families first started: jobs, summed job seconds, and wall seconds
+    (the union of its jobs' intervals; families overlap when jobs of two families run side by side)."""
+    unknown = sorted(set(jobs["rule"]) - set(families))
+    if unknown:
+        raise SystemExit(f"rules not defined in Snakefile or rules/*.smk: {', '.join(unknown)}")
+    jobs = jobs.assign(family=jobs["rule"].map(families))
+    rows = [{"family": family, "jobs": len(group), "job_seconds": group["seconds"].sum(),
+             "wall_seconds": busy_seconds(group), "first_start": group["start"].min()}
+            for family, group in jobs.groupby("family")]
+    return pd.DataFrame(rows).sort_values("first_start").drop(columns="first_start").reset_index(drop=True)
 
 
 def run(workdir: Path, profile: str | None, cores: str, target: str, extra: list[str]) -> tuple[Path, float]:
@@ -89,13 +127,17 @@ def main() -> None:
     if wall is None and not jobs.empty:
         wall = (jobs["end"].max() - jobs["start"].min()).total_seconds()
     table = rule_table(jobs)
+    families = family_table(jobs, rule_families())
     print(table.to_markdown(index=False))
+    print()
+    print(families.to_markdown(index=False))
     print(f"\n{len(jobs)} jobs, wall {wall / 60:.1f} min ({wall:.0f} s), job seconds summed "
           f"{table['job_seconds'].sum():.0f}; {platform.machine()}, {os.cpu_count()} CPUs; log {log}")
     if args.json:
         args.json.write_text(json.dumps({"log": str(log), "profile": args.profile, "wall_s": round(wall, 1),
                                          "cpus": os.cpu_count(), "machine": platform.machine(),
-                                         "rules": table.to_dict("records")}, indent=2) + "\n")
+                                         "rules": table.to_dict("records"),
+                                         "families": families.to_dict("records")}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
