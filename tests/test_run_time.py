@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_snakemake
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, run_snakemake
 
 
 def _load_benchmark():
