@@ -1,6 +1,7 @@
 """Shared fixtures: paths, tiny collections, and running Snakemake on them."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,16 @@ VENDOR_FAILING = ["failing/slicecount/001", "failing/gantrytilting/001", "failin
 
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 RAS_PATTERN = "results/ras/{subject}/{image_id}.nii.gz"  # the split's --path-pattern: stage ras of results/
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as module ``name``, registered in sys.modules so that
+    its dataclasses can look their module up."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def ingest_options(diagnosis_table: str | None = None, **overrides) -> dict:

@@ -2,30 +2,17 @@
 check, its device augmentation against VolumeTransform, the settings plan, and a smoke run."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_benchmark
 from workflow_scripts.common.settings import resolve
 from workflow_scripts.learning.scan_data import VolumeTransform
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_train_speed", REPO / "benchmarks" / "gpu_train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("gpu_train_speed")
 
 
 def test_frozen_stem_to_layer3_get_no_backward_pass():

@@ -2,23 +2,12 @@
 rule file that defines them, and a family's wall time counts overlapping jobs once."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import load_benchmark, run_snakemake
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("run_time", REPO / "benchmarks" / "run_time.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("run_time")
 
 # Lines as Snakemake 9 writes them to .snakemake/log/*.snakemake.log (two nifti jobs side by side, one
 # stripped job after them, a checkpoint, and a job that never finished).
