@@ -9,6 +9,11 @@ wall time: the time during which at least one of its jobs ran.
     python benchmarks/run_time.py --workdir /tmp/quick --profile profiles/quick      # the quick profile
     python benchmarks/run_time.py --workdir /tmp/full --cores 2                        # the default `all`
     python benchmarks/run_time.py --log /tmp/full/.snakemake/log/<time>.snakemake.log  # a finished run
+    python benchmarks/run_time.py --log <first>.snakemake.log <resumed>.snakemake.log  # an interrupted run
+
+A run that was interrupted and resumed (`--rerun-incomplete`) is read from all its logs: their jobs are
+pooled and its wall time is the sum of each log's span, leaving out the gap between them and the job that
+was killed (it has no `Finished` line; its re-run in the later log counts).
 """
 from __future__ import annotations
 
@@ -58,6 +63,11 @@ def rule_table(jobs: pd.DataFrame) -> pd.DataFrame:
                   longest_job_s=("seconds", "max"))
              .sort_values("first_start").drop(columns="first_start").reset_index())
     return table
+
+
+def logs_wall_seconds(logs_jobs: list[pd.DataFrame]) -> float:
+    """Wall seconds of a run read from its logs: each log's first job start to its last job end, summed."""
+    return sum((jobs["end"].max() - jobs["start"].min()).total_seconds() for jobs in logs_jobs if not jobs.empty)
 
 
 def rule_families(repo: Path = REPO) -> dict[str, str]:
@@ -113,28 +123,32 @@ def main() -> None:
     p.add_argument("--profile", help="a profile of this repository, e.g. profiles/quick")
     p.add_argument("--cores", default="2", help="without --profile")
     p.add_argument("--target", default="all")
-    p.add_argument("--log", type=Path, help="only read this finished run's Snakemake log")
+    p.add_argument("--log", type=Path, nargs="+",
+                   help="only read this finished run's Snakemake log (several: an interrupted run and its resumptions)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("extra", nargs="*", help="further Snakemake arguments (after --)")
     args = p.parse_args()
     if args.log:
-        log, wall = args.log, None
+        logs, wall = args.log, None
     elif args.workdir:
         log, wall = run(args.workdir.resolve(), args.profile, args.cores, args.target, args.extra)
+        logs = [log]
     else:
         p.error("give --workdir to run, or --log to read a finished run")
-    jobs = job_times(log.read_text().splitlines())
-    if wall is None and not jobs.empty:
-        wall = (jobs["end"].max() - jobs["start"].min()).total_seconds()
+    logs_jobs = [job_times(log.read_text().splitlines()) for log in logs]
+    jobs = pd.concat(logs_jobs, ignore_index=True)
+    if wall is None:
+        wall = logs_wall_seconds(logs_jobs)
     table = rule_table(jobs)
     families = family_table(jobs, rule_families())
     print(table.to_markdown(index=False))
     print()
     print(families.to_markdown(index=False))
     print(f"\n{len(jobs)} jobs, wall {wall / 60:.1f} min ({wall:.0f} s), job seconds summed "
-          f"{table['job_seconds'].sum():.0f}; {platform.machine()}, {os.cpu_count()} CPUs; log {log}")
+          f"{table['job_seconds'].sum():.0f}; {platform.machine()}, {os.cpu_count()} CPUs; "
+          f"log{'s' if len(logs) > 1 else ''} {', '.join(map(str, logs))}")
     if args.json:
-        args.json.write_text(json.dumps({"log": str(log), "profile": args.profile, "wall_s": round(wall, 1),
+        args.json.write_text(json.dumps({"logs": [str(log) for log in logs], "profile": args.profile, "wall_s": round(wall, 1),
                                          "cpus": os.cpu_count(), "machine": platform.machine(),
                                          "rules": table.to_dict("records"),
                                          "families": families.to_dict("records")}, indent=2) + "\n")

@@ -73,3 +73,20 @@ def test_every_rule_of_the_workflow_has_a_family(tmp_path):
     assert set(listed) <= set(families), sorted(set(listed) - set(families))
     assert families["train_fold"] == "train" and families["ingest"] == "data" and families["all"] == "all"
     assert families["predict_stripped"] == "predict"
+
+
+RESUMED = """\
+[Mon Dec  7 19:09:33 2026]
+localrule train_model:
+    jobid: 7
+[Mon Dec  7 19:10:03 2026]
+Finished jobid: 7 (Rule: train_model)
+"""
+
+
+def test_an_interrupted_run_is_timed_from_all_its_logs_without_the_gap_between_them():
+    """The first log's train_model never finished (killed); its re-run in the resumed log is the one counted."""
+    logs_jobs = [bench.job_times(LOG.splitlines()), bench.job_times(RESUMED.splitlines())]
+    # 15:53:06-15:53:30 (24 s) + 19:09:33-19:10:03 (30 s); not the 3 h 17 min from first start to last end
+    assert bench.logs_wall_seconds(logs_jobs) == 54.0
+    assert list(logs_jobs[1]["rule"]) == ["train_model"]
