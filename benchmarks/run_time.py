@@ -8,6 +8,7 @@ wall time: the time during which at least one of its jobs ran.
 
     python benchmarks/run_time.py --workdir /tmp/quick --profile profiles/quick      # the quick profile
     python benchmarks/run_time.py --workdir /tmp/full --cores 2                        # the default `all`
+    python benchmarks/run_time.py --workdir /tmp/full --profile profiles/offline -- --cores 2  # ... with no network
     python benchmarks/run_time.py --log /tmp/full/.snakemake/log/<time>.snakemake.log  # a finished run
     python benchmarks/run_time.py --log <first>.snakemake.log <resumed>.snakemake.log  # an interrupted run
 
