@@ -74,19 +74,45 @@ def runs(cluster, tmp_path_factory, request):
         discard_unless_failed(request, folder, failed_before)
 
 
-def test_every_job_ran_as_its_own_slurm_job(cluster, runs):
+def profile_grouped_rules() -> set[str]:
+    """The rules profiles/slurm groups into one SLURM job per scan."""
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert "group-components" not in profile  # one scan per group job
+    return {entry.split("=")[0] for entry in profile["groups"]}
+
+
+def slurm_job_of_each_log(folder: Path) -> dict[str, str]:
+    """Each job log under results/logs (relative path) -> the SLURM job id the job logged."""
+    ids = {}
+    for log in sorted((folder / "results" / "logs").rglob("*.log")):
+        found = re.findall(r"SLURM job (\d+)", log.read_text())
+        assert found, f"{log} was not written by a SLURM job"
+        ids[log.relative_to(folder / "results" / "logs").as_posix()] = found[0]
+    return ids
+
+
+def test_each_scan_preprocessing_runs_grouped_and_every_other_job_alone(cluster, runs):
     _, slurm = runs
     queue = cluster.run("squeue", "-h", "-t", "all", "-o", "%i %P %b %j").stdout.split("\n")
     jobs = {line.split()[0]: line.split()[1:] for line in queue if line.strip()}
-    logs = sorted((slurm / "results" / "logs").rglob("*.log"))
-    assert len(logs) >= 6 * 6 + 4  # demo, ingest, 6 stages of 6 scans, tensors, split, training
-    ids = {}
-    for log in logs:
-        found = re.findall(r"SLURM job (\d+)", log.read_text())
-        assert found, f"{log} was not written by a SLURM job"
-        ids[log.relative_to(slurm / "results" / "logs").as_posix()] = found[0]
-    assert len(set(ids.values())) == len(ids)  # one job per rule instance
-    assert set(ids.values()) <= set(jobs)  # and the cluster knows each of them
+    ids = slurm_job_of_each_log(slurm)
+    assert len(ids) >= 6 * 6 + 4  # demo, ingest, 6 stages of 6 scans, tensors, split, training
+    assert set(ids.values()) <= set(jobs)  # the cluster knows each job
+    grouped_rules = profile_grouped_rules()
+    assert {"nifti", "stripped", "resampled", "cropped128", "n4", "ras"} <= grouped_rules
+    grouped = {path: job for path, job in ids.items() if path.split("/")[0] in grouped_rules}
+    alone = {path: job for path, job in ids.items() if path not in grouped}
+    # One scan's stages (six here: `train` needs no QC montage) share one SLURM job, its own.
+    scans = pd.read_csv(slurm / "results" / "scans.tsv", sep="\t", dtype=str)
+    job_of_scan = {}
+    for subject, image_id in zip(scans["subject"], scans["image_id"]):
+        own = {job for path, job in grouped.items() if path.endswith(f"{subject}/{image_id}.log")}
+        assert len(own) == 1, f"{subject}/{image_id}: its preprocessing ran in SLURM jobs {sorted(own)}"
+        job_of_scan[image_id] = own.pop()
+    assert len(set(job_of_scan.values())) == len(scans) == 6
+    assert all(sum(job == j for j in grouped.values()) == 7 for job in job_of_scan.values())  # 6 stages, qc_metrics
+    assert not set(alone.values()) & set(grouped.values())
+    assert len(set(alone.values())) == len(alone)  # every other rule instance: its own SLURM job
     partition, gres = jobs[ids["train/r3d_18_kinetics400.log"]][:2]
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]["train_model"]
     assert partition == profile["slurm_partition"] and "gpu" in gres
