@@ -149,8 +149,8 @@ def main() -> None:
           f"{table['job_seconds'].sum():.0f}; {platform.machine()}, {os.cpu_count()} CPUs; "
           f"log{'s' if len(logs) > 1 else ''} {', '.join(map(str, logs))}")
     if args.json:
-        args.json.write_text(json.dumps({"logs": [str(log) for log in logs], "profile": args.profile, "wall_s": round(wall, 1),
-                                         "cpus": os.cpu_count(), "machine": platform.machine(),
+        args.json.write_text(json.dumps({"logs": [str(log) for log in logs], "profile": args.profile,
+                                         "wall_s": round(wall, 1), "cpus": os.cpu_count(), "machine": platform.machine(),
                                          "rules": table.to_dict("records"),
                                          "families": families.to_dict("records")}, indent=2) + "\n")
 

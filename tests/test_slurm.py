@@ -102,7 +102,7 @@ def test_each_scan_preprocessing_runs_grouped_and_every_other_job_alone(cluster,
     assert {"nifti", "stripped", "resampled", "cropped128", "n4", "ras"} <= grouped_rules
     grouped = {path: job for path, job in ids.items() if path.split("/")[0] in grouped_rules}
     alone = {path: job for path, job in ids.items() if path not in grouped}
-    # One scan's stages (six here: `train` needs no QC montage) share one SLURM job, its own.
+    # A scan's six stages and its QC metrics (`train` needs no QC montage) share one SLURM job, its own.
     scans = pd.read_csv(slurm / "results" / "scans.tsv", sep="\t", dtype=str)
     job_of_scan = {}
     for subject, image_id in zip(scans["subject"], scans["image_id"]):
@@ -110,7 +110,7 @@ def test_each_scan_preprocessing_runs_grouped_and_every_other_job_alone(cluster,
         assert len(own) == 1, f"{subject}/{image_id}: its preprocessing ran in SLURM jobs {sorted(own)}"
         job_of_scan[image_id] = own.pop()
     assert len(set(job_of_scan.values())) == len(scans) == 6
-    assert all(sum(job == j for j in grouped.values()) == 7 for job in job_of_scan.values())  # 6 stages, qc_metrics
+    assert all(sum(job == j for j in grouped.values()) == 7 for job in job_of_scan.values())
     assert not set(alone.values()) & set(grouped.values())
     assert len(set(alone.values())) == len(alone)  # every other rule instance: its own SLURM job
     partition, gres = jobs[ids["train/r3d_18_kinetics400.log"]][:2]
