@@ -160,6 +160,17 @@ def overhead_per_job(figures: dict) -> float:
     return (figures["workflow_wall_s"] * figures["cores"] - busy) / jobs
 
 
+def loop_cpu_floor(figures: dict) -> dict:
+    """The shortest wall any schedule of the loop's own computation can take on the run's cores (its CPU seconds
+    spread perfectly over them, no start-up, no QC), and that as a share of the loop's wall: a workflow that
+    computes the same thing cannot go below it."""
+    cpu_s = sum(row["loop_cpu_s"] for row in figures["stages"]
+                if row["loop_cpu_s"] is not None and not math.isnan(row["loop_cpu_s"]))
+    floor_s = cpu_s / figures["cores"]
+    return {"loop_cpu_s": round(cpu_s, 1), "floor_wall_s": round(floor_s, 1),
+            "floor_ratio": round(floor_s / figures["loop_wall_s"], 3)}
+
+
 def scale_estimate(figures: dict, n_scans: int, cores: int, planning_s: float) -> dict:
     """Wall time of the workflow and of the loop on ``n_scans`` scans and ``cores`` cores, from one run's figures.
 
@@ -204,6 +215,10 @@ def main() -> None:
         figures = json.loads(args.estimate.read_text())
         rows = [scale_estimate(figures, args.estimate_scans, c, args.planning_s) for c in args.estimate_cores]
         print(pd.DataFrame(rows).to_markdown(index=False))
+        floor = loop_cpu_floor(figures)
+        print(f"\n{figures['scans']} scans on {figures['cores']} cores: the loop's {floor['loop_cpu_s']} CPU s "
+              f"take at least {floor['floor_wall_s']} s, {floor['floor_ratio']:.2f} x its wall "
+              f"(the workflow measured {figures['wall_ratio']:.2f})")
         return
     if args.loop:  # the loop's own process: prints its timers as JSON
         scans_tsv, out_dir, settings_json = args.loop
@@ -262,8 +277,11 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "workflow_wall_s": round(workflow_wall, 1),
                "loop_wall_s": round(loop_wall, 1), "wall_ratio": round(ratio, 3),
                "stages": table.reset_index().to_dict(orient="records")}
+    figures["loop_cpu_floor"] = loop_cpu_floor(figures)
     print(f"\nwall: workflow {workflow_wall:.1f} s, loop {loop_wall:.1f} s (its process), ratio {ratio:.2f}; "
-          f"workflow overhead {overhead_per_job(figures):.2f} core-s per job")
+          f"workflow overhead {overhead_per_job(figures):.2f} core-s per job; no schedule of the loop's "
+          f"{figures['loop_cpu_floor']['loop_cpu_s']} CPU s on {args.cores} cores goes below "
+          f"{figures['loop_cpu_floor']['floor_ratio']:.2f} x its wall")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
