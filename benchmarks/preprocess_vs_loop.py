@@ -160,12 +160,16 @@ def overhead_per_job(figures: dict) -> float:
     return (figures["workflow_wall_s"] * figures["cores"] - busy) / jobs
 
 
+def loop_ran(row: dict) -> bool:
+    """Whether the loop runs this stage (QC is the workflow's only: its loop figures are None, or NaN from JSON)."""
+    return row["loop_cpu_s"] is not None and not math.isnan(row["loop_cpu_s"])
+
+
 def loop_cpu_floor(figures: dict) -> dict:
     """The shortest wall any schedule of the loop's own computation can take on the run's cores (its CPU seconds
     spread perfectly over them, no start-up, no QC), and that as a share of the loop's wall: a workflow that
     computes the same thing cannot go below it."""
-    cpu_s = sum(row["loop_cpu_s"] for row in figures["stages"]
-                if row["loop_cpu_s"] is not None and not math.isnan(row["loop_cpu_s"]))
+    cpu_s = sum(row["loop_cpu_s"] for row in figures["stages"] if loop_ran(row))
     floor_s = cpu_s / figures["cores"]
     return {"loop_cpu_s": round(cpu_s, 1), "floor_wall_s": round(floor_s, 1),
             "floor_ratio": round(floor_s / figures["loop_wall_s"], 3)}
@@ -185,7 +189,7 @@ def scale_estimate(figures: dict, n_scans: int, cores: int, planning_s: float) -
     workflow = planning_s + n_scans * (workflow_core_s + len(figures["stages"]) * per_job) / cores
     loop_per_scan = 0.0
     for row in figures["stages"]:
-        if row["loop_s"] is None or math.isnan(row["loop_s"]):  # a stage the loop does not run (QC)
+        if not loop_ran(row):
             continue
         cpu, wall = row["loop_cpu_s"] / n, row["loop_s"] / n
         parallel = min(1.0, max(0.0, (1 - wall / cpu) * measured_cores / (measured_cores - 1))) if cpu else 0.0
