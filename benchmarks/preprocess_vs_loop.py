@@ -175,6 +175,13 @@ def loop_cpu_floor(figures: dict) -> dict:
             "floor_ratio": round(floor_s / figures["loop_wall_s"], 3)}
 
 
+def floor_sentence(figures: dict) -> str:
+    """The floor in the words both the run and --estimate print."""
+    floor = loop_cpu_floor(figures)
+    return (f"on {figures['cores']} cores the loop's {floor['loop_cpu_s']} CPU s take at least "
+            f"{floor['floor_wall_s']} s, {floor['floor_ratio']:.2f} x its wall")
+
+
 def scale_estimate(figures: dict, n_scans: int, cores: int, planning_s: float) -> dict:
     """Wall time of the workflow and of the loop on ``n_scans`` scans and ``cores`` cores, from one run's figures.
 
@@ -219,10 +226,8 @@ def main() -> None:
         figures = json.loads(args.estimate.read_text())
         rows = [scale_estimate(figures, args.estimate_scans, c, args.planning_s) for c in args.estimate_cores]
         print(pd.DataFrame(rows).to_markdown(index=False))
-        floor = loop_cpu_floor(figures)
-        print(f"\n{figures['scans']} scans on {figures['cores']} cores: the loop's {floor['loop_cpu_s']} CPU s "
-              f"take at least {floor['floor_wall_s']} s, {floor['floor_ratio']:.2f} x its wall "
-              f"(the workflow measured {figures['wall_ratio']:.2f})")
+        print(f"\n{figures['scans']} scans: {floor_sentence(figures)} (the workflow measured "
+              f"{figures['wall_ratio']:.2f})")
         return
     if args.loop:  # the loop's own process: prints its timers as JSON
         scans_tsv, out_dir, settings_json = args.loop
@@ -283,9 +288,7 @@ def main() -> None:
                "stages": table.reset_index().to_dict(orient="records")}
     figures["loop_cpu_floor"] = loop_cpu_floor(figures)
     print(f"\nwall: workflow {workflow_wall:.1f} s, loop {loop_wall:.1f} s (its process), ratio {ratio:.2f}; "
-          f"workflow overhead {overhead_per_job(figures):.2f} core-s per job; no schedule of the loop's "
-          f"{figures['loop_cpu_floor']['loop_cpu_s']} CPU s on {args.cores} cores goes below "
-          f"{figures['loop_cpu_floor']['floor_ratio']:.2f} x its wall")
+          f"workflow overhead {overhead_per_job(figures):.2f} core-s per job; {floor_sentence(figures)}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
